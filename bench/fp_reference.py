@@ -1,0 +1,88 @@
+"""FP reference figures: `make demo` wall time/accuracy, and longer fine-tunes on SST-2, RTE, MRPC.
+
+    python bench/fp_reference.py            # both parts
+    python bench/fp_reference.py --part fp  # only the longer fine-tunes (configs/fp_reference.yaml)
+    python bench/fp_reference.py --part demo
+
+Writes bench/results/fp_reference.json and .md (merging with what is already there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines.config import load_config  # noqa: E402
+from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "fp_reference.json"
+
+
+def machine() -> str:
+    import os
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+
+
+def run_fp(config: str) -> dict:
+    from pipelines.run import run
+
+    cfg = load_config(ROOT / config)
+    summary = run(cfg)
+    out = {}
+    for row in summary.rows:
+        meta = json.loads((Path(summary.output_dir) / row["task"] / "finetune" / "model" / "plmq_meta.json").read_text())
+        out[row["task"]] = {**{k: round(100 * v, 2) for k, v in row["metrics"].items()},
+                            "train_examples": meta["train_examples"], "epochs": cfg.finetune.epochs,
+                            "wall_s": row["wall_s"], "checkpoint": f"{cfg.output_dir}/{row['task']}/finetune/model"}
+    out["command"] = f"python bench/fp_reference.py --part fp  (plmq run {config})"
+    out["config"] = config
+    return out
+
+
+def run_demo() -> dict:
+    """Times the same command `make demo` runs, on an already-installed venv."""
+    subprocess.run(["rm", "-rf", str(ROOT / "runs" / "demo")], check=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "configs/demo.yaml"], cwd=ROOT, check=True)
+    wall = time.time() - start
+    rows = json.loads((ROOT / "runs" / "demo" / "results.json").read_text())
+    return {"demo_wall_s": round(wall, 1), "demo_accuracy": rows[0]["metrics"]["accuracy"],
+            "demo_command": "make demo  (plmq run configs/demo.yaml; venv already installed)"}
+
+
+def write(results: dict) -> None:
+    write_json_atomic(RESULTS, results)
+    rows = [{"task": t, **v} for t, v in results.items() if isinstance(v, dict) and "wall_s" in v]
+    md = ["# FP references (MiniLM-L6, CPU)", "", f"Machine: {results.get('machine')}", "",
+          markdown_table(rows, ["task", "accuracy", "f1", "train_examples", "epochs", "wall_s"]), "",
+          f"Command: `{results.get('command')}`", "",
+          f"`make demo`: {results.get('demo_wall_s')} s, SST-2 dev accuracy {results.get('demo_accuracy')} "
+          f"(`{results.get('demo_command')}`)"]
+    write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(md) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["fp", "demo", "all"], default="all")
+    parser.add_argument("--config", default="configs/fp_reference.yaml")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["machine"] = machine()
+    if args.part in ("demo", "all"):
+        results.update(run_demo())
+        write(results)
+    if args.part in ("fp", "all"):
+        results.update(run_fp(args.config))
+        write(results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

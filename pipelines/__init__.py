@@ -1,0 +1,1 @@
+"""plmq pipelines: stages (finetune, evaluate, ...), data and model loading, the driver, the CLI."""

@@ -1,0 +1,197 @@
+"""GLUE tasks: schemas, readers for three sources, and a tokenized Arrow cache.
+
+Sources: `bundled` (the repo's data/glue, offline default), `dir` (a user's
+glue_data/-style folder) and `hub` (`datasets.load_dataset("nyu-mll/glue")`).
+Every source yields a `datasets.Dataset` with columns text_a, text_b, label.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from pipelines.config import ConfigError, DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_GLUE = REPO_ROOT / "data" / "glue"
+csv.field_size_limit(sys.maxsize)
+
+
+class DataError(ValueError):
+    """Bad or missing task data; the message names task, file and line."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    folder: str                      # folder name in glue_data/
+    text_cols: tuple[str, ...]       # TSV columns (names, or indices for headerless files)
+    label_col: str | int
+    labels: tuple[str, ...] | None   # None = regression
+    hub_fields: tuple[str, ...]      # field names in nyu-mll/glue
+    dev_splits: tuple[str, ...] = ("dev",)
+    header: bool = True
+    main_metric: str = "accuracy"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
+    GlueTask("cola", "CoLA", (3,), 1, ("0", "1"), ("sentence",), header=False,
+             main_metric="matthews_corr"),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("sentence",)),
+    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
+             ("sentence1", "sentence2"), main_metric="f1"),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None,
+             ("sentence1", "sentence2"), main_metric="pearson"),
+    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
+             ("question1", "question2"), main_metric="f1"),
+    GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
+             ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
+             dev_splits=("dev_matched", "dev_mismatched")),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), "label",
+             ("entailment", "not_entailment"), ("question", "sentence")),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label",
+             ("entailment", "not_entailment"), ("sentence1", "sentence2")),
+    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("0", "1"),
+             ("sentence1", "sentence2")),
+]}
+
+
+def check_task(name: str) -> GlueTask:
+    if name not in GLUE_TASKS:
+        raise ConfigError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[name]
+
+
+def _parse_label(task: GlueTask, raw: str, where: str) -> float | int:
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{where}: label {raw!r} is not a number ({task.name} is regression)") from None
+    if raw not in task.labels:
+        raise DataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for task {task.name}")
+    return task.labels.index(raw)
+
+
+def _column_index(task: GlueTask, header: list[str] | None, col: str | int, path: Path) -> int:
+    if isinstance(col, int):
+        return col
+    if col not in header:
+        raise DataError(f"{path}: header has no column {col!r} needed by task {task.name}; header is {header}")
+    return header.index(col)
+
+
+def read_tsv(task: GlueTask, path: Path) -> dict[str, list]:
+    """Read one GLUE TSV into columns; strict about shape and labels."""
+    if not path.is_file():
+        raise DataError(f"task {task.name}: split file {path} is missing")
+    with path.open(encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops MRPC's BOM
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = rows.pop(0) if task.header and rows else None
+    width = len(header) if header else (len(rows[0]) if rows else 0)
+    idx = [_column_index(task, header, c, path) for c in task.text_cols]
+    label_idx = _column_index(task, header, task.label_col, path)
+    out: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
+    first_line = 2 if header else 1
+    for lineno, row in enumerate(rows, start=first_line):
+        where = f"task {task.name}, {path}, line {lineno}"
+        if len(row) != width:
+            raise DataError(f"{where}: expected {width} tab-separated columns, found {len(row)}")
+        out["text_a"].append(row[idx[0]])
+        out["text_b"].append(row[idx[1]] if len(idx) > 1 else None)
+        out["label"].append(_parse_label(task, row[label_idx], where))
+    return out
+
+
+def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
+    hub_split = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
+                 "dev_mismatched": "validation_mismatched"}[split]
+    raw = datasets.load_dataset("nyu-mll/glue", task.name, split=hub_split)
+    fields = task.hub_fields
+    return datasets.Dataset.from_dict({
+        "text_a": raw[fields[0]],
+        "text_b": raw[fields[1]] if len(fields) > 1 else [None] * len(raw),
+        "label": raw["label"],
+    })
+
+
+def load_split(task_name: str, split: str, cfg: DataConfig) -> datasets.Dataset:
+    """One split ("train", "dev", "dev_matched", ...) of a task as text_a/text_b/label."""
+    task = check_task(task_name)
+    if split != "train" and split not in task.dev_splits:
+        raise DataError(f"task {task.name} has no split {split!r}; splits: train, {', '.join(task.dev_splits)}")
+    if cfg.source == "hub":
+        return _hub_split(task, split)
+    root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
+    folder = root / task.folder
+    if cfg.source == "bundled" and not folder.is_dir():
+        raise DataError(f"task {task.name} is not bundled (bundled: SST-2, RTE, MRPC, WNLI, QNLI dev); "
+                        f"set data.source=dir with data.dir=<your glue_data folder>, or data.source=hub")
+    return datasets.Dataset.from_dict(read_tsv(task, folder / f"{split}.tsv"))
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "plmq" / "tokenized"
+
+
+def _fingerprint(tokenizer, task: str, split: str, cfg: DataConfig, seed: int) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [task, split, cfg.source, str(cfg.dir), str(cfg.max_length), str(seed),
+             str(cfg.train_examples if split == "train" else cfg.eval_examples),
+             type(tokenizer).__name__, hashlib.sha256(vocab.encode()).hexdigest()]
+    if cfg.source != "hub":
+        root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
+        f = root / check_task(task).folder / f"{split}.tsv"
+        parts.append(f"{f.stat().st_size}-{f.stat().st_mtime_ns}" if f.exists() else "missing")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def _subset(ds: datasets.Dataset, n: int | None, shuffle: bool, seed: int) -> datasets.Dataset:
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+
+def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed: int = 42) -> Path:
+    """Tokenize a split once and cache it as Arrow; returns the cache folder.
+
+    The key covers task, split, source file, tokenizer vocabulary, max length and
+    subset size, so changing any of them re-tokenizes and nothing else does.
+    """
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    path = cache / f"{task_name}-{split}-{_fingerprint(tokenizer, task_name, split, cfg, seed)}"
+    if (path / "dataset_info.json").exists():
+        return path
+    ds = load_split(task_name, split, cfg)
+    n = cfg.train_examples if split == "train" else cfg.eval_examples
+    ds = _subset(ds, n, shuffle=split == "train", seed=seed)
+    has_pair = ds[0]["text_b"] is not None if len(ds) else False
+
+    def encode(batch):
+        pair = (batch["text_a"], batch["text_b"]) if has_pair else (batch["text_a"],)
+        return tokenizer(*pair, truncation=True, max_length=cfg.max_length)
+
+    ds = ds.map(encode, batched=True, remove_columns=["text_a", "text_b"], desc=f"tokenize {task_name}/{split}")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed run
+    ds.save_to_disk(str(tmp))
+    tmp.replace(path)  # atomic: a half-written cache is never taken as complete
+    return path
+
+
+def load_tokenized(path: str | Path) -> datasets.Dataset:
+    return datasets.load_from_disk(str(path))

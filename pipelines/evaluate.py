@@ -1,0 +1,91 @@
+"""Stage `evaluate`: GLUE dev metrics (scikit-learn/scipy), model bytes, throughput."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from pipelines import models
+from pipelines.config import DataConfig, EvaluateConfig
+from pipelines.data import GlueTask, check_task, tokenized_split
+from pipelines.finetune import make_loader
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: dict[str, float]          # in [0, 1]; per dev split for MNLI (prefixed)
+    main_metric: str
+    model_bytes: int
+    examples: int
+    examples_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> float:
+        return self.metrics[self.main_metric]
+
+
+def glue_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's official GLUE dev metrics; `preds` are class ids (scores for STS-B)."""
+    if task.is_regression:
+        return {"pearson": float(pearsonr(preds, labels)[0]), "spearman": float(spearmanr(preds, labels)[0])}
+    out = {"accuracy": float(accuracy_score(labels, preds))}
+    if task.name in ("mrpc", "qqp"):
+        out["f1"] = float(f1_score(labels, preds))
+    if task.name == "cola":
+        out["matthews_corr"] = float(matthews_corrcoef(labels, preds))
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+    """Predictions, labels and examples/s over a loader."""
+    model.eval().to(device)
+    preds, labels, n, start = [], [], 0, time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        y = batch.pop("labels")
+        logits = model(**batch).logits
+        preds.append((logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).float().cpu())
+        labels.append(y.float().cpu())
+        n += len(y)
+    rate = n / max(time.perf_counter() - start, 1e-9)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), rate
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, cfg: EvaluateConfig,
+                   model_bytes: int | None = None, device: str | None = None) -> EvalResult:
+    """Evaluate an in-memory model on every dev split of `task`."""
+    spec = check_task(task)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics, total, rates = {}, 0, []
+    for split in spec.dev_splits:
+        loader = make_loader(str(tokenized_split(task, split, tokenizer, data)), tokenizer,
+                             cfg.batch_size, shuffle=False, seed=0)
+        preds, labels, rate = predict(model, loader, device)
+        labels = labels if spec.is_regression else labels.astype(int)
+        preds = preds if spec.is_regression else preds.astype(int)
+        prefix = "" if len(spec.dev_splits) == 1 else split.replace("dev_", "") + "_"
+        metrics.update({prefix + k: v for k, v in glue_metrics(spec, preds, labels).items()})
+        total, rates = total + len(labels), rates + [rate]
+    main = spec.main_metric if len(spec.dev_splits) == 1 else f"matched_{spec.main_metric}"
+    return EvalResult(task=task, metrics=metrics, main_metric=main,
+                      model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
+                      examples=total, examples_per_s=float(np.mean(rates)))
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a checkpoint folder."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def evaluate(checkpoint: str | Path, task: str, data: DataConfig, cfg: EvaluateConfig) -> EvalResult:
+    """Evaluate a fine-tuned checkpoint folder written by `finetune`."""
+    model, tokenizer, _ = models.load_checkpoint(checkpoint)
+    return evaluate_model(model, tokenizer, task, data, cfg, model_bytes=checkpoint_bytes(checkpoint))

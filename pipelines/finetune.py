@@ -1,0 +1,211 @@
+"""Stage `finetune`: full-precision fine-tuning on one GLUE task with Ray Train.
+
+The same loop runs on one CPU worker or data-parallel on GPU workers
+(`TorchTrainer`). It checkpoints through Ray Train every epoch and resumes from
+the last checkpoint when a worker fails; the final model (safetensors + config
++ tokenizer) is the reference for evaluation and the teacher for MREM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+
+from pipelines import models
+from pipelines.cluster import ensure_ray, worker_resources
+from pipelines.config import DataConfig, FinetuneConfig
+from pipelines.data import check_task, load_tokenized, tokenized_split
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: str
+    task: str
+    model: str
+    train_examples: int
+    epochs: float
+    steps: int
+    final_loss: float
+    wall_s: float
+
+
+def collate_fn(tokenizer):
+    def collate(features: list[dict]) -> dict:
+        batch = tokenizer.pad(features, return_tensors="pt")
+        batch["labels"] = batch.pop("label")
+        return dict(batch)
+    return collate
+
+
+def make_loader(path: str, tokenizer, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    ds = load_tokenized(path)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn(tokenizer),
+                      generator=gen)
+
+
+def _restore(model, optimizer, scheduler) -> int | None:
+    """Resume from Ray Train's latest checkpoint if this run has one; returns the step,
+    or None when that checkpoint is already the final model (re-reported as is)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        if not (Path(d) / "train_state.pt").exists():  # the final model of an earlier attempt
+            _report(-1, float("nan"), None, lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
+            return None
+        state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"[finetune] resumed from checkpoint at step {state['step']}")
+    return state["step"]
+
+
+def _report(step: int, loss: float, state: dict | None, model_dir_fn=None) -> None:
+    """Rank 0 attaches a checkpoint; every rank must call report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if ray.train.get_context().get_world_rank() == 0 and (state is not None or model_dir_fn):
+            if state is not None:
+                torch.save(state, Path(tmp) / "train_state.pt")
+            if model_dir_fn:
+                model_dir_fn(tmp)
+            ckpt = Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step, "loss": loss}, checkpoint=ckpt)
+
+
+def _set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Each epoch's order depends on (seed, epoch) only, so a resume can skip done batches."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(seed + epoch)
+
+
+def _setup(cfg: dict, ft: FinetuneConfig):
+    tokenizer = models.load_tokenizer(cfg["model"])
+    model = models.load_classifier(cfg["model"], cfg["num_labels"], seed=ft.seed)
+    loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
+    model = prepare_model(model)
+    total = max(1, math.ceil(ft.epochs * len(loader)))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ft.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=ft.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(ft.warmup_ratio * total), total)
+    return tokenizer, model, loader, optimizer, scheduler, total
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on each Ray Train worker; `cfg` is plain data (paths, numbers)."""
+    from pipelines.tracking import RunLogger
+
+    torch.set_num_threads(cfg["cpus_per_worker"])
+    ft = FinetuneConfig(**cfg["finetune"])
+    rank = ray.train.get_context().get_world_rank()
+    tokenizer, model, loader, optimizer, scheduler, total = _setup(cfg, ft)
+    inner = getattr(model, "module", model)
+    step = _restore(inner, optimizer, scheduler)
+    if step is None:
+        return
+    logger = RunLogger(cfg["tracking_uri"], cfg["run_id"] if rank == 0 else None)
+    model.train()
+    loss_avg, start, start_step = float("nan"), time.time(), step
+    while step < total:
+        epoch = step // len(loader)
+        _set_epoch(loader, ft.seed, epoch)
+        for i, batch in enumerate(loader):
+            if i < step - epoch * len(loader):
+                continue  # batches done before a resume
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+            if step % ft.log_every == 0 or step == total:
+                rate = (step - start_step) / max(time.time() - start, 1e-9)
+                if rank == 0:
+                    print(f"[finetune {cfg['task']}] step {step}/{total} loss {loss_avg:.4f} ({rate:.2f} it/s)")
+                logger.log({"train_loss": loss_avg, "lr": scheduler.get_last_lr()[0]}, step)
+            if step >= total:
+                break
+        if step < total:  # epoch boundary: a resumable checkpoint
+            _report(step, loss_avg, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "step": step})
+    meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
+            "train_examples": len(loader.dataset), "config_key": cfg["key"]}
+    _report(step, loss_avg, None, lambda d: models.save_checkpoint(inner, tokenizer, d, meta))
+
+
+def stage_key(task: str, model: str, data: DataConfig, cfg: FinetuneConfig) -> str:
+    """Identifies a fine-tuning run by everything that changes its result."""
+    ident = {"task": task, "model": model, "data": asdict(data),
+             "finetune": {k: v for k, v in asdict(cfg).items() if k != "log_every"}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(final: Path, key: str) -> dict | None:
+    meta = final / models.META_FILE
+    if meta.exists() and json.loads(meta.read_text()).get("config_key") == key:
+        return json.loads(meta.read_text())
+    return None
+
+
+def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, output_dir: str | Path,
+             run_id: str | None = None, tracking_uri: str | None = None) -> FinetuneResult:
+    """Fine-tune `model` on `task`; writes the model to `output_dir/model` atomically."""
+    spec = check_task(task)
+    cfg.validate()
+    data.validate()
+    output_dir = Path(output_dir).resolve()
+    final, key = output_dir / "model", stage_key(task, model, data, cfg)
+    done = _finished(final, key)
+    if done:  # same inputs already fine-tuned: nothing to redo
+        print(f"[finetune {task}] {final} is up to date (key {key}); skipping")
+        return FinetuneResult(str(final), task, model, done["train_examples"], cfg.epochs, done["steps"],
+                              float("nan"), 0.0)
+    # Ray Train's print patch would echo every worker line twice through the driver.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ensure_ray()
+    start = time.time()
+    tokenizer = models.load_tokenizer(model)
+    train_path = tokenized_split(task, "train", tokenizer, data, seed=cfg.seed)
+    n_train = len(load_tokenized(train_path))
+    res = worker_resources(cfg.use_gpu, cfg.cpus_per_worker)
+    loop_cfg = {"key": key, "finetune": asdict(cfg), "model": model, "task": task, "num_labels": spec.num_labels,
+                "train_path": str(train_path), "cpus_per_worker": cfg.cpus_per_worker,
+                "run_id": run_id, "tracking_uri": tracking_uri}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.num_cpus}),
+        run_config=RunConfig(name=f"finetune-{task}-{key}", storage_path=str(output_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    tmp = output_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.checkpoint.to_directory(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    meta = json.loads((final / models.META_FILE).read_text())
+    return FinetuneResult(checkpoint=str(final), task=task, model=model, train_examples=n_train,
+                          epochs=cfg.epochs, steps=meta["steps"],
+                          final_loss=float(result.metrics.get("loss", float("nan"))), wall_s=time.time() - start)

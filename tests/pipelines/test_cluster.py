@@ -1,0 +1,39 @@
+"""cluster.yaml passes Ray's own validator; resource decisions follow the cluster."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cluster import worker_resources
+
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
+
+
+def test_cluster_yaml_is_valid_for_the_autoscaler():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    validate_config(prepare_config(raw))
+    gpu = raw["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["resources"]["GPU"] == 1
+
+
+def test_cluster_yaml_typo_is_rejected():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    raw["available_node_types"]["gpu_worker"]["max_worker"] = raw["available_node_types"]["gpu_worker"].pop("max_workers")
+    with pytest.raises(Exception):
+        validate_config(prepare_config(raw))
+
+
+@pytest.mark.ray
+def test_worker_resources_follow_the_cluster(ray_session):
+    cpu = worker_resources("auto", cpus_per_worker=2)
+    assert not cpu.use_gpu and cpu.as_options() == {"num_cpus": 2, "num_gpus": 0.0} and cpu.torch_device == "cpu"
+    with pytest.raises(ValueError, match="has no GPUs"):
+        worker_resources("true")
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        worker_resources("yes")

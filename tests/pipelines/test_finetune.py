@@ -1,0 +1,73 @@
+"""The real `finetune` stage (Ray Train, 1 CPU worker) and the driver's MLflow runs."""
+from __future__ import annotations
+
+import json
+import random
+
+import mlflow
+import pytest
+
+from pipelines.config import load_config
+from pipelines.run import run
+
+POS = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "enjoyable"]
+NEG = ["bad", "awful", "terrible", "horrible", "poor", "dreadful", "boring", "dull"]
+FILLER = ["the", "movie", "was", "plot", "acting", "really", "quite", "film", "and", "story"]
+
+
+def write_separable_sst2(root, n_train=600, n_dev=200, seed=0):
+    """An SST-2-format folder whose label is decided by the polarity words: clearly separable."""
+    rng = random.Random(seed)
+    folder = root / "SST-2"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(FILLER, 4) + rng.sample(POS if label else NEG, 2)
+            rng.shuffle(words)
+            lines.append(f"{' '.join(words)}\t{label}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def separable_cfg(tmp_path, cache_dir):
+    glue_dir = write_separable_sst2(tmp_path / "glue_data")
+    return load_config(None, [
+        "model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}", "experiment=plmq-test",
+        "data.source=dir", f"data.dir={glue_dir}", "data.max_length=16", f"data.cache_dir={cache_dir}",
+        "finetune.epochs=3", "finetune.batch_size=16", "finetune.lr=2e-3", "finetune.log_every=10",
+        "finetune.warmup_ratio=0.05"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow_uri, separable_cfg):
+    summary = run(separable_cfg)
+    (row,) = summary.rows
+    assert row["task"] == "sst2" and row["metric"] == "accuracy"
+    assert row["value"] >= 90.0, f"tiny-bert reached only {row['value']}% on a separable task"
+
+    exp = mlflow.get_experiment_by_name("plmq-test")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    parent = next(r for r in runs if r.info.run_id == summary.parent_run_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id]
+    assert {c.info.run_name for c in children} == {"finetune/sst2", "evaluate/sst2/fp"}
+    assert parent.data.params["finetune.lr"] == "0.002" and parent.data.params["model"] == "tiny-bert"
+    finetune_run = next(c for c in children if c.info.run_name == "finetune/sst2")
+    history = mlflow.MlflowClient().get_metric_history(finetune_run.info.run_id, "train_loss")
+    assert len(history) >= 3 and history[-1].value < history[0].value  # per-step losses from the worker
+    eval_run = next(c for c in children if c.info.run_name == "evaluate/sst2/fp")
+    assert eval_run.data.metrics["eval_accuracy"] == pytest.approx(row["value"] / 100, abs=1e-4)
+    assert eval_run.data.metrics["model_bytes"] > 0
+    saved = json.loads(open(summary.output_dir + "/results.json").read())
+    assert saved[0]["value"] == row["value"]
+
+    # Same inputs again: the fine-tuned model is reused, and the result is identical.
+    again = run(separable_cfg)
+    assert again.rows[0]["value"] == row["value"]
+    child_runs = mlflow.search_runs([exp.experiment_id], output_format="list",
+                                    filter_string=f"tags.mlflow.parentRunId = '{again.parent_run_id}'")
+    ft = next(c for c in child_runs if c.info.run_name == "finetune/sst2")
+    assert ft.data.metrics["wall_s"] == 0.0

@@ -1,0 +1,41 @@
+"""GLUE metrics against values computed by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipelines.data import GLUE_TASKS
+from pipelines.evaluate import glue_metrics
+
+PREDS = np.array([1, 1, 0, 0, 1, 0])
+LABELS = np.array([1, 0, 0, 1, 1, 0])
+# confusion: TP=2 (idx 0,4), FP=1 (idx 1), FN=1 (idx 3), TN=2 (idx 2,5)
+
+
+def test_accuracy_sst2():
+    assert glue_metrics(GLUE_TASKS["sst2"], PREDS, LABELS) == {"accuracy": pytest.approx(4 / 6)}
+
+
+def test_f1_mrpc_and_qqp():
+    for task in ("mrpc", "qqp"):
+        m = glue_metrics(GLUE_TASKS[task], PREDS, LABELS)
+        # precision 2/3, recall 2/3 -> F1 2/3
+        assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_matthews_cola():
+    m = glue_metrics(GLUE_TASKS["cola"], PREDS, LABELS)
+    expected = (2 * 2 - 1 * 1) / math.sqrt((2 + 1) * (2 + 1) * (2 + 1) * (2 + 1))  # (TP*TN-FP*FN)/sqrt(...)
+    assert m["matthews_corr"] == pytest.approx(expected)
+
+
+def test_pearson_spearman_stsb():
+    preds = np.array([1.0, 2.0, 3.0, 4.0])
+    labels = np.array([1.0, 2.0, 4.0, 3.0])
+    m = glue_metrics(GLUE_TASKS["stsb"], preds, labels)
+    # Spearman: rank differences d = [0,0,1,1] -> 1 - 6*2/(4*15) = 0.8
+    assert m["spearman"] == pytest.approx(0.8)
+    # Pearson: centred x=[-1.5,-.5,.5,1.5], y=[-1.5,-.5,1.5,.5]; sum xy=4, sum x^2=sum y^2=5 -> 0.8
+    assert m["pearson"] == pytest.approx(0.8)
