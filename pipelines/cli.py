@@ -91,6 +91,155 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint folder from
             typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
 
 
+@app.command()
+def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned checkpoint folder"),
+        quant: list[str] = typer.Option(..., "--quant", help="QuantConfig string, e.g. w4a8 (repeatable)"),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+        overrides: list[str] = SetOpt, task: Optional[str] = typer.Option(None),
+        output_dir: Optional[str] = typer.Option(None)) -> None:
+    """Round-to-nearest post-training quantization of a checkpoint, exported packed and evaluated."""
+    from pipelines import tracking
+    from pipelines.run import run_rtn_stage
+
+    cfg = _load(config, overrides + [f"rtn.quant=[{','.join(quant)}]"], task, None, output_dir)
+    with tracking.parent_run(cfg.experiment_name, "rtn", dataclasses.asdict(cfg)):
+        for t in cfg.tasks:
+            for q in cfg.rtn.quant:
+                result = run_rtn_stage(cfg, t, str(checkpoint), q, Path(cfg.output_dir).resolve())
+                typer.echo(f"{t} {result.quant_config}: {result.eval.main_metric}={result.eval.main:.4f} "
+                           f"packed {result.packed_bytes / 2**20:.2f} MB (FP {result.fp_bytes / 2**20:.2f} MB) "
+                           f"-> {result.checkpoint}")
+
+
+@app.command()
+def mrem(checkpoint: Path = typer.Argument(..., help="fine-tuned checkpoint folder (the teacher)"),
+         quant: list[str] = typer.Option(..., "--quant", help="QuantConfig string, e.g. w4a8 (repeatable)"),
+         mode: Optional[str] = typer.Option(None, help="parallel | sequential | rem"),
+         cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Arrow cache of teacher activations"),
+         config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+         overrides: list[str] = SetOpt, task: Optional[str] = typer.Option(None),
+         output_dir: Optional[str] = typer.Option(None)) -> None:
+    """Module-wise reconstruction (MREM) on Ray actors: calibrate, train modules, export, evaluate."""
+    from pipelines import tracking
+    from pipelines.run import run_mrem_stage
+
+    extra = [f"mrem.quant=[{','.join(quant)}]"] + ([f"mrem.mode={mode}"] if mode else [])
+    extra += [f"mrem.cache_dir={cache_dir}"] if cache_dir else []
+    cfg = _load(config, overrides + extra, task, None, output_dir)
+    with tracking.parent_run(cfg.experiment_name, "mrem", dataclasses.asdict(cfg)):
+        for t in cfg.tasks:
+            for q in cfg.mrem.quant:
+                r = run_mrem_stage(cfg, t, str(checkpoint), q, Path(cfg.output_dir).resolve())
+                typer.echo(f"{t} {r.quant_config} {r.mode} x{r.modules}: {r.eval.main_metric}={r.eval.main:.4f} "
+                           f"module errors {[round(e, 5) for e in r.chain_errors]} "
+                           f"(RTN {[round(e, 5) for e in r.rtn_chain_errors]}), restarts {r.restarts} "
+                           f"-> {r.checkpoint}")
+
+
+# ---- pretrain (issue #6): quantized pre-training; config dataclasses in pipelines/pretrain.py
+def _load_pretrain(config: Optional[Path], overrides: list[str], extra: list[str]):
+    from pipelines.pretrain import PretrainRunConfig
+
+    try:
+        return load_config(config, list(overrides) + extra, cls=PretrainRunConfig)
+    except ConfigError as err:
+        typer.echo(f"config error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+             recipe: Optional[str] = typer.Option(None, help="quantization recipe, e.g. fp, w8a8g8, w4, m8v8"),
+             corpus: Optional[str] = typer.Option(None, help="tinyshakespeare, wikitext2 or a text file"),
+             output_dir: Optional[str] = typer.Option(None),
+             sweep: bool = typer.Option(False, "--sweep", help="run the config's sweep.recipes grid instead")) -> None:
+    """Pre-train a GPT-2 from scratch with quantized weights/activations/gradients/optimizer states."""
+    from pipelines.pretrain import run_pretrain_stage, run_sweep_stage
+
+    extra = [f"quant.recipe={recipe}"] if recipe else []
+    extra += [f"data.corpus={corpus}"] if corpus else []
+    extra += [f"output_dir={output_dir}"] if output_dir else []
+    cfg = _load_pretrain(config, overrides, extra)
+    if sweep:
+        summary = run_sweep_stage(cfg)
+        typer.echo("\n" + summary["table"] + "\n")
+        typer.echo(f"Results: {summary['output_dir']}/sweep_results.md, loss_curves.png")
+    else:
+        result = run_pretrain_stage(cfg)
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    typer.echo(_ui_hint())
+
+
+@app.command("pretrain-sweep")
+def pretrain_sweep(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Run a grid of quantization recipes (sweep.recipes x sweep.corpora) as parallel Ray tasks."""
+    pretrain(config, overrides, None, None, None, True)
+# ---- end pretrain
+
+
+# ---- prequant (issue #5): pipelines/prequant.py
+PrequantQuantOpt = typer.Option([], "--quant", help="QuantConfig with quantized weights, e.g. w4 (repeatable)")
+PrequantMethodOpt = typer.Option([], "--method", help="fp | rtn | prequant | random | lora | bitfit (repeatable)")
+
+
+def _prequant_cfg(config: Optional[Path], overrides: list[str], quant: list[str], method: list[str],
+                  task: Optional[str] = None, model: Optional[str] = None,
+                  output_dir: Optional[str] = None) -> RunConfig:
+    extra = [f"prequant.quant=[{','.join(quant)}]"] if quant else []
+    extra += [f"prequant.methods=[{','.join(method)}]"] if method else []
+    cfg = _load(config, list(overrides) + extra, task, model, output_dir)
+    if not cfg.prequant.quant:
+        typer.echo("config error: no QuantConfig: pass --quant w4 or set prequant.quant", err=True)
+        raise typer.Exit(2)
+    return cfg
+
+
+@app.command("prequant-quantize")
+def prequant_quantize(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+                      quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
+                      model: Optional[str] = typer.Option(None),
+                      output_dir: Optional[str] = typer.Option(None)) -> None:
+    """PreQuant, task-agnostic: quantize the pre-trained model once (low-bit + FP outlier columns)."""
+    from pipelines import tracking
+    from pipelines.prequant import PEFT_METHODS, run_prequant_quantize_stage
+
+    cfg = _prequant_cfg(config, overrides, quant, method, None, model, output_dir)
+    with tracking.parent_run(cfg.experiment_name, "prequant-quantize", dataclasses.asdict(cfg)):
+        for q in cfg.prequant.quant:
+            for m in [m for m in cfg.prequant.methods if m in PEFT_METHODS]:
+                r = run_prequant_quantize_stage(cfg, q, m)
+                typer.echo(f"{m} {r.quant_config} {r.criterion or 'plain'}: {r.outlier_params} FP outlier params, "
+                           f"budget used {r.budget_pct_used:.3f}%, {r.packed_bytes / 2**20:.2f} MB"
+                           f"{' (reused)' if r.reused else ''} -> {r.directory}")
+
+
+@app.command("prequant-finetune")
+def prequant_finetune(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+                      quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
+                      task: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None),
+                      output_dir: Optional[str] = typer.Option(None)) -> None:
+    """PreQuant, per task: fine-tune each method from the stored low-bit model, export, evaluate."""
+    from pipelines import tracking
+    from pipelines.io import markdown_table, write_json_atomic, write_text_atomic
+    from pipelines.prequant import check_artefacts, run_prequant_task
+
+    cfg = _prequant_cfg(config, overrides, quant, method, task, model, output_dir)
+    try:
+        check_artefacts(cfg)  # before any work
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with tracking.parent_run(cfg.experiment_name, "prequant-finetune", dataclasses.asdict(cfg)):
+        rows = [row for t in cfg.tasks for row in run_prequant_task(cfg, t, quantize=False)]
+    table = markdown_table(rows, ["task", "method", "metric", "value", "trainable_pct", "model_MB", "wall_s"])
+    out = Path(cfg.output_dir).resolve()
+    write_text_atomic(out / "prequant_results.md", table + "\n")
+    write_json_atomic(out / "prequant_results.json", rows)
+    typer.echo("\n" + table + "\n")
+    typer.echo(_ui_hint())
+# ---- end prequant
+
+
 def main() -> None:
     try:
         app()

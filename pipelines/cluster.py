@@ -45,3 +45,29 @@ def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1) -> WorkerR
     if gpu and use_gpu == "true" and cluster_gpus() == 0:
         raise ValueError("use_gpu=true but the Ray cluster has no GPUs; set use_gpu to auto or false")
     return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
+
+
+def available_workers(res: WorkerResources) -> int:
+    """How many workers of `res` the cluster holds now (GPUs, or CPUs on a CPU cluster)."""
+    total = ray.cluster_resources()
+    if res.use_gpu:
+        return max(1, int(total.get("GPU", 0) // res.num_gpus))
+    return max(1, int(total.get("CPU", 1) // res.num_cpus))
+
+
+def spread_placement(res: WorkerResources, count: int):
+    """A placement group of `count` worker bundles spread over nodes (soft: packs when it must)."""
+    from ray.util.placement_group import placement_group
+
+    bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.use_gpu else {})}
+    return placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
+
+
+def actor_device() -> str:
+    """Inside an actor: its GPU if Ray gave it one and CUDA is real, else the CPU.
+
+    Ray's GPU resources are logical (fake GPUs in tests), so both must hold.
+    """
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

@@ -76,6 +76,117 @@ class EvaluateConfig:
 
 
 @dataclass
+class RtnConfig:
+    quant: list[str] = field(default_factory=list)  # QuantConfig strings, e.g. [w8a8, w4a8]; empty = skip
+    calib_samples: int = 512
+    batch_size: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        from quant import QuantConfig
+
+        if self.calib_samples <= 0 or self.batch_size <= 0:
+            raise ConfigError("rtn.calib_samples and rtn.batch_size must be >= 1")
+        for i, q in enumerate(self.quant):
+            try:
+                QuantConfig.parse(q)
+            except ValueError as err:
+                raise ConfigError(f"rtn.quant[{i}]={q!r}: {err}") from None
+
+
+@dataclass
+class MremConfig:
+    quant: list[str] = field(default_factory=list)  # QuantConfig strings; empty = skip the stage
+    mode: str = "parallel"           # parallel (MREM-P) | sequential (MREM-S) | rem (one module)
+    modules: int | None = None       # K; default min(available workers, layers)
+    steps: int = 500                 # per module
+    batch_size: int = 16
+    lr: float = 1e-5                 # weights
+    lr_quant: float = 1e-3           # LSQ step sizes
+    teacher_forcing_steps: int | None = None  # T0; default steps // 2
+    calib_samples: int = 4096
+    calib_batch_size: int = 64
+    shard_size: int = 512
+    cache_dir: str | None = None     # Arrow copy of the calibration shards, reused by later runs
+    checkpoint_every: int = 100
+    queue_size: int = 8
+    log_every: int = 25
+    eval_samples: int = 256
+    use_gpu: str = "auto"
+    cpus_per_actor: int = 1
+    max_restarts: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        from quant import QuantConfig
+
+        if self.mode not in ("parallel", "sequential", "rem"):
+            raise ConfigError(f"mrem.mode={self.mode!r}: use parallel, sequential or rem")
+        for name in ("steps", "batch_size", "calib_samples", "calib_batch_size", "shard_size",
+                     "checkpoint_every", "queue_size", "cpus_per_actor"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"mrem.{name}={getattr(self, name)}: must be >= 1")
+        if self.modules is not None and self.modules < 1:
+            raise ConfigError(f"mrem.modules={self.modules}: must be >= 1 or null")
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError(f"mrem.use_gpu={self.use_gpu!r}: use auto, true or false")
+        for i, q in enumerate(self.quant):
+            try:
+                cfg = QuantConfig.parse(q)
+            except ValueError as err:
+                raise ConfigError(f"mrem.quant[{i}]={q!r}: {err}") from None
+            if cfg.weight is None:
+                raise ConfigError(f"mrem.quant[{i}]={q!r}: MREM needs quantized weights")
+
+
+@dataclass
+class PrequantConfig:
+    """PreQuant (issue #5, pipelines/prequant.py): quantize the pre-trained model once, fine-tune outliers."""
+    METHODS: typing.ClassVar[tuple[str, ...]] = ("fp", "rtn", "prequant", "random", "lora", "bitfit")
+    quant: list[str] = field(default_factory=list)  # weight-quantized QuantConfigs, e.g. [w4, w3]; empty = skip
+    quantizer: str = "row"           # row | row-mse | minmax | mse | config (quant.outliers.WEIGHT_QUANTIZERS)
+    criterion: str = "weight"        # outlier column score: weight | activation | random (quant.outliers.CRITERIA)
+    budget_pct: float = 0.5          # trainable outlier columns (+ biases/LayerNorm), % of the model's parameters
+    train_norms: bool = False        # also train biases and LayerNorm (counted in the budget)
+    methods: list[str] = field(default_factory=lambda: ["prequant"])  # any of METHODS
+    lr: float = 5e-4                 # of prequant/random/lora/bitfit; other settings come from `finetune`
+    lora_scaling: float = 2.0        # LoRA alpha / r
+    calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation: bundled corpus or a file
+    calib_samples: int = 256         # sentences
+    calib_max_length: int = 128
+    dir: str | None = None           # pre-quantized models, shared by all tasks; default <output_dir>/prequant
+    seed: int = 42                   # random criterion; body of the random tiny presets
+
+    def validate(self) -> None:
+        from quant import QuantConfig
+        from quant.outliers import CRITERIA, WEIGHT_QUANTIZERS
+
+        if not 0 < self.budget_pct < 100:
+            raise ConfigError(f"prequant.budget_pct={self.budget_pct}: must be in (0, 100), a % of the parameters")
+        if self.quantizer not in WEIGHT_QUANTIZERS:
+            raise ConfigError(f"prequant.quantizer={self.quantizer!r}: use one of {', '.join(WEIGHT_QUANTIZERS)}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"prequant.criterion={self.criterion!r}: use one of {', '.join(CRITERIA)}")
+        for m in self.methods:
+            if m not in self.METHODS:
+                raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
+        if not 0 < self.lr < 1 or self.lora_scaling <= 0:
+            raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
+        if self.calib_samples <= 0 or self.calib_max_length < 8:
+            raise ConfigError("prequant.calib_samples must be >= 1 and prequant.calib_max_length >= 8")
+        for i, q in enumerate(self.quant):
+            try:
+                cfg = QuantConfig.parse(q)
+            except ValueError as err:
+                raise ConfigError(f"prequant.quant[{i}]={q!r}: {err}") from None
+            if cfg.weight is None:
+                raise ConfigError(f"prequant.quant[{i}]={q!r}: PreQuant needs quantized weights (e.g. w4)")
+            if cfg.embedding is not None or cfg.output is not None:
+                raise ConfigError(f"prequant.quant[{i}]={q!r}: PreQuant quantizes Linear weights and inputs "
+                                  "only; drop the -e/-o part")
+
+
+@dataclass
 class RunConfig:
     model: str = "minilm-l6"
     tasks: list[str] = field(default_factory=lambda: ["sst2"])
@@ -84,6 +195,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    rtn: RtnConfig = field(default_factory=RtnConfig)
+    mrem: MremConfig = field(default_factory=MremConfig)
+    prequant: PrequantConfig = field(default_factory=PrequantConfig)
 
     def validate(self) -> None:
         from pipelines.data import check_task  # local import: data imports config
@@ -92,7 +206,7 @@ class RunConfig:
             raise ConfigError("tasks must list at least one GLUE task")
         for task in self.tasks:
             check_task(task)
-        for section in (self.data, self.finetune, self.evaluate):
+        for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant):
             section.validate()
 
     @property

@@ -102,22 +102,39 @@ def _setup(cfg: dict, ft: FinetuneConfig):
     loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
     model = prepare_model(model)
     total = max(1, math.ceil(ft.epochs * len(loader)))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer, scheduler = make_optimizer(model, ft, total)
+    return tokenizer, model, loader, optimizer, scheduler, total
+
+
+def make_optimizer(model: torch.nn.Module, ft: FinetuneConfig, total: int):
+    """AdamW over the parameters that require grad (weight decay on matrices only), linear warmup/decay."""
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ft.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=ft.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(ft.warmup_ratio * total), total)
-    return tokenizer, model, loader, optimizer, scheduler, total
+    return optimizer, scheduler
 
 
 def train_loop(cfg: dict) -> None:
     """Runs on each Ray Train worker; `cfg` is plain data (paths, numbers)."""
+    run_loop(cfg, _setup, lambda model, tokenizer, d, meta, _optimizer: models.save_checkpoint(model, tokenizer,
+                                                                                               d, meta))
+
+
+def run_loop(cfg: dict, setup, save) -> None:
+    """The training loop, shared with stages that build their own model (prequant-finetune).
+
+    `setup(cfg, ft)` -> (tokenizer, model, loader, optimizer, scheduler, total steps);
+    `save(model, tokenizer, directory, meta, optimizer)` writes the final model (rank 0).
+    """
     from pipelines.tracking import RunLogger
 
     torch.set_num_threads(cfg["cpus_per_worker"])
     ft = FinetuneConfig(**cfg["finetune"])
     rank = ray.train.get_context().get_world_rank()
-    tokenizer, model, loader, optimizer, scheduler, total = _setup(cfg, ft)
+    tokenizer, model, loader, optimizer, scheduler, total = setup(cfg, ft)
     inner = getattr(model, "module", model)
     step = _restore(inner, optimizer, scheduler)
     if step is None:
@@ -142,7 +159,8 @@ def train_loop(cfg: dict) -> None:
             if step % ft.log_every == 0 or step == total:
                 rate = (step - start_step) / max(time.time() - start, 1e-9)
                 if rank == 0:
-                    print(f"[finetune {cfg['task']}] step {step}/{total} loss {loss_avg:.4f} ({rate:.2f} it/s)")
+                    print(f"[{cfg.get('label', 'finetune')} {cfg['task']}] step {step}/{total} "
+                          f"loss {loss_avg:.4f} ({rate:.2f} it/s)")
                 logger.log({"train_loss": loss_avg, "lr": scheduler.get_last_lr()[0]}, step)
             if step >= total:
                 break
@@ -151,7 +169,7 @@ def train_loop(cfg: dict) -> None:
                                      "scheduler": scheduler.state_dict(), "step": step})
     meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
             "train_examples": len(loader.dataset), "config_key": cfg["key"]}
-    _report(step, loss_avg, None, lambda d: models.save_checkpoint(inner, tokenizer, d, meta))
+    _report(step, loss_avg, None, lambda d: save(inner, tokenizer, d, meta, optimizer))
 
 
 def stage_key(task: str, model: str, data: DataConfig, cfg: FinetuneConfig) -> str:
@@ -166,6 +184,25 @@ def _finished(final: Path, key: str) -> dict | None:
     if meta.exists() and json.loads(meta.read_text()).get("config_key") == key:
         return json.loads(meta.read_text())
     return None
+
+
+def fit_to_dir(loop, loop_cfg: dict, cfg: FinetuneConfig, output_dir: Path, name: str):
+    """Run `loop` on Ray Train workers; its final checkpoint becomes output_dir/model atomically."""
+    res = worker_resources(cfg.use_gpu, cfg.cpus_per_worker)
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.num_cpus}),
+        run_config=RunConfig(name=name, storage_path=str(output_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    tmp, final = output_dir / "model.tmp", output_dir / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.checkpoint.to_directory(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return result
 
 
 def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, output_dir: str | Path,
@@ -188,23 +225,10 @@ def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, outpu
     tokenizer = models.load_tokenizer(model)
     train_path = tokenized_split(task, "train", tokenizer, data, seed=cfg.seed)
     n_train = len(load_tokenized(train_path))
-    res = worker_resources(cfg.use_gpu, cfg.cpus_per_worker)
     loop_cfg = {"key": key, "finetune": asdict(cfg), "model": model, "task": task, "num_labels": spec.num_labels,
                 "train_path": str(train_path), "cpus_per_worker": cfg.cpus_per_worker,
                 "run_id": run_id, "tracking_uri": tracking_uri}
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker={"CPU": res.num_cpus}),
-        run_config=RunConfig(name=f"finetune-{task}-{key}", storage_path=str(output_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
-    tmp = output_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    result = fit_to_dir(train_loop, loop_cfg, cfg, output_dir, f"finetune-{task}-{key}")
     meta = json.loads((final / models.META_FILE).read_text())
     return FinetuneResult(checkpoint=str(final), task=task, model=model, train_examples=n_train,
                           epochs=cfg.epochs, steps=meta["steps"],

@@ -43,6 +43,8 @@ def load_tokenizer(name: str):
     """Tiny presets use MiniLM's WordPiece tokenizer so they work offline on real text."""
     source = minilm_path() if name in TINY_PRESETS else resolve(name)
     tok = AutoTokenizer.from_pretrained(str(source))
+    if name == "tiny-gpt2":  # GPT-2 would add token_type_ids through its word embeddings
+        tok.model_input_names = ["input_ids", "attention_mask"]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

@@ -1,6 +1,7 @@
 """The driver: `plmq run CONFIG` runs each task's stages under one MLflow parent run.
 
-Now: finetune (FP reference) -> evaluate per task, then a results table.
+Per task: finetune (FP reference) -> evaluate; rtn and mrem (one per QuantConfig)
+-> evaluate; then a results table.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pipelines.config import RunConfig, to_dict
 from pipelines.evaluate import EvalResult, evaluate
 from pipelines.finetune import FinetuneResult, finetune
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic
+from pipelines.mrem import MremResult, mrem
+from pipelines.rtn import RtnResult, rtn
 
 TABLE_COLUMNS = ["task", "method", "metric", "value", "model_MB", "examples_per_s", "wall_s"]
 
@@ -54,6 +57,33 @@ def run_evaluate_stage(cfg: RunConfig, task: str, checkpoint: str, method: str) 
         return result, time.time() - start
 
 
+def run_rtn_stage(cfg: RunConfig, task: str, checkpoint: str, quant: str, out: Path) -> RtnResult:
+    with tracking.stage_run(f"rtn/{task}/{quant}", {"task": task, "quant": quant, "checkpoint": checkpoint,
+                                                    **to_dict(cfg.rtn)}):
+        result = rtn(checkpoint, task, quant, cfg.data, cfg.rtn, cfg.evaluate, out / task / "rtn")
+        log_eval(result.eval)
+        mlflow.log_metrics({"packed_bytes": result.packed_bytes, "fp_bytes": result.fp_bytes,
+                            "converted_layers": result.converted, "wall_s": result.wall_s})
+        mlflow.log_dict(dataclasses.asdict(result), "rtn_result.json")
+    return result
+
+
+def run_mrem_stage(cfg: RunConfig, task: str, checkpoint: str, quant: str, out: Path) -> MremResult:
+    with tracking.stage_run(f"mrem/{task}/{quant}-{cfg.mrem.mode}",
+                            {"task": task, "quant": quant, "checkpoint": checkpoint, **to_dict(cfg.mrem)}) as rid:
+        result = mrem(checkpoint, task, quant, cfg.data, cfg.mrem, cfg.evaluate, out / task / "mrem",
+                      run_id=rid, tracking_uri=tracking.tracking_uri())
+        log_eval(result.eval)
+        mlflow.log_metrics({"packed_bytes": result.packed_bytes, "calib_bytes": result.calib_bytes,
+                            "calib_s": result.calib_s, "train_s": result.train_s, "wall_s": result.wall_s,
+                            "restarts": result.restarts})
+        for k, (m, r) in enumerate(zip(result.chain_errors, result.rtn_chain_errors)):
+            mlflow.log_metrics({f"module{k}_error": m, f"module{k}_rtn_error": r})
+        mlflow.set_tag("restarts", str(result.restarts))
+        mlflow.log_dict(dataclasses.asdict(result), "mrem_result.json")
+    return result
+
+
 def table_row(task: str, method: str, result: EvalResult, wall_s: float) -> dict:
     return {"task": task, "method": method, "metric": result.main_metric, "value": round(100 * result.main, 2),
             "model_MB": round(result.model_bytes / 2**20, 2), "examples_per_s": round(result.examples_per_s, 1),
@@ -71,6 +101,12 @@ def run(cfg: RunConfig) -> RunSummary:
             ft = run_finetune_stage(cfg, task, out)
             result, eval_s = run_evaluate_stage(cfg, task, ft.checkpoint, "fp")
             rows.append(table_row(task, "fp", result, ft.wall_s + eval_s))
+            for quant in cfg.rtn.quant:
+                q = run_rtn_stage(cfg, task, ft.checkpoint, quant, out)
+                rows.append(table_row(task, f"rtn-{q.quant_config}", q.eval, q.wall_s))
+            for quant in cfg.mrem.quant:
+                m = run_mrem_stage(cfg, task, ft.checkpoint, quant, out)
+                rows.append(table_row(task, f"mrem-{cfg.mrem.mode}-{m.quant_config}", m.eval, m.wall_s))
         table = markdown_table(rows, TABLE_COLUMNS)
         write_text_atomic(out / "results.md", table + "\n")
         write_json_atomic(out / "results.json", rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
 import pytest
@@ -13,15 +14,72 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (starting Ray costs ~5 s)."""
+_RAY_STATE: dict = {"kind": None, "cluster": None}
+
+
+def _ray_stop() -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield ray
     ray.shutdown()
+    if _RAY_STATE["cluster"] is not None:
+        _RAY_STATE["cluster"].shutdown()
+    _RAY_STATE.update(kind=None, cluster=None)
+
+
+def _ray_use(kind: str, start) -> None:
+    """Reuse the running Ray instance when it is of `kind`, else restart it (~5 s)."""
+    import ray
+
+    if _RAY_STATE["kind"] == kind and ray.is_initialized():
+        return
+    _ray_stop()
+    _RAY_STATE["cluster"] = start()
+    _RAY_STATE["kind"] = kind
+
+
+def _init(ray, **resources) -> None:
+    ray.init(include_dashboard=False, log_to_driver=True, **resources)
+
+
+@pytest.fixture
+def ray_session():
+    """A local Ray instance with 2 CPUs, shared by the tests that need nothing special."""
+    import ray
+
+    _ray_use("default", lambda: _init(ray, num_cpus=2))
+    yield ray
+
+
+@pytest.fixture
+def ray_fake_gpus():
+    """Ray with 4 logical CPUs and 4 fake GPUs (logical resources only)."""
+    import ray
+
+    _ray_use("fake_gpus", lambda: _init(ray, num_cpus=4, num_gpus=4))
+    yield ray
+
+
+@pytest.fixture
+def ray_two_nodes():
+    """A head and a second node in one machine (`ray.cluster_utils.Cluster`)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 2**20})
+        cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        return cluster
+
+    _ray_use("two_nodes", start)
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_teardown():
+    yield
+    _ray_stop()
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +111,30 @@ def mlflow_uri(_mlflow_template, tmp_path, monkeypatch):
 def cache_dir(tmp_path):
     """A private tokenized-data cache."""
     return str(tmp_path / "tok_cache")
+
+
+POS = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "enjoyable"]
+NEG = ["bad", "awful", "terrible", "horrible", "poor", "dreadful", "boring", "dull"]
+FILLER = ["the", "movie", "was", "plot", "acting", "really", "quite", "film", "and", "story"]
+
+
+def write_separable_sst2(root, n_train=600, n_dev=200, seed=0):
+    """An SST-2-format folder whose label is decided by the polarity words: clearly separable."""
+    rng = random.Random(seed)
+    folder = root / "SST-2"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(FILLER, 4) + rng.sample(POS if label else NEG, 2)
+            rng.shuffle(words)
+            lines.append(f"{' '.join(words)}\t{label}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def separable_glue(tmp_path):
+    """A glue_data/ folder with a clearly separable SST-2 task (dir source)."""
+    return write_separable_sst2(tmp_path / "glue_data")

@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_stages():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for stage in ("run", "finetune", "evaluate"):
+    for stage in ("run", "finetune", "evaluate", "rtn", "mrem"):
         assert stage in result.output
 
 

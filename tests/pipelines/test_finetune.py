@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import mlflow
 import pytest
@@ -10,30 +9,9 @@ import pytest
 from pipelines.config import load_config
 from pipelines.run import run
 
-POS = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "enjoyable"]
-NEG = ["bad", "awful", "terrible", "horrible", "poor", "dreadful", "boring", "dull"]
-FILLER = ["the", "movie", "was", "plot", "acting", "really", "quite", "film", "and", "story"]
-
-
-def write_separable_sst2(root, n_train=600, n_dev=200, seed=0):
-    """An SST-2-format folder whose label is decided by the polarity words: clearly separable."""
-    rng = random.Random(seed)
-    folder = root / "SST-2"
-    folder.mkdir(parents=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        lines = ["sentence\tlabel"]
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            words = rng.sample(FILLER, 4) + rng.sample(POS if label else NEG, 2)
-            rng.shuffle(words)
-            lines.append(f"{' '.join(words)}\t{label}")
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
 @pytest.fixture
-def separable_cfg(tmp_path, cache_dir):
-    glue_dir = write_separable_sst2(tmp_path / "glue_data")
+def separable_cfg(tmp_path, cache_dir, separable_glue):
+    glue_dir = separable_glue
     return load_config(None, [
         "model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}", "experiment=plmq-test",
         "data.source=dir", f"data.dir={glue_dir}", "data.max_length=16", f"data.cache_dir={cache_dir}",

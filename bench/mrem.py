@@ -1,0 +1,124 @@
+"""MREM figures: accuracy vs FP and RTN, MREM-P vs MREM-S speed, per-actor memory.
+
+    python bench/mrem.py --tasks sst2 [rte mrpc] [--config configs/mrem_bench.yaml] [--set mrem.steps=400]
+
+Uses the FP references of bench/fp_reference.py (runs/fp_reference/<task>/finetune/model);
+every run is also logged to MLflow (experiment plmq-mrem-bench). Writes
+bench/results/mrem.json and .md, merging tasks into what is already there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import fp_reference  # noqa: E402
+from pipelines import tracking  # noqa: E402
+from pipelines.config import load_config, to_dict  # noqa: E402
+from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from pipelines.run import run_mrem_stage, run_rtn_stage  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "mrem.json"
+# (key, method, quant, mode)
+PLAN = [("rtn_w4a8", "rtn", "w4a8", None), ("rtn_w2a8", "rtn", "w2a8", None),
+        ("mrem_p_w4a8", "mrem", "w4a8", "parallel"), ("mrem_s_w4a8", "mrem", "w4a8", "sequential"),
+        ("mrem_p_w2a8", "mrem", "w2a8", "parallel"), ("mrem_s_w2a8", "mrem", "w2a8", "sequential"),
+        ("rem_w2a8", "mrem", "w2a8", "rem")]
+
+
+def points(result) -> float:
+    return round(100 * result.main, 2)
+
+
+def run_task(task: str, args) -> dict:
+    fp = fp_reference(task)
+    cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
+    checkpoint = str(ROOT / fp["checkpoint"])
+    out, row = Path(cfg.output_dir).resolve(), {"fp": fp["f1"] if task in ("mrpc", "qqp") else fp["accuracy"]}
+    details = {}
+    with tracking.parent_run(cfg.experiment_name, f"bench-{task}", to_dict(cfg)):
+        for key, method, quant, mode in PLAN:
+            if args.only and key not in args.only:
+                continue
+            if method == "rtn":
+                r = run_rtn_stage(cfg, task, checkpoint, quant, out)
+                row[key] = points(r.eval)
+                details[key] = {"wall_s": round(r.wall_s, 1), "bytes": r.packed_bytes}
+                continue
+            cfg.mrem.mode = mode
+            r = run_mrem_stage(cfg, task, checkpoint, quant, out)
+            row[key] = points(r.eval)
+            details[key] = {"wall_s": round(r.wall_s, 1), "train_s": round(r.train_s, 1), "calib_s": round(r.calib_s, 1),
+                            "calib_bytes": r.calib_bytes, "module_errors": r.chain_errors,
+                            "rtn_module_errors": r.rtn_chain_errors, "bytes": r.packed_bytes,
+                            "modules": [{k: s[k] for k in ("module", "layers", "s_per_step", "peak_rss_mb",
+                                                           "pushed_bytes", "initial_error", "final_error")}
+                                        for s in r.modules_stats]}
+            print(f"[bench] {task} {key}: {row[key]} (FP {row['fp']}) train {r.train_s:.0f}s", flush=True)
+    return {"metrics": row, "details": details, "config": to_dict(cfg.mrem)}
+
+
+def summarize(results: dict) -> None:
+    """Speed-up, bytes moved and memory from the recorded runs (SST-2 first)."""
+    for task, res in results.get("tasks", {}).items():
+        d = res["details"]
+        if "mrem_p_w4a8" in d and "mrem_s_w4a8" in d:
+            res["speedup_p2_vs_s_w4a8"] = round(d["mrem_s_w4a8"]["train_s"] / d["mrem_p_w4a8"]["train_s"], 2)
+        if "mrem_p_w2a8" in d and "mrem_s_w2a8" in d:
+            res["speedup_p2_vs_s_w2a8"] = round(d["mrem_s_w2a8"]["train_s"] / d["mrem_p_w2a8"]["train_s"], 2)
+        res["wall_s"] = {k: v["wall_s"] for k, v in d.items()}
+        res["peak_rss_mb"] = {k: [round(m["peak_rss_mb"]) for m in v["modules"]] for k, v in d.items() if "modules" in v}
+        res["s_per_step"] = {k: [round(m["s_per_step"], 3) for m in v["modules"]] for k, v in d.items()
+                             if "modules" in v}
+        res["object_store_bytes_pushed"] = {k: sum(m["pushed_bytes"] for m in v["modules"]) for k, v in d.items()
+                                            if "modules" in v}
+
+
+def write(results: dict) -> None:
+    summarize(results)
+    write_json_atomic(RESULTS, results)
+    cols = ["task", "fp"] + [p[0] for p in PLAN]
+    rows = [{"task": t, **r["metrics"]} for t, r in results["tasks"].items()]
+    lines = ["# MREM (MiniLM-L6, CPU, 2 cores)", "", "Main dev metric in points (MRPC: F1).", "",
+             markdown_table(rows, cols), ""]
+    for t, r in results["tasks"].items():
+        lines += [f"## {t}", "", f"- speed-up MREM-P (2 actors) vs MREM-S, training time: "
+                  f"W4A8 {r.get('speedup_p2_vs_s_w4a8')}x, W2A8 {r.get('speedup_p2_vs_s_w2a8')}x",
+                  f"- seconds per step per actor: {r.get('s_per_step')}",
+                  f"- peak RSS per actor (MB): {r.get('peak_rss_mb')}",
+                  f"- object-store bytes pushed actor to actor: {r.get('object_store_bytes_pushed')}",
+                  f"- wall time per run (s): {r.get('wall_s')}", ""]
+    lines += [f"Command: `{results['command']}`", "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+    write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", nargs="+", default=["sst2"])
+    parser.add_argument("--config", default="configs/mrem_bench.yaml")
+    parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", default=None, help="subset of run keys")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
+    results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set)
+    for task in args.tasks:
+        start = time.time()
+        new = run_task(task, args)
+        old = results["tasks"].get(task, {"metrics": {}, "details": {}})
+        old["metrics"].update(new["metrics"])
+        old["details"].update(new["details"])
+        old["config"] = new["config"]
+        old["bench_wall_s"] = round(time.time() - start, 1)
+        results["tasks"][task] = old
+        write(results)
+    print(json.dumps({t: r["metrics"] for t, r in results["tasks"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""PreQuant figures: FP, RTN, PreQuant (W4, W3) and the PEFT baselines on the same low-bit base.
+
+    python bench/prequant.py --tasks sst2 rte mrpc            # MiniLM, configs/prequant.yaml
+    python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
+
+Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w3, lora_w4,
+bitfit_w4, random_cols_w4, trainable_pct}}, main dev metric in points; per-method trainable %,
+optimizer-state bytes, peak memory and fine-tuning wall time under "details") and prequant.md,
+merging tasks into what is there. FP numbers come from bench/results/fp_reference.json and RTN
+from bench/results/rtn.json when they hold the task (and, for RTN, the same QuantConfig);
+otherwise they are run here. --smoke writes under runs/prequant_smoke/ instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines import tracking  # noqa: E402
+from pipelines.config import load_config, to_dict  # noqa: E402
+from pipelines.data import check_task  # noqa: E402
+from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from pipelines.prequant import run_prequant_finetune_stage, run_prequant_quantize_stage  # noqa: E402
+from quant.outliers import with_quantizer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "prequant.json"
+FP = ROOT / "bench" / "results" / "fp_reference.json"
+RTN = ROOT / "bench" / "results" / "rtn.json"
+# (result key, method, QuantConfig)
+PLAN = [("fp_full", "fp", None), ("rtn_w4", "rtn", "w4"), ("prequant_w4", "prequant", "w4"),
+        ("prequant_w3", "prequant", "w3"), ("lora_w4", "lora", "w4"), ("bitfit_w4", "bitfit", "w4"),
+        ("random_cols_w4", "random", "w4")]
+SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
+
+
+def points(result) -> float:
+    return round(100 * result.main, 2)
+
+
+def fp_baseline(cfg, task: str, out: Path) -> tuple[float, str, dict]:
+    """(metric, FP checkpoint, details): fp_reference.json when it has the task, else fine-tune here."""
+    from pipelines.run import run_evaluate_stage, run_finetune_stage
+
+    ref = json.loads(FP.read_text()).get(task) if FP.exists() and cfg.model == "minilm-l6" else None
+    if ref and (ROOT / ref["checkpoint"]).is_dir():
+        metric = ref[check_task(task).main_metric]
+        return metric, str(ROOT / ref["checkpoint"]), {"source": str(FP.relative_to(ROOT)), "train_s": ref["wall_s"]}
+    ft = run_finetune_stage(cfg, task, out)
+    result, _ = run_evaluate_stage(cfg, task, ft.checkpoint, "fp")
+    return points(result), ft.checkpoint, {"source": "run", "train_s": round(ft.wall_s, 1),
+                                           "bytes": result.model_bytes}
+
+
+def fp_details(checkpoint: str, details: dict) -> dict:
+    """Full fine-tuning trains everything: AdamW keeps two fp32 moments per parameter (analytic)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {**details, "trainable_pct": 100.0, "trainable_params": params, "optimizer_state_bytes": 8 * params,
+            "optimizer_state_note": "analytic: 2 fp32 AdamW moments per parameter", "peak_rss_mb": None}
+
+
+def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: Path) -> tuple[float, dict]:
+    """rtn.json's number for this QuantConfig (named `quant` or `alias`) when present, else run RTN."""
+    from pipelines.run import run_rtn_stage
+
+    recorded = json.loads(RTN.read_text()).get(task, {}) if RTN.exists() and cfg.model == "minilm-l6" else {}
+    for name in (quant, alias):
+        if isinstance(recorded, dict) and isinstance(recorded.get(name), dict):
+            return recorded[name]["metric"], {"source": str(RTN.relative_to(ROOT)), "quant": name,
+                                              "bytes": recorded[name].get("bytes"), "trainable_pct": 0.0}
+    r = run_rtn_stage(cfg, task, checkpoint, quant, out)
+    return points(r.eval), {"source": "run", "quant": r.quant_config, "bytes": r.packed_bytes,
+                            "wall_s": round(r.wall_s, 1), "trainable_pct": 0.0}
+
+
+def peft_details(r, q) -> dict:
+    return {"quant": r.quant_config, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
+            "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
+            "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,
+            "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
+
+
+def run_task(task: str, args) -> tuple[dict, dict]:
+    cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
+    out = Path(cfg.output_dir).resolve()
+    row, details = {}, {}
+    with tracking.parent_run(cfg.experiment_name, f"bench-prequant-{task}", to_dict(cfg)):
+        fp, checkpoint, fp_info = fp_baseline(cfg, task, out)
+        for key, method, quant in PLAN:
+            if args.only and key not in args.only:
+                continue
+            if method == "fp":
+                row[key], details[key] = fp, fp_details(checkpoint, fp_info)
+            elif method == "rtn":
+                full = str(with_quantizer(quant, cfg.prequant.quantizer))
+                row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out)
+            else:
+                q = run_prequant_quantize_stage(cfg, quant, method)
+                r = run_prequant_finetune_stage(cfg, task, quant, method)
+                row[key], details[key] = points(r.eval), peft_details(r, q)
+            print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
+        row["trainable_pct"] = details.get("prequant_w4", {}).get("trainable_pct")
+    return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
+
+
+def write(results: dict, path: Path) -> None:
+    write_json_atomic(path, results)
+    tasks = results.get("tasks", [])
+    cols = ["task"] + [p[0] for p in PLAN] + ["trainable_pct"]
+    rows = [{"task": t, **results[t]} for t in tasks]
+    detail_rows = [{"task": t, "method": k, "metric": results[t].get(k), "trainable_pct": d.get("trainable_pct"),
+                    "trainable_params": d.get("trainable_params"),
+                    "optimizer_state_MB": round(d["optimizer_state_bytes"] / 2**20, 3)
+                    if d.get("optimizer_state_bytes") is not None else None,
+                    "peak_rss_MB": d.get("peak_rss_mb"), "train_s": d.get("train_s"),
+                    "model_MB": round(d["bytes"] / 2**20, 2) if d.get("bytes") else None, "source": d.get("source")}
+                   for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
+    md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
+          "Main dev metric in points (MRPC: F1). trainable_pct: prequant_w4's trainable parameters, % of the model.",
+          "", markdown_table(rows, cols), "", "## Per method", "",
+          markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
+                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "model_MB", "source"]), "",
+          "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is analytic.",
+          "", f"Command: `{results['command']}`", "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+    write_text_atomic(path.with_suffix(".md"), "\n".join(md) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--config", default=None, help="default configs/prequant.yaml (--smoke: prequant_tiny.yaml)")
+    parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", default=None, help="subset of result keys, e.g. prequant_w4 lora_w4")
+    parser.add_argument("--smoke", action="store_true", help="tiny-bert, a few steps, results under runs/")
+    args = parser.parse_args()
+    torch_threads()
+    args.config = args.config or ("configs/prequant_tiny.yaml" if args.smoke else "configs/prequant.yaml")
+    if args.smoke:
+        args.set = SMOKE + ["output_dir=runs/prequant_smoke", *args.set]
+    path = ROOT / "runs" / "prequant_smoke" / "prequant.json" if args.smoke else RESULTS
+    tasks = args.tasks or load_config(ROOT / args.config, args.set).tasks
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault("details", {})
+    results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set,
+                   model=load_config(ROOT / args.config, args.set).model,
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    for task in tasks:
+        start = time.time()
+        row, info = run_task(task, args)
+        results[task] = {**results.get(task, {}), **row}
+        old = results["details"].get(task, {"details": {}})
+        results["details"][task] = {**info, "details": {**old.get("details", {}), **info["details"]},
+                                    "bench_wall_s": round(time.time() - start, 1)}
+        results["tasks"] = sorted(set(results.get("tasks", [])) | {task})
+        write(results, path)
+    print(json.dumps({t: results[t] for t in results["tasks"]}, indent=2))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def torch_threads() -> None:
+    """The driver only quantizes and evaluates; keep it off the workers' cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Language-modelling corpora for pre-training: split, BPE tokenizer, token ids, batches.
+
+A corpus is a bundled name (CORPORA) or a path to a UTF-8 text file. Its last
+`val_fraction` of characters (cut at a line break) is the validation split; a
+byte-level BPE tokenizer (`tokenizers.ByteLevelBPETokenizer`) is trained on the
+training split only. Tokenizer and token ids (uint16/uint32 .npy) are cached on disk,
+keyed by the file's content hash, vocabulary size and split, so workers and re-runs
+load them instead of retraining.
+
+Batches are random windows (nanoGPT style) drawn from a generator seeded by
+(seed, step, rank): the data position of a run is its step, which makes resuming exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = {
+    "tinyshakespeare": ROOT / "data/lm/tinyshakespeare/input.txt",
+    "wikitext2": ROOT / "data/lm/wikitext-2-raw/wiki.valid.raw",  # WikiText-2 valid (train not bundled)
+    "wikitext2-test": ROOT / "data/lm/wikitext-2-raw/wiki.test.raw",
+}
+SPECIAL = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class LMData:
+    """Where a tokenized corpus lives on disk (plain paths: sent to Ray workers)."""
+    corpus: str
+    tokenizer_dir: str
+    train_ids: str
+    val_ids: str
+    vocab_size: int
+
+    def load(self, split: str) -> np.ndarray:
+        return np.load(self.train_ids if split == "train" else self.val_ids, mmap_mode="r")
+
+
+def corpus_path(corpus: str) -> Path:
+    """A bundled corpus name or a text file path."""
+    if corpus in CORPORA:
+        return CORPORA[corpus]
+    path = Path(corpus)
+    if not path.is_file():
+        raise ValueError(f"data.corpus={corpus!r} is neither a bundled corpus ({', '.join(CORPORA)}) "
+                         "nor an existing text file")
+    return path
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """(train, val): val is the last `val_fraction` of the text, starting at a line."""
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"data.val_fraction={val_fraction}: expected a value in (0, 0.5)")
+    cut = int(len(text) * (1 - val_fraction))
+    nl = text.find("\n", cut)
+    cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
+    return text[:cut], text[cut:]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PLMQ_CACHE", Path.home() / ".cache" / "plmq")) / "lm"
+
+
+def _cache_key(text: str, vocab_size: int, val_fraction: float) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{digest}-v{vocab_size}-val{val_fraction:g}"
+
+
+def _train_tokenizer(train_text: str, vocab_size: int, out: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(train_text.splitlines(keepends=True), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[SPECIAL], show_progress=False)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok.save_model(str(tmp))
+    tok.save(str(tmp / "tokenizer.json"))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """The `tokenizers.Tokenizer` saved by prepare_corpus."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+
+
+def _encode(tokenizer, text: str, vocab_size: int) -> np.ndarray:
+    # Line by line: byte-level BPE never merges across lines, and batches of lines are fast.
+    ids = [i for enc in tokenizer.encode_batch(text.splitlines(keepends=True)) for i in enc.ids]
+    return np.asarray(ids, dtype=np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def prepare_corpus(corpus: str, vocab_size: int = 4096, val_fraction: float = 0.1,
+                   cache_dir: str | Path | None = None) -> LMData:
+    """Split, train (or reuse) the tokenizer, tokenize both splits; returns cached paths."""
+    if vocab_size < 257 or vocab_size > 2**20:
+        raise ValueError(f"data.vocab_size={vocab_size}: expected 257..1048576 (byte-level BPE needs 256 bytes)")
+    text = corpus_path(corpus).read_text(encoding="utf-8")
+    train, val = split_text(text, val_fraction)
+    name = Path(corpus).stem if corpus not in CORPORA else corpus
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = root / f"{name}-{_cache_key(text, vocab_size, val_fraction)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir, train_ids, val_ids = folder / "tokenizer", folder / "train.npy", folder / "val.npy"
+    if not (tok_dir / "tokenizer.json").exists():
+        _train_tokenizer(train, vocab_size, tok_dir)
+    if not (train_ids.exists() and val_ids.exists()):
+        tok = load_tokenizer(tok_dir)
+        _save_npy(train_ids, _encode(tok, train, vocab_size))
+        _save_npy(val_ids, _encode(tok, val, vocab_size))
+        meta = {"corpus": corpus, "vocab_size": vocab_size, "val_fraction": val_fraction,
+                "train_chars": len(train), "val_chars": len(val)}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    actual_vocab = load_tokenizer(tok_dir).get_vocab_size()
+    return LMData(corpus, str(tok_dir), str(train_ids), str(val_ids), actual_vocab)
+
+
+def get_batch(ids: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
+              rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [batch, block]: random windows fixed by (seed, step, rank)."""
+    if len(ids) <= block_size + 1:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than block_size + 2 = {block_size + 2}")
+    rng = np.random.default_rng([seed, step, rank])
+    starts = rng.integers(0, len(ids) - block_size - 1, size=batch_size)
+    win = np.stack([np.asarray(ids[s:s + block_size + 1], dtype=np.int64) for s in starts])
+    win = torch.from_numpy(win)
+    return win[:, :-1], win[:, 1:]
+
+
+def eval_windows(ids: np.ndarray, block_size: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping windows [n, block + 1] from the start of the split (fixed, so every
+    run is scored on the same tokens)."""
+    n = min((len(ids) - 1) // block_size, max_windows)
+    if n < 1:
+        raise ValueError(f"the validation split has {len(ids)} tokens, fewer than block_size + 1")
+    win = [np.asarray(ids[i * block_size:i * block_size + block_size + 1], dtype=np.int64) for i in range(n)]
+    return torch.from_numpy(np.stack(win))

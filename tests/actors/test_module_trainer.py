@@ -1,0 +1,79 @@
+"""ModuleTrainer used directly (plain class) and as Ray actors pinned to (fake) GPUs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.module_trainer import ModuleTrainer, TrainerSettings
+from pipelines import models
+from pipelines.calibrate import calibrate
+from pipelines.config import DataConfig, MremConfig
+from pipelines.mrem import launch_trainers
+from pipelines.partition import split_layers
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    tok = models.load_tokenizer("tiny-bert")
+    model = models.load_classifier("tiny-bert", 2, seed=3)
+    return str(models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2"}))
+
+
+@pytest.fixture
+def data(separable_glue, cache_dir):
+    return DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
+
+
+def _trainer(teacher, cache, spec, work_dir, steps):
+    settings = TrainerSettings(steps=steps, batch_size=16, lr=1e-4, lr_quant=1e-3, teacher_forcing_steps=0,
+                               checkpoint_every=10, eval_samples=64)
+    return ModuleTrainer(spec, teacher, "w2a8", settings, cache.boundaries[spec.index], cache.boundaries[0],
+                         cache.num_samples, cache.shard_size, str(work_dir))
+
+
+def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, teacher, data, tmp_path):
+    specs = split_layers(4, 2)
+    cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
+    trainer = _trainer(teacher, cache, specs[1], tmp_path / "work", steps=20)
+    stats = trainer.train()
+    # initial_error is the RTN starting point: min-max weights, calibrated activation ranges
+    assert stats["final_error"] < stats["initial_error"]
+    assert stats["steps"] == 20 and stats["resumed_from_step"] == 0 and not stats["restarted"]
+
+    again = _trainer(teacher, cache, specs[1], tmp_path / "work", steps=30)  # same work dir: resumes
+    assert again.step == 20 and again.resumed_from == 20
+    more = again.train()
+    assert more["steps"] == 30 and more["initial_error"] == stats["initial_error"]
+
+
+def test_sequential_input_comes_from_the_predecessor(ray_session, teacher, data, tmp_path):
+    specs = split_layers(4, 2)
+    cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
+    first = _trainer(teacher, cache, specs[0], tmp_path / "w", steps=5)
+    first.train()
+    refs = first.propagate()
+    assert len(refs) == len(cache.boundaries[1])
+    second = _trainer(teacher, cache, specs[1], tmp_path / "w", steps=5)
+    second.set_predecessor_outputs(refs)
+    idx, pred = second._next_input(np.random.default_rng(0))
+    teacher_in = second.inputs.rows(idx, "hidden")
+    assert pred.shape == teacher_in.shape and not np.allclose(pred, teacher_in)  # quantized, not teacher
+    assert second.lam(0) == 0.0
+
+
+def test_four_actors_get_distinct_fake_gpus(ray_fake_gpus, teacher, data, tmp_path):
+    specs = split_layers(4, 4)
+    cache = calibrate(teacher, "sst2", data, specs, n=64, shard_size=64)
+    cfg = MremConfig(quant=["w4a8"], use_gpu="auto", modules=4)
+    trainers, pg = launch_trainers(specs, teacher, "w4a8", cfg, cache, tmp_path / "w", [None] * 4, None)
+    try:
+        where = ray_fake_gpus.get([t.placement.remote() for t in trainers])
+    finally:
+        for t in trainers:
+            ray_fake_gpus.kill(t)
+        ray_fake_gpus.util.remove_placement_group(pg)
+    gpu_ids = [w["gpu_ids"] for w in where]
+    assert all(len(g) == 1 for g in gpu_ids) and len({g[0] for g in gpu_ids}) == 4
+    assert {w["device"] for w in where} == {"cpu"}  # logical GPUs, no CUDA here: tensors stay on the CPU

@@ -1,0 +1,199 @@
+"""PreQuant stages: quantize once (task-agnostic), fine-tune only outliers per task on Ray Train."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipelines import models, tracking
+from pipelines import prequant as pq
+from pipelines.cli import app
+from pipelines.config import ConfigError, load_config
+from pipelines.data import tokenized_split
+from pipelines.evaluate import evaluate_model
+from pipelines.finetune import make_loader, make_optimizer
+from quant import outliers as ol
+
+
+def write_pair_task(root, folder="RTE", n_train=64, n_dev=32, seed=1):
+    """An RTE-format folder (sentence pairs, entailment labels) beside the separable SST-2."""
+    rng = random.Random(seed)
+    (root / folder).mkdir()
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            same = rng.random() < 0.5
+            a = rng.choice(["the film was good", "the plot was dull", "a great story"])
+            b = a if same else rng.choice(["the acting was poor", "it rained all day"])
+            lines.append(f"{i}\t{a}\t{b}\t{'entailment' if same else 'not_entailment'}")
+        (root / folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def tiny_cfg(tmp_path, glue, cache_dir, *extra):
+    return load_config(None, [
+        "model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}", "experiment=plmq-prequant-test",
+        "data.source=dir", f"data.dir={glue}", "data.max_length=16", f"data.cache_dir={cache_dir}",
+        "data.train_examples=64", "data.eval_examples=32", "finetune.epochs=1", "finetune.batch_size=32",
+        "finetune.log_every=1", "prequant.quant=[w4]", "prequant.lr=1e-2", *extra])
+
+# ---------------------------------------------------------------- bad input, before any work
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prequant.budget_pct=0"], "prequant.budget_pct=0.0: must be in (0, 100)"),
+    (["prequant.budget_pct=-1"], "prequant.budget_pct=-1.0"),
+    (["prequant.budget_pct=100"], "prequant.budget_pct=100.0: must be in (0, 100)"),
+    (["prequant.quant=[w16a8]"], "prequant.quant[0]='w16a8': PreQuant needs quantized weights"),
+    (["prequant.quant=[w4-e8]"], "drop the -e/-o part"),
+    (["prequant.quant=[w4x]"], "prequant.quant[0]='w4x'"),
+    (["prequant.methods=[qat]"], "prequant.methods: 'qat'"),
+    (["prequant.criterion=gradient"], "prequant.criterion='gradient'"),
+    (["prequant.quantizer=gptq"], "prequant.quantizer='gptq'"),
+])
+def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_missing_artefact_fails_before_any_work(tmp_path, separable_glue, cache_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the missing artefact was reported")
+
+    for name in ("ensure_ray", "tokenized_split", "fit_to_dir"):
+        monkeypatch.setattr(pq, name, no_work)
+    with pytest.raises(FileNotFoundError, match="no pre-quantized model .* run `plmq prequant-quantize`"):
+        pq.prequant_finetune("sst2", "tiny-bert", "w4", "prequant", cfg.data, cfg.finetune, cfg.prequant,
+                             cfg.evaluate, tmp_path / "empty", tmp_path / "ft")
+    result = CliRunner().invoke(app, ["prequant-finetune", "--set", "model=tiny-bert", "--quant", "w4",
+                                      "--output-dir", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "no pre-quantized model" in result.output
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "cli").exists()
+
+# ---------------------------------------------------------------- prequant-quantize
+
+
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, train_norms):
+    cfg = load_config(None, ["prequant.quant=[w4]", "prequant.budget_pct=0.5", f"prequant.train_norms={train_norms}"])
+    first = pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path)
+    assert not first.reused and abs(first.budget_pct_used - 0.5) <= 0.05
+    manifest = ol.read_manifest(first.directory)
+    assert manifest["spec"]["criterion"] == "weight" and manifest["quant"] == "w4a16"
+    assert (manifest["reserved_params"] > 0) == train_norms
+    tensors = load_file(f"{first.directory}/{ol.WEIGHTS_FILE}")
+    assert not any(k.startswith("classifier.") for k in tensors)  # task-agnostic: no head stored
+    assert any(k.endswith(".weight.packed") for k in tensors) and any(k.endswith(".outlier_idx") for k in tensors)
+    assert sum(tensors[k].numel() for k in tensors if k.endswith(".outlier")) == manifest["outlier_params"]
+
+    monkeypatch.setattr(ol, "prequantize", lambda *a, **k: pytest.fail("quantized a second time"))
+    again = pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path)
+    assert again.reused and again.directory == first.directory
+    other = load_config(None, ["prequant.budget_pct=1.0"]).prequant  # a different key is a different model
+    assert pq.artefact_spec("tiny-bert", "w4", other).directory(tmp_path) != pq.artefact_spec(
+        "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
+
+# ---------------------------------------------------------------- prequant-finetune on Ray Train
+
+
+def _frozen_tensors_equal(artefact: str, export: str, trainable: set[str]) -> list[str]:
+    """Names of tensors shared by the artefact and the export that differ (trainable ones aside)."""
+    a, b = load_file(f"{artefact}/{ol.WEIGHTS_FILE}"), load_file(f"{export}/{ol.WEIGHTS_FILE}")
+    return [k for k in a if k not in trainable and not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantization(
+        ray_session, mlflow_uri, tmp_path, separable_glue, cache_dir, monkeypatch):
+    write_pair_task(separable_glue)
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, "tasks=[sst2, rte]")
+    with tracking.parent_run(cfg.experiment_name, "test", {}):
+        (row,) = pq.run_prequant_task(cfg, "sst2")
+        artefact = pq.require_artefact("tiny-bert", "w4", cfg.prequant, pq.artefact_root(cfg.prequant,
+                                                                                          cfg.output_dir), "prequant")
+        stamp = (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns
+        monkeypatch.setattr(ol, "prequantize", lambda *a, **k: pytest.fail("the second task re-quantized"))
+        (row2,) = pq.run_prequant_task(cfg, "rte")
+    assert (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns == stamp
+    assert row["method"] == "prequant-w4a16" and 0.0 <= row["value"] <= 100.0 and row2["task"] == "rte"
+
+    export = tmp_path / "out" / "sst2" / "prequant"
+    (model_dir,) = [d / "model" for d in export.iterdir() if d.is_dir()]
+    meta = json.loads((model_dir / "plmq_meta.json").read_text())
+    trainable = set(meta["trainable_names"])
+    # only outlier columns and the fresh head are trained, and only they have optimizer state
+    assert trainable and all(n.endswith(".outlier") or n.startswith("classifier.") for n in trainable)
+    assert set(meta["optimizer_state_names"]) == trainable and meta["optimizer_state_bytes"] > 0
+    assert abs(meta["trainable_pct"] - 0.5) <= 0.05
+    # packed low-bit weights, scales and every frozen FP tensor are bit-identical to prequant-quantize's
+    assert _frozen_tensors_equal(str(artefact), str(model_dir), trainable) == []
+    a, b = load_file(f"{artefact}/{ol.WEIGHTS_FILE}"), load_file(f"{model_dir}/{ol.WEIGHTS_FILE}")
+    assert sum(k.endswith(".weight.packed") for k in a) == len(ol.read_manifest(artefact)["modules"]) > 0
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".outlier"))  # the outliers did train
+    # the export is one low-bit model that loads and reproduces what was evaluated
+    model, tok, manifest = pq.load_prequant_checkpoint(model_dir)
+    assert manifest["bytes"] == (model_dir / ol.WEIGHTS_FILE).stat().st_size
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith(".weight") and "dense" in n)
+
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("plmq-prequant-test").experiment_id],
+                              output_format="list")
+    ft_run = next(r for r in runs if r.info.run_name == "prequant-finetune/sst2/prequant-w4")
+    assert ft_run.data.metrics["trainable_params"] == meta["trainable_params"]
+    assert ft_run.data.metrics["trainable_pct"] == pytest.approx(meta["trainable_pct"])
+    assert len(mlflow.MlflowClient().get_metric_history(ft_run.info.run_id, "train_loss")) >= 2
+    quantize_runs = [r for r in runs if r.info.run_name.startswith("prequant-quantize/")]
+    assert sorted(r.data.metrics["reused"] for r in quantize_runs) == [0.0, 1.0]
+
+
+ALLOWED = {"lora": lambda n: "lora_" in n, "bitfit": lambda n: n.endswith(".bias"),
+           "random": lambda n: n.endswith(".outlier")}
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "random"])
+def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_path, separable_glue, cache_dir,
+                                                                             method):
+    """The worker's pieces (build_model, make_optimizer, export_finetuned) without Ray's start-up cost;
+    the Ray path they run in is the same for every method (test above, and bench/prequant.py --smoke)."""
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir)
+    artefact = pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path / "models", method).directory
+    tok = models.load_tokenizer("tiny-bert")
+    model = pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
+    loader = make_loader(str(tokenized_split("sst2", "train", tok, cfg.data)), tok, 32, True, 0)
+    optimizer, _ = make_optimizer(model, dataclasses.replace(cfg.finetune, lr=1e-2), len(loader))
+    model.train()
+    for batch in loader:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = tmp_path / "export"
+    worker_cfg = {"prequant": dataclasses.asdict(cfg.prequant), "method": method, "quant": "w4a16",
+                  "artefact": artefact, "artefact_key": "test"}
+    pq.export_finetuned(worker_cfg, model, tok, str(out), {"steps": len(loader)}, optimizer)
+
+    meta = json.loads((out / "plmq_meta.json").read_text())
+    trainable = set(meta["trainable_names"])
+    assert any(ALLOWED[method](n) for n in trainable)
+    assert all(ALLOWED[method](n) or n.startswith("classifier.") for n in trainable)
+    assert set(meta["optimizer_state_names"]) == trainable
+    assert _frozen_tensors_equal(artefact, str(out), trainable) == []
+    fresh = dict(pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
+                 .named_parameters())
+    trained = dict(model.named_parameters())
+    assert all(not torch.equal(fresh[n], trained[n]) for n in trainable if ALLOWED[method](n))  # all of them moved
+    if method == "lora":
+        assert abs(meta["trainable_pct"] - 0.5) <= 0.05  # adapters sized to the same budget
+    loaded, _, _ = pq.load_prequant_checkpoint(out)  # with its adapters
+    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model.eval()(**batch).logits)
+    result = evaluate_model(loaded, tok, "sst2", cfg.data, cfg.evaluate, model_bytes=meta["bytes"])
+    assert 0.0 <= result.main <= 1.0 and result.model_bytes == (out / ol.WEIGHTS_FILE).stat().st_size

@@ -1,0 +1,217 @@
+"""quant.outliers: outlier-column selection, the budget, OutlierLinear and its packed export."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import QuantConfig, Quantizer, calibrate
+from quant import outliers as ol
+
+PLANTED = [5, 77, 100]
+
+
+def planted_weight(seed: int = 0) -> torch.Tensor:
+    """[64, 128] small weights with three columns holding a few very large entries."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    for j, c in enumerate(PLANTED):
+        w[j * 7: j * 7 + 3, c] = torch.tensor([0.9, -1.1, 0.8]) * (1 + j)
+    return w
+
+
+def test_weight_criterion_picks_the_planted_outlier_columns():
+    w = planted_weight()
+    scores = ol.column_scores("weight", w)
+    assert set(scores.topk(3).indices.tolist()) == set(PLANTED)
+    layer = nn.Sequential(nn.Linear(128, 64))
+    layer[0].weight.data.copy_(w)
+    body = sum(p.numel() for p in layer.parameters())
+    plan = ol.plan_outliers(layer, ol.OutlierConfig("w4", "weight", budget=(3 * 64 + 10) / body))
+    assert sorted(plan["0"].tolist()) == PLANTED  # r = 3 columns of 64 fit the budget, a 4th does not
+
+
+def test_activation_criterion_picks_the_layernorm_outlier_dimensions(model_factory):
+    model = model_factory["bert"]()
+    with torch.no_grad():  # BERT-style LayerNorm outlier dimensions 3 and 17 feed layer 0's query/key/value
+        model.bert.embeddings.LayerNorm.weight[[3, 17]] = 40.0
+    cfg = ol.OutlierConfig("w4", "activation", budget=0.05)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    act = ol.activation_absmax(model, ol.targets(model, cfg), [{"input_ids": ids[i:i + 1]} for i in range(4)])
+    plan = ol.plan_outliers(model, cfg, act)
+    for name in ("query", "key", "value"):
+        idx = plan[f"bert.encoder.layer.0.attention.self.{name}"]
+        assert len(idx) >= 2 and {3, 17} <= set(idx.tolist())
+    assert not {3, 17} <= set(ol.plan_outliers(model, ol.OutlierConfig("w4", "weight", budget=0.05))[
+        "bert.encoder.layer.0.attention.self.query"].tolist())  # the weights alone do not show them
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        ol.plan_outliers(model, cfg)
+
+
+def test_random_criterion_is_reproducible_per_seed_and_criteria_are_pluggable(monkeypatch, model_factory):
+    model = model_factory["bert"]()
+    plans = [ol.plan_outliers(model, ol.OutlierConfig("w4", "random", budget=0.05, seed=s)) for s in (0, 0, 1)]
+    name = "bert.encoder.layer.0.output.dense"
+    assert torch.equal(plans[0][name], plans[1][name]) and not torch.equal(plans[0][name], plans[2][name])
+    monkeypatch.setitem(ol.CRITERIA, "last", ol.Criterion(lambda w, act, gen: torch.arange(w.shape[1]).float()))
+    plan = ol.plan_outliers(model, ol.OutlierConfig("w4", "last", budget=0.05))
+    assert all(set(idx.tolist()) == set(range(model.get_submodule(n).in_features - len(idx),
+                                              model.get_submodule(n).in_features)) for n, idx in plan.items())
+
+
+@pytest.mark.parametrize("budget", [0.002, 0.005, 0.01])
+@pytest.mark.parametrize("reserved", [0, 1500])
+def test_budget_gives_the_requested_percentage_of_parameters(budget, reserved, model_factory):
+    model = model_factory["bert"](vocab_size=30522)  # tiny-bert size: ~1.0M params, 0.03M in Linears
+    report = ol.prequantize(model, ol.OutlierConfig("w4", "weight", budget=budget, reserved=reserved))
+    used = 100 * (report.outlier_params + reserved) / report.body_params
+    assert abs(used - 100 * budget) <= 0.05 and report.outlier_params + reserved <= budget * report.body_params
+    assert len(set(report.modules.values()) - {0}) >= 1
+    trainable = ol.mark_trainable(model, outliers=True, head=False)
+    assert ol.trainable_count(model) == report.outlier_params and all(n.endswith(".outlier") for n in trainable)
+
+
+def test_allocate_respects_caps_and_rejects_impossible_targets(model_factory):
+    costs, caps = {"a": 10, "b": 30}, {"a": 5, "b": 1}
+    units = ol.allocate(costs, caps, 75, {"b": 1.0})
+    assert units["b"] <= 1 and units["a"] <= 5 and 75 - 10 < sum(units[n] * costs[n] for n in costs) <= 75
+    assert ol.allocate(costs, caps, 80) == {"a": 5, "b": 1}
+    for bad in (-1, 81):
+        with pytest.raises(ValueError, match="outside what the layers hold"):
+            ol.allocate(costs, caps, bad)
+    with pytest.raises(ValueError, match="leaves no room"):
+        ol.plan_outliers(model_factory["bert"](), ol.OutlierConfig("w4", "weight", budget=0.001, reserved=10**6))
+    with pytest.raises(ValueError, match="exceeds the 17408 weights of the quantized layers"):
+        ol.plan_outliers(model_factory["bert"](vocab_size=30522), ol.OutlierConfig("w4", "weight", budget=0.5))
+
+
+def test_outlier_linear_keeps_fp_columns_and_quantizes_the_rest_on_their_own_grid():
+    w, b = planted_weight(), torch.randn(64) * 0.1
+    m = ol.OutlierLinear.from_linear(w, b, "w4", torch.tensor(PLANTED))
+    eff = m.effective_weight()
+    keep = [j for j in range(128) if j not in PLANTED]
+    assert torch.equal(eff[:, PLANTED], w[:, PLANTED]) and torch.equal(m.weight[:, PLANTED], torch.zeros(64, 3))
+    per_row = Quantizer(QuantConfig.parse("w4").weight, dynamic=True)(w[:, keep])
+    assert torch.equal(eff[:, keep], per_row)  # grid of the other columns, not stretched by the outliers
+    rtn = Quantizer(QuantConfig.parse("w4").weight, dynamic=True)(w)
+    assert (eff - w).norm() < 0.5 * (rtn - w).norm()
+    x = torch.randn(3, 5, 128)
+    torch.testing.assert_close(m(x), F.linear(x, eff, b))
+
+
+def test_only_the_outlier_columns_receive_gradients():
+    m = ol.OutlierLinear.from_linear(planted_weight(), None, "w3", torch.tensor(PLANTED))
+    frozen = m.weight.detach().clone()
+    m(torch.randn(4, 128)).square().sum().backward()
+    assert not m.weight.requires_grad and m.weight.grad is None
+    assert m.outlier.grad is not None and m.outlier.grad.abs().sum() > 0
+    torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1).step()
+    assert torch.equal(m.weight, frozen)
+
+
+CONFIGS = ["w4", "w3", "w2", "w1", "w4g16", "w4a8", "w4:weight.symmetric=false",
+           "w8:weight.init=mse,weight.granularity=tensor"]
+
+
+@pytest.mark.parametrize("quant", CONFIGS)
+def test_export_round_trip_is_bit_exact(tmp_path, token_ids, quant, model_factory):
+    model = model_factory["bert"]()
+    ol.prequantize(model, ol.OutlierConfig(quant, "weight", budget=0.05))
+    if QuantConfig.parse(quant).act is not None:
+        with calibrate(model):
+            model(input_ids=token_ids)
+    with torch.no_grad():
+        ref = model(input_ids=token_ids).logits
+    size = ol.save_outlier_model(model, tmp_path, {"note": "test"})
+    assert ol.read_manifest(tmp_path)["note"] == "test" and not (tmp_path / "model.safetensors").exists()
+    fresh = model_factory["bert"](seed=7)
+    ol.to_skeleton(fresh, tmp_path)
+    ol.load_weights(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=token_ids).logits, ref)
+    fp_linear_bytes = sum(4 * m.weight.numel() for _, m in ol.outlier_modules(model))
+    assert size < (tmp_path / ol.WEIGHTS_FILE).stat().st_size + 1 and size > 0
+    packed = sum(v.numel() for k, v in ol.load_file(str(tmp_path / ol.WEIGHTS_FILE)).items()
+                 if k.endswith(".weight.packed"))
+    assert packed * 8 <= fp_linear_bytes * 8 / 4  # at most 8 bits of storage per weight vs 32
+
+
+def test_gpt2_conv1d_layers_are_converted_in_linear_layout(tmp_path, token_ids, model_factory):
+    model = model_factory["gpt2"]()
+    with torch.no_grad():
+        fp = model(input_ids=token_ids).logits
+    report = ol.prequantize(model, ol.OutlierConfig("w8", "weight", budget=0.05))
+    assert "transformer.h.0.attn.c_attn" in report.modules and "lm_head" not in report.modules
+    with torch.no_grad():
+        q = model(input_ids=token_ids).logits
+    assert 0 < (q - fp).abs().max() < 0.05 * fp.abs().max()
+    ol.save_outlier_model(model, tmp_path)
+    fresh = model_factory["gpt2"](seed=3)
+    ol.to_skeleton(fresh, tmp_path)
+    ol.load_weights(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=token_ids).logits, q)
+
+
+def test_a_modified_frozen_weight_is_caught_at_export(tmp_path, model_factory):
+    model = model_factory["bert"]()
+    ol.prequantize(model, ol.OutlierConfig("w4", "weight", budget=0.05))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 1] += 1e-3
+    with pytest.raises(ValueError, match="no longer on its quantization grid"):
+        ol.save_outlier_model(model, tmp_path)
+
+
+def test_peft_lora_wraps_outlier_linear_and_the_export_keeps_the_adapters(tmp_path, token_ids, model_factory):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def build(seed):
+        model = model_factory["bert"](seed)
+        ol.prequantize(model, ol.OutlierConfig("w4", None))  # plain low-bit base: no FP columns
+        return model
+
+    model = build(0)
+    targets = [n for n, _ in ol.outlier_modules(model)]
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+    inject_adapter_in_model(lora, model)
+    names = ol.mark_trainable(model, outliers=False, extra=lambda n: "lora_" in n)
+    assert names and all("lora_" in n or n.startswith("classifier.") for n in names)
+    model(input_ids=token_ids).logits.sum().backward()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # as if trained
+    with torch.no_grad():
+        ref = model(input_ids=token_ids).logits
+    ol.save_outlier_model(model, tmp_path)
+    fresh = model_factory["bert"](seed=5)
+    ol.to_skeleton(fresh, tmp_path)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=targets), fresh)
+    ol.load_weights(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=token_ids).logits, ref)
+
+
+def test_with_quantizer_selects_the_weight_quantizer():
+    assert ol.with_quantizer("w4", "minmax").weight.granularity == "tensor"
+    assert ol.with_quantizer("w4", "mse").weight.init == "mse"
+    assert ol.with_quantizer("w4", "row").weight.granularity == "channel"
+    assert ol.with_quantizer("w4g64", "config").weight.granularity == "group"
+    with pytest.raises(ValueError, match="needs quantized weights"):
+        ol.with_quantizer("w16a8", "row")
+    with pytest.raises(ValueError, match="quantizer='gptq'"):
+        ol.with_quantizer("w4", "gptq")
+    per_tensor = ol.OutlierLinear.from_linear(planted_weight(), None, ol.with_quantizer("w4", "minmax"), [5])
+    per_row = ol.OutlierLinear.from_linear(planted_weight(), None, ol.with_quantizer("w4", "row"), [5])
+    assert per_tensor.weight_q.step.numel() == 1 and per_row.weight_q.step.numel() == 64
+
+
+def test_mark_trainable_groups(model_factory):
+    model = model_factory["bert"]()
+    ol.prequantize(model, ol.OutlierConfig("w4", "weight", budget=0.05))
+    names = set(ol.mark_trainable(model, outliers=False, biases=True, norms=True, head=False))
+    assert "bert.embeddings.LayerNorm.weight" in names and "bert.encoder.layer.0.output.dense.bias" in names
+    assert not any(n.endswith(".outlier") or n.startswith("classifier") for n in names)
+    names = set(ol.mark_trainable(model))
+    assert all(n.endswith(".outlier") or n.startswith("classifier.") for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == names
