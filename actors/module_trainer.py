@@ -233,8 +233,10 @@ class ModuleTrainer:
                 self.pushed_bytes += out.nbytes
                 self.next.push.remote(idx, out)  # actor to actor: never through the driver
             if self.step % self.s.log_every == 0 or self.step == self.s.steps:
-                self.logger.log({"loss": float(np.mean(self.losses[-self.s.log_every:])),
-                                 "lambda": self.lam(self.step)}, self.step)
+                recent = float(np.mean(self.losses[-self.s.log_every:]))
+                self.logger.log({"loss": recent, "lambda": self.lam(self.step)}, self.step)
+                print(f"[mrem module {self.spec.index}] step {self.step}/{self.s.steps} loss {recent:.5f} "
+                      f"lambda {self.lam(self.step):.2f} ({(time.time() - start) / max(self.step - self.resumed_from, 1):.2f} s/step)")
             if self.step % self.s.checkpoint_every == 0:
                 self._checkpoint()
         return self.stats(time.time() - start)

@@ -30,10 +30,10 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
 
 
-def run_fp(config: str) -> dict:
+def run_fp(config: str, tasks: list[str] | None) -> dict:
     from pipelines.run import run
 
-    cfg = load_config(ROOT / config)
+    cfg = load_config(ROOT / config, [f"tasks=[{','.join(tasks)}]"] if tasks else [])
     summary = run(cfg)
     out = {}
     for row in summary.rows:
@@ -41,7 +41,7 @@ def run_fp(config: str) -> dict:
         out[row["task"]] = {**{k: round(100 * v, 2) for k, v in row["metrics"].items()},
                             "train_examples": meta["train_examples"], "epochs": cfg.finetune.epochs,
                             "wall_s": row["wall_s"], "checkpoint": f"{cfg.output_dir}/{row['task']}/finetune/model"}
-    out["command"] = f"python bench/fp_reference.py --part fp  (plmq run {config})"
+    out["command"] = f"python bench/fp_reference.py --part fp --tasks {' '.join(cfg.tasks)}  (plmq run {config})"
     out["config"] = config
     return out
 
@@ -62,7 +62,7 @@ def write(results: dict) -> None:
     rows = [{"task": t, **v} for t, v in results.items() if isinstance(v, dict) and "wall_s" in v]
     md = ["# FP references (MiniLM-L6, CPU)", "", f"Machine: {results.get('machine')}", "",
           markdown_table(rows, ["task", "accuracy", "f1", "train_examples", "epochs", "wall_s"]), "",
-          f"Command: `{results.get('command')}`", "",
+          f"Command: `{results.get('command')}`", "", f"Notes: {results.get('notes', '')}", "",
           f"`make demo`: {results.get('demo_wall_s')} s, SST-2 dev accuracy {results.get('demo_accuracy')} "
           f"(`{results.get('demo_command')}`)"]
     write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(md) + "\n")
@@ -72,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["fp", "demo", "all"], default="all")
     parser.add_argument("--config", default="configs/fp_reference.yaml")
+    parser.add_argument("--tasks", nargs="*", default=None, help="subset of the config's tasks")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["machine"] = machine()
@@ -79,7 +80,7 @@ def main() -> None:
         results.update(run_demo())
         write(results)
     if args.part in ("fp", "all"):
-        results.update(run_fp(args.config))
+        results.update(run_fp(args.config, args.tasks))
         write(results)
     print(json.dumps(results, indent=2))
 

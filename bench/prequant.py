@@ -4,7 +4,8 @@
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w3, lora_w4,
-bitfit_w4, random_cols_w4, trainable_pct}}, main dev metric in points; per-method trainable %,
+bitfit_w4, random_cols_w4, prequant_act_w4, trainable_pct}}, main dev metric in points; prequant_act_w4
+uses the activation-outlier criterion instead of the weight one; per-method trainable %,
 optimizer-state bytes, peak memory and fine-tuning wall time under "details") and prequant.md,
 merging tasks into what is there. FP numbers come from bench/results/fp_reference.json and RTN
 from bench/results/rtn.json when they hold the task (and, for RTN, the same QuantConfig);
@@ -19,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,7 @@ RTN = ROOT / "bench" / "results" / "rtn.json"
 # (result key, method, QuantConfig)
 PLAN = [("fp_full", "fp", None), ("rtn_w4", "rtn", "w4"), ("prequant_w4", "prequant", "w4"),
         ("prequant_w3", "prequant", "w3"), ("lora_w4", "lora", "w4"), ("bitfit_w4", "bitfit", "w4"),
-        ("random_cols_w4", "random", "w4")]
+        ("random_cols_w4", "random", "w4"), ("prequant_act_w4", "prequant-activation", "w4")]
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
 
@@ -104,9 +106,11 @@ def run_task(task: str, args) -> tuple[dict, dict]:
             elif method == "rtn":
                 full = str(with_quantizer(quant, cfg.prequant.quantizer))
                 row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out)
-            else:
-                q = run_prequant_quantize_stage(cfg, quant, method)
-                r = run_prequant_finetune_stage(cfg, task, quant, method)
+            else:  # "prequant-activation": the activation criterion instead of the configured one
+                method, crit = method.partition("-")[::2]
+                run_cfg = replace(cfg, prequant=replace(cfg.prequant, criterion=crit)) if crit else cfg
+                q = run_prequant_quantize_stage(run_cfg, quant, method)
+                r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 row[key], details[key] = points(r.eval), peft_details(r, q)
             print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
         row["trainable_pct"] = details.get("prequant_w4", {}).get("trainable_pct")

@@ -85,7 +85,25 @@ def checkpoint_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def load_any(checkpoint: str | Path):
+    """(model, tokenizer, bytes) of an FP checkpoint or a packed low-bit export (rtn, mrem, prequant)."""
+    path = Path(checkpoint)
+    if (path / "prequant.json").exists():
+        from pipelines.prequant import load_prequant_checkpoint
+
+        model, tokenizer, meta = load_prequant_checkpoint(path)
+        return model, tokenizer, meta["bytes"]
+    if (path / "quant_config.json").exists():
+        from pipelines.rtn import load_packed_checkpoint
+        from quant import model_bytes
+
+        model, tokenizer = load_packed_checkpoint(path)
+        return model, tokenizer, model_bytes(path)
+    model, tokenizer, _ = models.load_checkpoint(path)
+    return model, tokenizer, checkpoint_bytes(path)
+
+
 def evaluate(checkpoint: str | Path, task: str, data: DataConfig, cfg: EvaluateConfig) -> EvalResult:
-    """Evaluate a fine-tuned checkpoint folder written by `finetune`."""
-    model, tokenizer, _ = models.load_checkpoint(checkpoint)
-    return evaluate_model(model, tokenizer, task, data, cfg, model_bytes=checkpoint_bytes(checkpoint))
+    """Evaluate a checkpoint folder: FP (`finetune`) or a packed export (`rtn`, `mrem`, `prequant`)."""
+    model, tokenizer, nbytes = load_any(checkpoint)
+    return evaluate_model(model, tokenizer, task, data, cfg, model_bytes=nbytes)

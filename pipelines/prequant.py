@@ -127,9 +127,10 @@ def _activation_stats(model, tokenizer, spec: ArtefactSpec, names: list[str]) ->
     return ol.activation_absmax(model, names, batches)
 
 
-def _done(directory: Path, key: str, manifest_file: str) -> dict | None:
+def _done(directory: Path, key: str, manifest_file: str, field: str = "key") -> dict | None:
+    """The manifest of a finished result with the same inputs, else None."""
     path = directory / manifest_file
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+    if path.is_file() and json.loads(path.read_text()).get(field) == key:
         return json.loads(path.read_text())
     return None
 
@@ -252,31 +253,38 @@ def load_prequant_checkpoint(directory: str | Path):
 
 
 def train_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Trainable parameters, what the optimizer holds state for, and peak memory."""
+    """Trainable parameters (% of the model's, adapters and FP columns not counted in the
+    denominator: they add to or replace existing weights), optimizer state, peak memory."""
     names = {id(p): n for n, p in model.named_parameters()}
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".outlier") and "lora_" not in n)
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"trainable_params": sum(p.numel() for _, p in trainable), "model_params": base,
-            "trainable_pct": 100.0 * sum(p.numel() for _, p in trainable) / base,
-            "trainable_names": [n for n, _ in trainable],
-            "optimizer_state_names": sorted(names[id(p)] for p in optimizer.state),
-            "optimizer_state_bytes": state_bytes, "peak_rss_mb": round(peak, 1),
-            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"trainable_params": n_trainable, "model_params": base, "trainable_pct": 100.0 * n_trainable / base,
+            "trainable_names": trainable, "optimizer_state_names": sorted(names[id(p)] for p in optimizer.state),
+            "optimizer_state_bytes": state_bytes,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+            "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
+
+
+def calibrate_inputs(model: torch.nn.Module, loader, batches: int) -> None:
+    """Input ranges of the quantized layers (QuantConfigs with aN) on this task's data, fixed
+    before training: the stored model is task-agnostic, activation ranges are not."""
+    with calibrate(model):
+        for _, batch in zip(range(batches), loader):
+            batch.pop("labels")
+            model(**batch)
 
 
 def _setup(cfg: dict, ft: FinetuneConfig):
     pcfg = PrequantConfig(**cfg["prequant"])
     tokenizer = models.load_tokenizer(cfg["model"])
     model = build_model(cfg["artefact"], cfg["num_labels"], cfg["method"], pcfg, ft.seed, tokenizer.pad_token_id)
-    if QuantConfig.parse(cfg["quant"]).act is not None:  # input ranges of this task, before training
-        calib = make_loader(cfg["train_path"], tokenizer, ft.batch_size, False, ft.seed)
-        with calibrate(model):
-            for i, batch in zip(range(cfg["act_calib_batches"]), calib):
-                batch.pop("labels")
-                model(**batch)
+    if QuantConfig.parse(cfg["quant"]).act is not None:
+        calibrate_inputs(model, make_loader(cfg["train_path"], tokenizer, ft.batch_size, False, ft.seed),
+                         cfg["act_calib_batches"])
     loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
     model = prepare_model(model)
     total = max(1, math.ceil(ft.epochs * len(loader)))
@@ -350,7 +358,7 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
     key = finetune_key(task, akey, method, data, ft, pcfg)
     qname = str(ol.with_quantizer(quant, pcfg.quantizer))
     out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}"
-    if _done(out / "model", key, models.META_FILE):
+    if _done(out / "model", key, models.META_FILE, "config_key"):  # run_loop writes config_key
         print(f"[prequant-finetune {task}] {out / 'model'} is up to date (key {key}); skipping")
         train_s = 0.0
     else:
@@ -391,6 +399,11 @@ def run_prequant_quantize_stage(cfg, quant: str, method: str = "prequant") -> Qu
     return r
 
 
+def method_label(method: str, pcfg: PrequantConfig) -> str:
+    """prequant with a criterion other than the default says which (prequant-activation)."""
+    return f"prequant-{pcfg.criterion}" if method == "prequant" and pcfg.criterion != "weight" else method
+
+
 def run_prequant_finetune_stage(cfg, task: str, quant: str, method: str) -> PrequantResult:
     """`prequant-finetune` of one method as a nested MLflow run: losses, trainable count and %."""
     import mlflow
@@ -398,7 +411,7 @@ def run_prequant_finetune_stage(cfg, task: str, quant: str, method: str) -> Preq
     from pipelines import tracking
     from pipelines.run import log_eval
 
-    with tracking.stage_run(f"prequant-finetune/{task}/{method}-{quant}",
+    with tracking.stage_run(f"prequant-finetune/{task}/{method_label(method, cfg.prequant)}-{quant}",
                             {"task": task, "quant": quant, "method": method, "prequant": asdict(cfg.prequant),
                              "finetune": asdict(cfg.finetune)}) as run_id:
         r = prequant_finetune(task, cfg.model, quant, method, cfg.data, cfg.finetune, cfg.prequant, cfg.evaluate,
@@ -442,6 +455,6 @@ def run_prequant_task(cfg, task: str, quantize: bool = True) -> list[dict]:
             if quantize:
                 run_prequant_quantize_stage(cfg, quant, method)
             r = run_prequant_finetune_stage(cfg, task, quant, method)
-            rows.append({**table_row(task, f"{method}-{r.quant_config}", r.eval, r.wall_s),
+            rows.append({**table_row(task, f"{method_label(method, cfg.prequant)}-{r.quant_config}", r.eval, r.wall_s),
                          "trainable_pct": round(r.trainable_pct, 3)})
     return rows

@@ -6,8 +6,9 @@ input columns per Linear weight, chosen by a scoring criterion:
 
     y = x @ Wq^T + x[..., idx] @ O^T + b
 
-Wq is the low-bit weight (frozen; its columns idx are zero and do not take part in the
-quantization grid), O = W[:, idx] the FP outlier columns [out, r] (trainable).
+Wq is the low-bit weight (frozen; its columns idx are zero and, for per-row and per-tensor
+grids, left out when the grid is fitted), O = W[:, idx] the FP outlier columns [out, r]
+(trainable).
 
 Column scores (`CRITERIA`; add your own with `register_criterion`), higher = kept in FP:
   weight      max_i |W[i, j]| / std(W): columns holding the matrix's extreme values
@@ -18,8 +19,8 @@ Column scores (`CRITERIA`; add your own with `register_criterion`), higher = kep
 
 Budget: `allocate` turns a global number of trainable parameters into r per matrix
 (r * out_features parameters each), equal r everywhere plus one extra column for the
-matrices whose next column scores highest, so the total misses the target by less than
-one matrix's out_features.
+matrices whose next column stands out most from their mean score, so the total misses the
+target by less than one matrix's out_features.
 
     report = prequantize(model, OutlierConfig("w4", criterion="weight", budget=0.005))
     mark_trainable(model, outliers=True)            # + the task head; everything else frozen

@@ -105,9 +105,10 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
 
 
 def _frozen_tensors_equal(artefact: str, export: str, trainable: set[str]) -> list[str]:
-    """Names of tensors shared by the artefact and the export that differ (trainable ones aside)."""
+    """Names of tensors shared by the artefact and the export that differ (trainable ones and the
+    task's calibrated input ranges aside)."""
     a, b = load_file(f"{artefact}/{ol.WEIGHTS_FILE}"), load_file(f"{export}/{ol.WEIGHTS_FILE}")
-    return [k for k in a if k not in trainable and not torch.equal(a[k], b[k])]
+    return [k for k in a if k not in trainable and ".act_q." not in k and not torch.equal(a[k], b[k])]
 
 
 @pytest.mark.ray
@@ -124,6 +125,11 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
         monkeypatch.setattr(ol, "prequantize", lambda *a, **k: pytest.fail("the second task re-quantized"))
         (row2,) = pq.run_prequant_task(cfg, "rte")
     assert (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns == stamp
+    monkeypatch.setattr(pq, "fit_to_dir", lambda *a, **k: pytest.fail("same inputs were fine-tuned again"))
+    again = pq.prequant_finetune("sst2", "tiny-bert", "w4", "prequant", cfg.data, cfg.finetune, cfg.prequant,
+                                 cfg.evaluate, pq.artefact_root(cfg.prequant, cfg.output_dir),
+                                 tmp_path / "out" / "sst2" / "prequant")
+    assert again.train_s == 0.0 and round(100 * again.eval.main, 2) == row["value"]
     assert row["method"] == "prequant-w4a16" and 0.0 <= row["value"] <= 100.0 and row2["task"] == "rte"
 
     export = tmp_path / "out" / "sst2" / "prequant"
@@ -155,19 +161,22 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
 
 
 ALLOWED = {"lora": lambda n: "lora_" in n, "bitfit": lambda n: n.endswith(".bias"),
-           "random": lambda n: n.endswith(".outlier")}
+           "random": lambda n: n.endswith(".outlier"), "prequant": lambda n: n.endswith(".outlier")}
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "random"])
+@pytest.mark.parametrize("method,quant", [("lora", "w4"), ("bitfit", "w4"), ("random", "w4"), ("prequant", "w3a8")])
 def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_path, separable_glue, cache_dir,
-                                                                             method):
-    """The worker's pieces (build_model, make_optimizer, export_finetuned) without Ray's start-up cost;
-    the Ray path they run in is the same for every method (test above, and bench/prequant.py --smoke)."""
-    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir)
-    artefact = pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path / "models", method).directory
+                                                                             method, quant):
+    """The worker's pieces (build_model, calibrate_inputs, make_optimizer, export_finetuned) without Ray's
+    start-up cost; the Ray path they run in is the same for every method (test above, bench --smoke)."""
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, f"prequant.quant=[{quant}]")
+    artefact = pq.prequant_quantize("tiny-bert", quant, cfg.prequant, tmp_path / "models", method).directory
     tok = models.load_tokenizer("tiny-bert")
     model = pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
     loader = make_loader(str(tokenized_split("sst2", "train", tok, cfg.data)), tok, 32, True, 0)
+    if "a8" in quant:  # inputs quantized too: ranges from this task's data before training
+        pq.calibrate_inputs(model, loader, 2)
+        assert all(bool(m.act_q.initialized) for _, m in ol.outlier_modules(model))
     optimizer, _ = make_optimizer(model, dataclasses.replace(cfg.finetune, lr=1e-2), len(loader))
     model.train()
     for batch in loader:
@@ -175,7 +184,7 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
         optimizer.step()
         optimizer.zero_grad()
     out = tmp_path / "export"
-    worker_cfg = {"prequant": dataclasses.asdict(cfg.prequant), "method": method, "quant": "w4a16",
+    worker_cfg = {"prequant": dataclasses.asdict(cfg.prequant), "method": method, "quant": quant,
                   "artefact": artefact, "artefact_key": "test"}
     pq.export_finetuned(worker_cfg, model, tok, str(out), {"steps": len(loader)}, optimizer)
 

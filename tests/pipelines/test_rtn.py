@@ -56,3 +56,14 @@ def test_rtn_low_bits_move_outputs_more_than_high_bits(tiny_checkpoint, separabl
 def test_bad_quant_config_fails_before_work():
     with pytest.raises(ConfigError, match=r"rtn.quant\[0\]='w17a8'"):
         load_config(None, ["rtn.quant=[w17a8]"])
+
+
+def test_evaluate_loads_a_packed_export_not_random_weights(tiny_checkpoint, separable_glue, cache_dir, tmp_path):
+    from pipelines.evaluate import evaluate, load_any
+
+    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
+    result = rtn(tiny_checkpoint, "sst2", "w4a8", data, RtnConfig(calib_samples=64), EvaluateConfig(), tmp_path / "r")
+    again = evaluate(result.checkpoint, "sst2", data, EvaluateConfig())
+    assert again.metrics == result.eval.metrics and again.model_bytes == result.packed_bytes
+    model, _, _ = load_any(result.checkpoint)
+    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
