@@ -12,7 +12,6 @@ from the predecessor's full outputs (sequential MREM).
 from __future__ import annotations
 
 import collections
-import copy
 import math
 import os
 import resource
@@ -50,7 +49,9 @@ def learnable(qcfg: QuantConfig) -> QuantConfig:
     out = QuantConfig.from_dict(qcfg.to_dict())
     for role in ("weight", "act", "embedding", "output"):
         spec = getattr(out, role)
-        if spec is not None and spec.scheme == "uniform":
+        # per-token/per-group activation steps are recomputed on every call: nothing to learn
+        dynamic = role in ("act", "output") and spec is not None and spec.granularity in ("token", "group")
+        if spec is not None and spec.scheme == "uniform" and not dynamic:
             spec.learnable = True
     return out
 

@@ -9,7 +9,6 @@ bench/results/mrem.json and .md, merging tasks into what is already there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

@@ -75,6 +75,22 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.batch_size={self.batch_size}: must be >= 1")
 
 
+def parse_quant_list(section: str, values: list[str], need_weights: str | None = None) -> list:
+    """Parse a section's QuantConfig strings; errors name `section.quant[i]`."""
+    from quant import QuantConfig
+
+    parsed = []
+    for i, q in enumerate(values):
+        try:
+            cfg = QuantConfig.parse(q)
+        except ValueError as err:
+            raise ConfigError(f"{section}.quant[{i}]={q!r}: {err}") from None
+        if need_weights and cfg.weight is None:
+            raise ConfigError(f"{section}.quant[{i}]={q!r}: {need_weights}")
+        parsed.append(cfg)
+    return parsed
+
+
 @dataclass
 class RtnConfig:
     quant: list[str] = field(default_factory=list)  # QuantConfig strings, e.g. [w8a8, w4a8]; empty = skip
@@ -83,15 +99,9 @@ class RtnConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from quant import QuantConfig
-
         if self.calib_samples <= 0 or self.batch_size <= 0:
             raise ConfigError("rtn.calib_samples and rtn.batch_size must be >= 1")
-        for i, q in enumerate(self.quant):
-            try:
-                QuantConfig.parse(q)
-            except ValueError as err:
-                raise ConfigError(f"rtn.quant[{i}]={q!r}: {err}") from None
+        parse_quant_list("rtn", self.quant)
 
 
 @dataclass
@@ -118,8 +128,6 @@ class MremConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from quant import QuantConfig
-
         if self.mode not in ("parallel", "sequential", "rem"):
             raise ConfigError(f"mrem.mode={self.mode!r}: use parallel, sequential or rem")
         for name in ("steps", "batch_size", "calib_samples", "calib_batch_size", "shard_size",
@@ -130,13 +138,7 @@ class MremConfig:
             raise ConfigError(f"mrem.modules={self.modules}: must be >= 1 or null")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"mrem.use_gpu={self.use_gpu!r}: use auto, true or false")
-        for i, q in enumerate(self.quant):
-            try:
-                cfg = QuantConfig.parse(q)
-            except ValueError as err:
-                raise ConfigError(f"mrem.quant[{i}]={q!r}: {err}") from None
-            if cfg.weight is None:
-                raise ConfigError(f"mrem.quant[{i}]={q!r}: MREM needs quantized weights")
+        parse_quant_list("mrem", self.quant, "MREM needs quantized weights")
 
 
 @dataclass
@@ -158,7 +160,6 @@ class PrequantConfig:
     seed: int = 42                   # random criterion; body of the random tiny presets
 
     def validate(self) -> None:
-        from quant import QuantConfig
         from quant.outliers import CRITERIA, WEIGHT_QUANTIZERS
 
         if not 0 < self.budget_pct < 100:
@@ -174,13 +175,8 @@ class PrequantConfig:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
         if self.calib_samples <= 0 or self.calib_max_length < 8:
             raise ConfigError("prequant.calib_samples must be >= 1 and prequant.calib_max_length >= 8")
-        for i, q in enumerate(self.quant):
-            try:
-                cfg = QuantConfig.parse(q)
-            except ValueError as err:
-                raise ConfigError(f"prequant.quant[{i}]={q!r}: {err}") from None
-            if cfg.weight is None:
-                raise ConfigError(f"prequant.quant[{i}]={q!r}: PreQuant needs quantized weights (e.g. w4)")
+        for i, cfg in enumerate(parse_quant_list("prequant", self.quant, "PreQuant needs quantized weights (e.g. w4)")):
+            q = self.quant[i]
             if cfg.embedding is not None or cfg.output is not None:
                 raise ConfigError(f"prequant.quant[{i}]={q!r}: PreQuant quantizes Linear weights and inputs "
                                   "only; drop the -e/-o part")

@@ -138,3 +138,21 @@ def write_separable_sst2(root, n_train=600, n_dev=200, seed=0):
 def separable_glue(tmp_path):
     """A glue_data/ folder with a clearly separable SST-2 task (dir source)."""
     return write_separable_sst2(tmp_path / "glue_data")
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path):
+    """A saved tiny-bert classifier checkpoint (random weights), as `finetune` writes them."""
+    from pipelines import models
+
+    tok = models.load_tokenizer("tiny-bert")
+    model = models.load_classifier("tiny-bert", 2, seed=3)
+    return str(models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2"}))
+
+
+@pytest.fixture
+def tiny_data(separable_glue, cache_dir):
+    """DataConfig reading the separable SST-2 folder, short sequences."""
+    from pipelines.config import DataConfig
+
+    return DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)

@@ -5,25 +5,12 @@ import numpy as np
 import pytest
 
 from actors.module_trainer import ModuleTrainer, TrainerSettings
-from pipelines import models
 from pipelines.calibrate import calibrate
-from pipelines.config import DataConfig, MremConfig
+from pipelines.config import MremConfig
 from pipelines.mrem import launch_trainers
 from pipelines.partition import split_layers
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture
-def teacher(tmp_path):
-    tok = models.load_tokenizer("tiny-bert")
-    model = models.load_classifier("tiny-bert", 2, seed=3)
-    return str(models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2"}))
-
-
-@pytest.fixture
-def data(separable_glue, cache_dir):
-    return DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
 
 
 def _trainer(teacher, cache, spec, work_dir, steps):
@@ -33,7 +20,8 @@ def _trainer(teacher, cache, spec, work_dir, steps):
                          cache.num_samples, cache.shard_size, str(work_dir))
 
 
-def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, teacher, data, tmp_path):
+def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     specs = split_layers(4, 2)
     cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
     trainer = _trainer(teacher, cache, specs[1], tmp_path / "work", steps=20)
@@ -48,7 +36,8 @@ def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, tea
     assert more["steps"] == 30 and more["initial_error"] == stats["initial_error"]
 
 
-def test_sequential_input_comes_from_the_predecessor(ray_session, teacher, data, tmp_path):
+def test_sequential_input_comes_from_the_predecessor(ray_session, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     specs = split_layers(4, 2)
     cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
     first = _trainer(teacher, cache, specs[0], tmp_path / "w", steps=5)
@@ -63,7 +52,8 @@ def test_sequential_input_comes_from_the_predecessor(ray_session, teacher, data,
     assert second.lam(0) == 0.0
 
 
-def test_four_actors_get_distinct_fake_gpus(ray_fake_gpus, teacher, data, tmp_path):
+def test_four_actors_get_distinct_fake_gpus(ray_fake_gpus, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     specs = split_layers(4, 4)
     cache = calibrate(teacher, "sst2", data, specs, n=64, shard_size=64)
     cfg = MremConfig(quant=["w4a8"], use_gpu="auto", modules=4)

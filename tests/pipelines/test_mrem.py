@@ -7,25 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from pipelines import models
 from pipelines.calibrate import calibrate
-from pipelines.config import DataConfig, EvaluateConfig, MremConfig
+from pipelines.config import EvaluateConfig, MremConfig
 from pipelines.mrem import mrem, plan, trainer_name, work_key
 from pipelines.partition import split_layers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture
-def teacher(tmp_path):
-    tok = models.load_tokenizer("tiny-bert")
-    model = models.load_classifier("tiny-bert", 2, seed=3)
-    return str(models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2"}))
-
-
-@pytest.fixture
-def data(separable_glue, cache_dir):
-    return DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
 
 
 def small(**kw) -> MremConfig:
@@ -35,7 +22,8 @@ def small(**kw) -> MremConfig:
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential", "rem"])
-def test_every_mode_yields_an_evaluable_packed_model(ray_session, teacher, data, tmp_path, mode):
+def test_every_mode_yields_an_evaluable_packed_model(ray_session, tiny_teacher, tiny_data, tmp_path, mode):
+    teacher, data = tiny_teacher, tiny_data
     result = mrem(teacher, "sst2", "w2a8", data, small(mode=mode), EvaluateConfig(), tmp_path / "out")
     assert result.modules == (1 if mode == "rem" else 2)
     assert 0.0 <= result.eval.metrics["accuracy"] <= 1.0 and result.packed_bytes > 0
@@ -46,15 +34,17 @@ def test_every_mode_yields_an_evaluable_packed_model(ray_session, teacher, data,
         assert result.modules_stats[0]["pushed_bytes"] > 0 and result.modules_stats[1]["pulled_bytes"] > 0
 
 
-def test_parallel_mrem_spreads_over_two_nodes(ray_two_nodes, teacher, data, tmp_path):
+def test_parallel_mrem_spreads_over_two_nodes(ray_two_nodes, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     result = mrem(teacher, "sst2", "w4a8", data, small(steps=10), EvaluateConfig(), tmp_path / "out")
     assert len({s["node_id"] for s in result.modules_stats}) == 2
 
 
-def test_killed_actor_restarts_from_its_checkpoint(ray_session, teacher, data, tmp_path):
+def test_killed_actor_restarts_from_its_checkpoint(ray_session, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     cfg = small(steps=60, checkpoint_every=10)
     specs = plan(teacher, cfg)
-    name = trainer_name(tmp_path / "out" / f"w4a8-parallel" / f"modules-{work_key(teacher, 'w4a8', cfg, specs)}", 1)
+    name = trainer_name(tmp_path / "out" / "w4a8-parallel" / f"modules-{work_key(teacher, 'w4a8', cfg, specs)}", 1)
     killed = {}
 
     def kill_midway():
@@ -83,7 +73,8 @@ def test_killed_actor_restarts_from_its_checkpoint(ray_session, teacher, data, t
     assert result.restarts == 1
 
 
-def test_driver_never_fetches_activation_shards(ray_session, teacher, data, tmp_path, monkeypatch):
+def test_driver_never_fetches_activation_shards(ray_session, tiny_teacher, tiny_data, tmp_path, monkeypatch):
+    teacher, data = tiny_teacher, tiny_data
     import ray
 
     put_refs, got = [], []
@@ -100,7 +91,8 @@ def test_driver_never_fetches_activation_shards(ray_session, teacher, data, tmp_
     assert not {r.hex() for r in put_refs} & {r.hex() for r in got if isinstance(r, ray.ObjectRef)}
 
 
-def test_cache_dir_round_trips(ray_session, teacher, data, tmp_path):
+def test_cache_dir_round_trips(ray_session, tiny_teacher, tiny_data, tmp_path):
+    teacher, data = tiny_teacher, tiny_data
     import ray
 
     specs = split_layers(4, 2)

@@ -1,7 +1,6 @@
 """Stage `rtn`: converts, calibrates, exports packed, evaluates the export; driver logs it."""
 from __future__ import annotations
 
-import mlflow
 import pytest
 import torch
 
