@@ -35,7 +35,7 @@ def points(result) -> float:
     return round(100 * result.main, 2)
 
 
-def run_task(task: str, args) -> dict:
+def run_task(task: str, args, save=lambda partial: None) -> dict:
     fp = fp_reference(task)
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
     checkpoint = str(ROOT / fp["checkpoint"])
@@ -60,7 +60,53 @@ def run_task(task: str, args) -> dict:
                                                            "pushed_bytes", "initial_error", "final_error")}
                                         for s in r.modules_stats]}
             print(f"[bench] {task} {key}: {row[key]} (FP {row['fp']}) train {r.train_s:.0f}s", flush=True)
+            save({"metrics": row, "details": details, "config": to_dict(cfg.mrem)})  # nothing lost on a stop
     return {"metrics": row, "details": details, "config": to_dict(cfg.mrem)}
+
+
+def measure_speed(task: str, args) -> dict:
+    """MREM-P (2 actors) vs MREM-S training time, same steps per module, nothing else running."""
+    fp = fp_reference(task)
+    cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", "output_dir=runs/mrem_speed", *args.set])
+    out, times = Path(cfg.output_dir).resolve(), {}
+    with tracking.parent_run(cfg.experiment_name, f"bench-speed-{task}", to_dict(cfg)):
+        for mode in ("parallel", "sequential"):
+            cfg.mrem.mode = mode
+            r = run_mrem_stage(cfg, task, str(ROOT / fp["checkpoint"]), "w4a8", out)
+            times[mode] = {"train_s": round(r.train_s, 1),
+                           "s_per_step": [round(m["s_per_step"], 3) for m in r.modules_stats]}
+    return {"steps_per_module": cfg.mrem.steps, "quant": "w4a8", "train_s": times,
+            "speedup_p2_vs_s": round(times["sequential"]["train_s"] / times["parallel"]["train_s"], 2),
+            "command": "python " + " ".join(sys.argv)}
+
+
+def from_mlflow(task: str, experiment: str) -> dict:
+    """Rebuild a task's figures from the stage runs a (possibly interrupted) bench logged to MLflow."""
+    import mlflow
+
+    tracking.setup(experiment)
+    exp = mlflow.get_experiment_by_name(experiment)
+    fp = fp_reference(task)
+    row, details = {"fp": fp["f1"] if task in ("mrpc", "qqp") else fp["accuracy"]}, {}
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list", order_by=["start_time ASC"],
+                              filter_string="attributes.status = 'FINISHED'")
+    for key, method, quant, mode in PLAN:
+        name = f"rtn/{task}/{quant}" if method == "rtn" else f"mrem/{task}/{quant}-{mode}"
+        run = next((r for r in reversed(runs) if r.info.run_name == name), None)
+        if run is None:
+            continue
+        r = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{method}_result.json")
+        metrics = r["eval"]["metrics"]
+        row[key] = round(100 * metrics["f1" if task in ("mrpc", "qqp") else "accuracy"], 2)
+        details[key] = {"wall_s": round(r["wall_s"], 1), "bytes": r["packed_bytes"], "mlflow_run": run.info.run_id}
+        if method == "mrem":
+            details[key].update(train_s=round(r["train_s"], 1), calib_s=round(r["calib_s"], 1),
+                                calib_bytes=r["calib_bytes"], module_errors=r["chain_errors"],
+                                rtn_module_errors=r["rtn_chain_errors"],
+                                modules=[{k: s[k] for k in ("module", "layers", "s_per_step", "peak_rss_mb",
+                                                            "pushed_bytes", "initial_error", "final_error")}
+                                         for s in r["modules_stats"]])
+    return {"metrics": row, "details": details, "config": "as logged in the MLflow stage runs"}
 
 
 def summarize(results: dict) -> None:
@@ -93,6 +139,11 @@ def write(results: dict) -> None:
                   f"- peak RSS per actor (MB): {r.get('peak_rss_mb')}",
                   f"- object-store bytes pushed actor to actor: {r.get('object_store_bytes_pushed')}",
                   f"- wall time per run (s): {r.get('wall_s')}", ""]
+        if "speed" in r:  # a dedicated timing run on an otherwise idle machine
+            sp = r["speed"]
+            lines += [f"- speed run ({sp['steps_per_module']} steps/module, {sp['quant']}): training time MREM-P "
+                      f"{sp['train_s']['parallel']} vs MREM-S {sp['train_s']['sequential']}: "
+                      f"**{sp['speedup_p2_vs_s']}x** (`{sp['command']}`)", ""]
     lines += [f"Command: `{results['command']}`", "", f"Config: `{results['config_file']}` with {results['overrides']}"]
     write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
@@ -103,19 +154,29 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mrem_bench.yaml")
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--only", nargs="*", default=None, help="subset of run keys")
+    parser.add_argument("--from-mlflow", action="store_true", help="rebuild the figures from logged runs")
+    parser.add_argument("--speed", action="store_true", help="only time MREM-P vs MREM-S (W4A8)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
     results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set)
     for task in args.tasks:
         start = time.time()
-        new = run_task(task, args)
-        old = results["tasks"].get(task, {"metrics": {}, "details": {}})
-        old["metrics"].update(new["metrics"])
-        old["details"].update(new["details"])
-        old["config"] = new["config"]
-        old["bench_wall_s"] = round(time.time() - start, 1)
-        results["tasks"][task] = old
-        write(results)
+
+        def merge(new: dict) -> None:
+            old = results["tasks"].setdefault(task, {"metrics": {}, "details": {}})
+            old["metrics"].update(new["metrics"])
+            old["details"].update(new["details"])
+            old["config"] = new["config"]
+            old["bench_wall_s"] = round(time.time() - start, 1)
+            write(results)
+
+        if args.speed:
+            results["tasks"].setdefault(task, {"metrics": {}, "details": {}})["speed"] = measure_speed(task, args)
+            write(results)
+        elif args.from_mlflow:
+            merge(from_mlflow(task, load_config(ROOT / args.config).experiment_name))
+        else:
+            merge(run_task(task, args, merge))
     print(json.dumps({t: r["metrics"] for t, r in results["tasks"].items()}, indent=2))
 
 
