@@ -81,17 +81,30 @@ class _ShardWriter:
         self.nbytes = 0
 
     def add(self, boundary: int, arrays: dict[str, np.ndarray], final: bool = False) -> None:
+        """Readers index row i as shard i // shard_size, so every shard but the last holds exactly
+        shard_size rows, whatever the calibration batch size."""
         rows = self.pending.setdefault(boundary, [])
         if arrays:
             rows.append(arrays)
-        count = sum(len(next(iter(r.values()))) for r in rows)
-        if rows and (count >= self.shard_size or final):
-            shard = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        if not rows:
+            return
+        merged = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        count = len(next(iter(merged.values())))
+        full = count // self.shard_size * self.shard_size
+        for start in range(0, full, self.shard_size):
+            self._emit(boundary, {k: v[start:start + self.shard_size] for k, v in merged.items()})
+        rest = {k: v[full:] for k, v in merged.items()}
+        self.pending[boundary] = [rest] if count > full else []
+        if final and count > full:
+            self._emit(boundary, rest)
             self.pending[boundary] = []
-            self.nbytes += sum(a.nbytes for a in shard.values())
-            if self.disk is not None:
-                write_shard(self.disk / f"b{boundary}" / f"s{len(self.refs.get(boundary, [])):05d}", shard)
-            self.refs.setdefault(boundary, []).append(ray.put(shard))
+
+    def _emit(self, boundary: int, shard: dict[str, np.ndarray]) -> None:
+        shard = {k: np.ascontiguousarray(v) for k, v in shard.items()}
+        self.nbytes += sum(a.nbytes for a in shard.values())
+        if self.disk is not None:
+            write_shard(self.disk / f"b{boundary}" / f"s{len(self.refs.get(boundary, [])):05d}", shard)
+        self.refs.setdefault(boundary, []).append(ray.put(shard))
 
 
 @torch.no_grad()

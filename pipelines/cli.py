@@ -47,14 +47,43 @@ def _ui_hint() -> str:
 def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
         task: Optional[str] = typer.Option(None, help="GLUE task (overrides tasks)"),
         model: Optional[str] = typer.Option(None, help="model name or path"),
-        output_dir: Optional[str] = typer.Option(None, help="where stage outputs go")) -> None:
-    """Run the pipeline of a config: fine-tune, evaluate, report."""
+        output_dir: Optional[str] = typer.Option(None, help="run directory: local path or pyarrow.fs URI"),
+        force: list[str] = typer.Option([], "--force", help="recompute a stage (kind such as mrem, or a full "
+                                        "name such as rtn/sst2/w4a8) and what depends on it; repeatable"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the planned stages and exit")) -> None:
+    """Run the whole DAG of a config: finetune, evaluate, rtn, calibrate, mrem, prequant, report.
+
+    Stages already complete in the run directory (same inputs) are skipped."""
+    from pipelines.dag import KINDS, describe
+    from pipelines.run import StageFailure
     from pipelines.run import run as run_pipeline
 
     cfg = _load(config, overrides, task, model, output_dir)
-    summary = run_pipeline(cfg)
+    planned = describe(cfg)
+    unknown = [f for f in force if f not in KINDS and not any(p["name"] == f or p["name"].startswith(f + "/")
+                                                              for p in planned)]
+    if unknown:
+        typer.echo(f"config error: --force {unknown[0]!r} names no stage; stages of this config: "
+                   + ", ".join(p["name"] for p in planned), err=True)
+        raise typer.Exit(2)
+    if dry_run:
+        for p in planned:
+            typer.echo(f"{p['name']:50s} key {p['key']}  after {', '.join(p['deps']) or '-'}")
+        return
+    from pipelines.data import DataError
+
+    try:
+        summary = run_pipeline(cfg, force=force)
+    except (ConfigError, DataError) as err:
+        typer.echo(f"config error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except StageFailure as err:
+        typer.echo(str(err), err=True)
+        typer.echo(_ui_hint(), err=True)
+        raise typer.Exit(1) from None
     typer.echo("\n" + summary.table + "\n")
-    typer.echo(f"Results: {summary.output_dir}/results.md   wall time {summary.wall_s:.0f} s")
+    typer.echo(f"Report: {summary.output_dir}/report.md (+ report.csv, accuracy_vs_bits.png)   "
+               f"wall time {summary.wall_s:.0f} s, {len(summary.skipped)} stage(s) already complete")
     typer.echo(_ui_hint())
 
 

@@ -1,10 +1,12 @@
 """Connecting to Ray and deciding CPU/GPU resources: the one place that does it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import ray
+import yaml
 
 
 def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -71,3 +73,67 @@ def actor_device() -> str:
     import torch
 
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def node_capacities(autoscaler_config: str | None = None) -> list[dict]:
+    """Resources of each live node, plus one entry per autoscaler node type (with its max_workers)."""
+    caps = [{**n["Resources"], "max_workers": 1} for n in ray.nodes() if n.get("Alive")]
+    if autoscaler_config:
+        with open(autoscaler_config) as f:
+            types = (yaml.safe_load(f) or {}).get("available_node_types", {})
+        caps += [{**(t.get("resources") or {}), "max_workers": t.get("max_workers", 0)} for t in types.values()]
+    return caps
+
+
+def _fits(request: dict, cap: dict) -> int:
+    """How many `request`s one node of capacity `cap` holds."""
+    counts = [int(cap.get(k, 0) // v) for k, v in request.items() if v > 0]
+    return min(counts) if counts else 0
+
+
+def _resolve_gpu(section: str, use_gpu: str, has_gpu: bool) -> str:
+    from pipelines.config import ConfigError
+
+    if use_gpu == "true" and not has_gpu:
+        raise ConfigError(f"{section}.use_gpu=true but no node or autoscaler node type has a GPU; set it to "
+                          "auto or false, or name the cluster's config in cluster.autoscaler_config")
+    return ("true" if has_gpu else "false") if use_gpu == "auto" else use_gpu
+
+
+def _check_fits(section: str, request: dict, caps: list[dict]) -> int:
+    """Workers of `request` the cluster can hold at most; raises when no node type holds one."""
+    from pipelines.config import ConfigError
+
+    total = sum(_fits(request, c) * max(c["max_workers"], 0) for c in caps)
+    if total == 0:
+        biggest = {k: max(c.get(k, 0) for c in caps) for k in request}
+        raise ConfigError(f"{section}: one worker asks for {request}, but the largest node (or autoscaler node type) "
+                          f"has {biggest}; lower the request or add a bigger node type")
+    return total
+
+
+def resolve_resources(cfg):
+    """Decide GPU use (`auto`) and the MREM module count K once, in the driver, and check that every
+    worker the run will ask for fits some node: a bad request fails before any work starts."""
+    from pipelines.models import num_layers
+
+    caps = node_capacities(cfg.cluster.autoscaler_config)
+    has_gpu = any(c.get("GPU", 0) >= 1 for c in caps)
+    ft = dataclasses.replace(cfg.finetune, use_gpu=_resolve_gpu("finetune", cfg.finetune.use_gpu, has_gpu))
+    mrem = dataclasses.replace(cfg.mrem, use_gpu=_resolve_gpu("mrem", cfg.mrem.use_gpu, has_gpu))
+    worker = {"CPU": ft.cpus_per_worker, "GPU": 1 if ft.use_gpu == "true" else 0}
+    if _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps) < ft.num_workers and not cfg.cluster.autoscaler_config:
+        raise_short("finetune.num_workers", ft.num_workers, worker)
+    if mrem.quant:
+        actor = {"CPU": mrem.cpus_per_actor, "GPU": 1 if mrem.use_gpu == "true" else 0}
+        room = _check_fits("mrem (cpus_per_actor, use_gpu)", actor, caps)
+        if mrem.modules is None:
+            mrem = dataclasses.replace(mrem, modules=1 if mrem.mode == "rem" else min(room, num_layers(cfg.model)))
+    return dataclasses.replace(cfg, finetune=ft, mrem=mrem)
+
+
+def raise_short(key: str, wanted: int, request: dict) -> None:
+    from pipelines.config import ConfigError
+
+    raise ConfigError(f"{key}={wanted}: the cluster cannot hold {wanted} workers of {request} at once; "
+                      "lower it or add nodes")

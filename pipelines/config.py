@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
 
+def gpu_flag(value: str | bool) -> str:
+    """`use_gpu` as auto/true/false; YAML and --set give booleans for true/false."""
+    return ("true" if value else "false") if isinstance(value, bool) else value
+
+
 @dataclass
 class DataConfig:
     source: str = "bundled"          # bundled | dir | hub
@@ -51,9 +56,12 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     seed: int = 42
     num_workers: int = 1             # Ray Train data-parallel workers
-    use_gpu: str = "auto"            # auto | true | false
+    use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_worker: int = 1
     log_every: int = 20
+
+    def __post_init__(self) -> None:
+        self.use_gpu = gpu_flag(self.use_gpu)
 
     def validate(self) -> None:
         if self.epochs <= 0:
@@ -122,10 +130,13 @@ class MremConfig:
     queue_size: int = 8
     log_every: int = 25
     eval_samples: int = 256
-    use_gpu: str = "auto"
+    use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_actor: int = 1
     max_restarts: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.use_gpu = gpu_flag(self.use_gpu)
 
     def validate(self) -> None:
         if self.mode not in ("parallel", "sequential", "rem"):
@@ -183,6 +194,18 @@ class PrequantConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the run's stages may be placed. The node types of an autoscaler config count as
+    capacity before their nodes exist: GPU `auto` picks GPUs when any type has one, and a
+    request no node type can hold fails before any work."""
+    autoscaler_config: str | None = None   # e.g. cluster.yaml (available_node_types)
+
+    def validate(self) -> None:
+        if self.autoscaler_config and not Path(self.autoscaler_config).is_file():
+            raise ConfigError(f"cluster.autoscaler_config={self.autoscaler_config!r}: no such file")
+
+
+@dataclass
 class RunConfig:
     model: str = "minilm-l6"
     tasks: list[str] = field(default_factory=lambda: ["sst2"])
@@ -194,6 +217,7 @@ class RunConfig:
     rtn: RtnConfig = field(default_factory=RtnConfig)
     mrem: MremConfig = field(default_factory=MremConfig)
     prequant: PrequantConfig = field(default_factory=PrequantConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         from pipelines.data import check_task  # local import: data imports config
@@ -202,12 +226,13 @@ class RunConfig:
             raise ConfigError("tasks must list at least one GLUE task")
         for task in self.tasks:
             check_task(task)
-        for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant):
+        for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant, self.cluster):
             section.validate()
 
     @property
     def experiment_name(self) -> str:
-        return self.experiment or f"plmq-{self.model.replace('/', '-')}"
+        """Default: by model and tasks, e.g. plmq-minilm-l6-sst2."""
+        return self.experiment or f"plmq-{Path(self.model).name}-{'-'.join(self.tasks)}"
 
 
 def _type_name(tp: Any) -> str:

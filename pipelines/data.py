@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -129,6 +130,22 @@ def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
     })
 
 
+def check_data(task_name: str, cfg: DataConfig) -> None:
+    """Fail before any work when a task's split files are missing (local sources only)."""
+    task = check_task(task_name)
+    if cfg.source == "hub":
+        return
+    root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
+    folder = root / task.folder
+    if cfg.source == "bundled" and not folder.is_dir():
+        raise DataError(f"task {task.name} is not bundled (bundled: SST-2, RTE, MRPC, WNLI, QNLI dev); "
+                        f"set data.source=dir with data.dir=<your glue_data folder>, or data.source=hub")
+    for split in ("train", *task.dev_splits):
+        if not (folder / f"{split}.tsv").is_file():
+            raise DataError(f"task {task.name}: split file {folder / f'{split}.tsv'} is missing; "
+                            f"put the GLUE TSVs of {task.name} there or change data.source/data.dir")
+
+
 def load_split(task_name: str, split: str, cfg: DataConfig) -> datasets.Dataset:
     """One split ("train", "dev", "dev_matched", ...) of a task as text_a/text_b/label."""
     task = check_task(task_name)
@@ -186,10 +203,16 @@ def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed
         return tokenizer(*pair, truncation=True, max_length=cfg.max_length)
 
     ds = ds.map(encode, batched=True, remove_columns=["text_a", "text_b"], desc=f"tokenize {task_name}/{split}")
-    tmp = path.with_name(path.name + ".tmp")
+    # Per-process temporary folder: stages running at once may tokenize the same split.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed run
     ds.save_to_disk(str(tmp))
-    tmp.replace(path)  # atomic: a half-written cache is never taken as complete
+    try:
+        tmp.replace(path)  # atomic: a half-written cache is never taken as complete
+    except OSError:  # another process finished the same split first: keep its copy
+        if not (path / "dataset_info.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

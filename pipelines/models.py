@@ -106,7 +106,15 @@ def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object, dict]:
 
 
 def model_config(path: str | Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(str(path))
+    """The HF config of a checkpoint folder, a hub name, or a tiny preset."""
+    if str(path) in TINY_PRESETS:
+        return TINY_PRESETS[str(path)]
+    return AutoConfig.from_pretrained(resolve(str(path)))
+
+
+def num_layers(path: str | Path) -> int:
+    hf = model_config(path)
+    return getattr(hf, "num_hidden_layers", None) or hf.n_layer
 
 
 def param_bytes(model: torch.nn.Module) -> int:

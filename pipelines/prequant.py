@@ -342,8 +342,10 @@ def finetune_key(task: str, artefact_key: str, method: str, data: DataConfig, ft
 
 def prequant_finetune(task: str, model: str, quant: str, method: str, data: DataConfig, ft: FinetuneConfig,
                       pcfg: PrequantConfig, eval_cfg: EvaluateConfig, root: str | Path, output_dir: str | Path,
-                      run_id: str | None = None, tracking_uri: str | None = None) -> PrequantResult:
-    """Fine-tune `method`'s parameters of the stored low-bit model on `task`; export, evaluate."""
+                      run_id: str | None = None, tracking_uri: str | None = None,
+                      force: bool = False) -> PrequantResult:
+    """Fine-tune `method`'s parameters of the stored low-bit model on `task`; export, evaluate.
+    force: retrain even when an identical result is stored (its folder is removed first)."""
     from pipelines.evaluate import evaluate_model  # scipy/sklearn: not needed on the workers
 
     spec = check_task(task)
@@ -358,6 +360,8 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
     key = finetune_key(task, akey, method, data, ft, pcfg)
     qname = str(ol.with_quantizer(quant, pcfg.quantizer))
     out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}"
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
     if _done(out / "model", key, models.META_FILE, "config_key"):  # run_loop writes config_key
         print(f"[prequant-finetune {task}] {out / 'model'} is up to date (key {key}); skipping")
         train_s = 0.0
@@ -404,7 +408,7 @@ def method_label(method: str, pcfg: PrequantConfig) -> str:
     return f"prequant-{pcfg.criterion}" if method == "prequant" and pcfg.criterion != "weight" else method
 
 
-def run_prequant_finetune_stage(cfg, task: str, quant: str, method: str) -> PrequantResult:
+def run_prequant_finetune_stage(cfg, task: str, quant: str, method: str, force: bool = False) -> PrequantResult:
     """`prequant-finetune` of one method as a nested MLflow run: losses, trainable count and %."""
     import mlflow
 
@@ -416,7 +420,7 @@ def run_prequant_finetune_stage(cfg, task: str, quant: str, method: str) -> Preq
                              "finetune": asdict(cfg.finetune)}) as run_id:
         r = prequant_finetune(task, cfg.model, quant, method, cfg.data, cfg.finetune, cfg.prequant, cfg.evaluate,
                               artefact_root(cfg.prequant, cfg.output_dir), Path(cfg.output_dir) / task / "prequant",
-                              run_id=run_id, tracking_uri=tracking.tracking_uri())
+                              run_id=run_id, tracking_uri=tracking.tracking_uri(), force=force)
         log_eval(r.eval)
         mlflow.log_metrics({"trainable_params": r.trainable_params, "trainable_pct": r.trainable_pct,
                             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import ConfigError, from_dict
+from pipelines.config import ConfigError, from_dict, gpu_flag
 from pipelines.lm_data import LMData, eval_windows, get_batch, prepare_corpus
 from quant.qtrain import KINDS, Recipe, convert_qtrain, make_optimizer
 
@@ -69,11 +69,14 @@ class TrainSection:
     grad_clip: float = 1.0
     seed: int = 0
     num_workers: int = 1             # Ray Train data-parallel workers
-    use_gpu: str = "auto"            # auto | true | false
+    use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_worker: int = 1
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        self.use_gpu = gpu_flag(self.use_gpu)
 
 
 @dataclass

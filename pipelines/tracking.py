@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+_PARENT: dict = {"run_id": None}  # set by attach() in a process that runs stages for a driver
 
 
 def tracking_uri() -> str:
@@ -69,10 +70,23 @@ def parent_run(experiment: str, run_name: str, config: dict, tags: dict | None =
         yield run.info.run_id
 
 
+def attach(uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """In a Ray task running stages for a driver: nest this process's stage runs under its parent run."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    _PARENT["run_id"] = parent_run_id
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict | None = None, tags: dict | None = None) -> Iterator[str]:
-    """A nested run for one stage under the active parent run."""
-    with mlflow.start_run(run_name=stage, nested=True, tags={"plmq.stage": stage, **(tags or {})}) as run:
+    """A nested run for one stage under the active parent run (or the attached driver's run)."""
+    tags = {"plmq.stage": stage, **(tags or {})}
+    if mlflow.active_run() is None and _PARENT["run_id"]:
+        start = mlflow.start_run(run_name=stage, parent_run_id=_PARENT["run_id"], tags=tags)
+    else:
+        start = mlflow.start_run(run_name=stage, nested=True, tags=tags)
+    with start as run:
         if params:
             mlflow.log_params(flatten(params))
         yield run.info.run_id

@@ -104,3 +104,13 @@ def test_cache_dir_round_trips(ray_session, tiny_teacher, tiny_data, tmp_path):
         for r1, r2 in zip(first.boundaries[b], second.boundaries[b]):
             a, c = ray.get(r1), ray.get(r2)
             assert set(a) == set(c) and all(np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_shards_hold_shard_size_rows_whatever_the_batch_size(ray_session, tiny_teacher, tiny_data):
+    """Readers find row i in shard i // shard_size: a calibration batch larger than a shard must be split."""
+    import ray
+
+    cache = calibrate(tiny_teacher, "sst2", tiny_data, split_layers(4, 2), n=100, batch_size=64, shard_size=16)
+    for refs in cache.boundaries:
+        sizes = [len(next(iter(ray.get(r).values()))) for r in refs]
+        assert sizes == [16] * 6 + [4]

@@ -1,0 +1,94 @@
+"""Stage `report`: one comparison table (method x task) and a plot of metric vs weight bits.
+
+Written as Markdown, CSV and PNG into the run folder, and logged to the parent
+MLflow run (the table also as an MLflow table artifact, browsable in the UI).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.io import markdown_table, write_text_atomic
+
+COLUMNS = ["task", "method", "bits", "metric", "value", "drop_vs_fp", "trainable_pct", "model_MB",
+           "wall_s", "cpu_s", "gpu_s"]
+
+
+@dataclass
+class Report:
+    rows: list[dict]
+    table: str
+    markdown: str
+    csv: str
+    plot: str | None
+
+
+def comparison_rows(rows: list[dict]) -> list[dict]:
+    """Rows ordered by task then bits (FP first), with the drop vs the task's FP reference."""
+    fp = {r["task"]: r["value"] for r in rows if r["method"] == "fp"}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["task"], -r.get("bits", 32), r["method"])):
+        drop = round(fp[r["task"]] - r["value"], 2) if r["task"] in fp else None
+        out.append({**{c: r.get(c) for c in COLUMNS}, "drop_vs_fp": drop})
+    return out
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def family(method: str) -> str:
+    """`rtn-w4a8` -> `rtn`, `mrem-parallel-w2a8` -> `mrem-parallel`: one line per method in the plot."""
+    parts = method.split("-")
+    keep = [p for p in parts if not (p[:1] == "w" and any(ch.isdigit() for ch in p))]
+    return "-".join(keep) or method
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Metric vs weight bits, one panel per task, one line per method family (FP as a dashed line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        for fam in sorted({family(r["method"]) for r in mine if r["method"] != "fp"}):
+            pts = sorted((r["bits"], r["value"]) for r in mine if family(r["method"]) == fam and r["method"] != "fp")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+        for r in (r for r in mine if r["method"] == "fp"):
+            ax.axhline(r["value"], linestyle="--", color="gray", label="fp (32-bit)")
+        ax.set(title=task, xlabel="weight bits", ylabel=mine[0]["metric"] if mine else "metric")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(rows: list[dict], out_dir: str | Path, log_to_mlflow: bool = True) -> Report:
+    """Write report.md / report.csv / accuracy_vs_bits.png; log them to the active (parent) run."""
+    out_dir = Path(out_dir)
+    table_rows = comparison_rows(rows)
+    table = markdown_table(table_rows, COLUMNS)
+    md = write_text_atomic(out_dir / "report.md", "# plmq comparison\n\n" + table + "\n")
+    csv_path = write_text_atomic(out_dir / "report.csv", _csv_text(table_rows))
+    png = plot(table_rows, out_dir / "accuracy_vs_bits.png") if table_rows else None
+    if log_to_mlflow:
+        import mlflow
+
+        mlflow.log_table({c: [r.get(c) for r in table_rows] for c in COLUMNS}, artifact_file="comparison.json")
+        for path in (md, csv_path, png):
+            if path is not None:
+                mlflow.log_artifact(str(path))
+    return Report(table_rows, table, str(md), str(csv_path), str(png) if png else None)
