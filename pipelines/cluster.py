@@ -40,12 +40,12 @@ class WorkerResources:
 
 
 def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1) -> WorkerResources:
-    """`use_gpu`: "auto" (GPU when the cluster has any), "true" or "false"."""
+    """`use_gpu`: "auto" (GPU when the cluster has any now), "true" or "false". "true" on a cluster
+    with no GPU node yet is allowed: an autoscaler may add them (resolve_resources checks the
+    node types, and placement waits with a timeout)."""
     if use_gpu not in ("auto", "true", "false"):
         raise ValueError(f"use_gpu={use_gpu!r}: use auto, true or false")
     gpu = cluster_gpus() > 0 if use_gpu == "auto" else use_gpu == "true"
-    if gpu and use_gpu == "true" and cluster_gpus() == 0:
-        raise ValueError("use_gpu=true but the Ray cluster has no GPUs; set use_gpu to auto or false")
     return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
 
 
@@ -57,12 +57,21 @@ def available_workers(res: WorkerResources) -> int:
     return max(1, int(total.get("CPU", 1) // res.num_cpus))
 
 
-def spread_placement(res: WorkerResources, count: int):
-    """A placement group of `count` worker bundles spread over nodes (soft: packs when it must)."""
-    from ray.util.placement_group import placement_group
+def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None):
+    """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
+    ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.use_gpu else {})}
-    return placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise TimeoutError(f"waited {timeout_s:.0f} s for {count} workers of {bundle} and the cluster could not "
+                           "place them: lower the request (use_gpu, cpus per worker, modules) or add nodes") from None
+    return pg
 
 
 def actor_device() -> str:

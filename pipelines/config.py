@@ -132,6 +132,7 @@ class MremConfig:
     eval_samples: int = 256
     use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_actor: int = 1
+    placement_timeout_s: float = 900.0  # waiting for actor resources (an autoscaler adding nodes)
     max_restarts: int = 2
     seed: int = 0
 

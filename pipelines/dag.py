@@ -77,7 +77,7 @@ def build(cfg: RunConfig) -> list[Stage]:
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The part of the config that decides `stage`'s result (hashed into its key)."""
-    quiet = {"log_every"}
+    quiet = {"log_every", "placement_timeout_s", "max_restarts"}  # do not change results
     section = lambda s: {k: v for k, v in to_dict(s).items() if k not in quiet}  # noqa: E731
     base = {"task": stage.task, "quant": stage.quant, "method": stage.method}
     data, ev = to_dict(cfg.data), to_dict(cfg.evaluate)

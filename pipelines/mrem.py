@@ -90,8 +90,7 @@ def launch_trainers(specs: list[PartSpec], checkpoint: str, quant: str, cfg: Mre
                     work_dir: Path, run_ids: list[str | None], tracking_uri: str | None) -> tuple[list, object]:
     """One actor per module, created last-to-first so each knows its successor."""
     res = worker_resources(cfg.use_gpu, cfg.cpus_per_actor)
-    pg = spread_placement(res, len(specs))
-    ray.get(pg.ready())
+    pg = spread_placement(res, len(specs), cfg.placement_timeout_s)
     settings = settings_for(cfg, res.num_cpus)
     remote = ray.remote(ModuleTrainer)
     trainers: list = [None] * len(specs)

@@ -33,7 +33,14 @@ def test_cluster_yaml_typo_is_rejected():
 def test_worker_resources_follow_the_cluster(ray_session):
     cpu = worker_resources("auto", cpus_per_worker=2)
     assert not cpu.use_gpu and cpu.as_options() == {"num_cpus": 2, "num_gpus": 0.0} and cpu.torch_device == "cpu"
-    with pytest.raises(ValueError, match="has no GPUs"):
-        worker_resources("true")
+    assert worker_resources("true").use_gpu  # allowed: an autoscaler may add GPU nodes
+
+
+@pytest.mark.ray
+def test_unplaceable_workers_time_out_with_a_clear_error(ray_session):
+    from pipelines.cluster import spread_placement
+
+    with pytest.raises(TimeoutError, match="could not place them"):
+        spread_placement(worker_resources("true"), 2, timeout_s=1)
     with pytest.raises(ValueError, match="use auto, true or false"):
         worker_resources("yes")
