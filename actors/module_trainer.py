@@ -76,6 +76,7 @@ class ModuleTrainer:
                  device: str | None = None, fed_by_predecessor: bool = False):
         from pipelines.cluster import actor_device
 
+        self.started_at = time.time()  # when this actor got its resources (autoscaling figures)
         torch.set_num_threads(settings.num_threads)
         torch.manual_seed(settings.seed + spec.index)
         self.spec, self.s, self.next = spec, settings, next_trainer
@@ -261,7 +262,7 @@ class ModuleTrainer:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "restarted": self.restarted, "resumed_from_step": self.resumed_from,
                 "pushed_bytes": self.pushed_bytes, "pulled_bytes": self.pulled_bytes,
-                **self.placement(), "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None}
+                "started_at": self.started_at, **self.placement(), "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None}
 
     @torch.no_grad()
     def reconstruction_error(self) -> float:

@@ -185,6 +185,7 @@ def mrem(checkpoint: str | Path, task: str, quant: str, data: DataConfig, cfg: M
     out = Path(output_dir).resolve() / f"{qcfg}-{cfg.mode}"
     work_dir = out / f"modules-{work_key(checkpoint, str(qcfg), cfg, specs)}"
     run_ids = module_runs(run_id, tracking_uri, len(specs), f"{qcfg}-{cfg.mode}")
+    requested_at = time.time()
     trainers, pg = launch_trainers(specs, checkpoint, str(qcfg), cfg, cache, work_dir, run_ids, tracking_uri)
     t0 = time.time()
     try:
@@ -196,6 +197,8 @@ def mrem(checkpoint: str | Path, task: str, quant: str, data: DataConfig, cfg: M
             ray.kill(t)
         ray.util.remove_placement_group(pg)
     finish_module_runs(run_ids, stats, tracking_uri)
+    for s in stats:  # how long the actors waited for resources (nodes an autoscaler had to add)
+        s["wait_s"] = round(s["started_at"] - requested_at, 2)
     for s in stats:
         if s["restarted"] or s["resumed_from_step"]:
             print(f"[mrem {task}] module {s['module']} was restarted and resumed from step {s['resumed_from_step']}")

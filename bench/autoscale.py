@@ -1,0 +1,160 @@
+"""Autoscaling for real on one machine: the MREM stage makes Ray's autoscaler launch GPU worker nodes.
+
+    python bench/autoscale.py --record          # writes bench/results/autoscale.json
+    python bench/autoscale.py --out result.json # what tests/pipelines/test_autoscale.py runs
+
+Ray's fake multi-node provider stands in for the cloud: its GPU worker type is derived
+from cluster.yaml (its name and GPUs per node; 1 CPU per node so that it fits on
+2 cores; max_workers = K). The head has no GPU, so the K module actors (one GPU
+each) can only run once the autoscaler has launched K worker nodes; they must land
+on K distinct (node, GPU) slots, and the idle nodes must be released afterwards.
+The head runs in its own process group, ports and temp dir (never `ray stop`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "autoscale.json"
+PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_cluster_config(cluster_yaml: Path, port: int, workers: int) -> dict:
+    """cluster.yaml's GPU node types on the fake provider (1 CPU per node, <= `workers` nodes)."""
+    real = yaml.safe_load(cluster_yaml.read_text())
+    gpu_types = {name: t for name, t in real["available_node_types"].items() if t.get("resources", {}).get("GPU")}
+    if not gpu_types:
+        raise SystemExit(f"{cluster_yaml} has no node type with a GPU")
+    types = {"ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0}}
+    for name, t in gpu_types.items():
+        types[name] = {"resources": {"CPU": 1, "GPU": t["resources"]["GPU"], "object_store_memory": 200 * 2**20},
+                       "node_config": {}, "min_workers": 0, "max_workers": min(workers, t.get("max_workers", workers))}
+    return {
+        "cluster_name": "plmq-fake", "max_workers": workers, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+        "provider": {"type": "external", "module": PROVIDER, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": f"127.0.0.1:{port}"},
+        "available_node_types": types, "head_node_type": "ray.head.default", "auth": {},
+        "cluster_synced_files": [], "file_mounts": {}, "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+@contextlib.contextmanager
+def autoscaling_head(config: dict, port: int):
+    temp = tempfile.mkdtemp(prefix="ras", dir="/tmp")
+    cfg_path = Path(temp) / "autoscaler.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_ADDRESS": ""}
+    ray_bin = Path(sys.executable).parent / "ray"
+    cmd = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+           f"--autoscaling-config={cfg_path}", f"--temp-dir={temp}", "--include-dashboard=false",
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        yield f"127.0.0.1:{port}", cfg_path
+    finally:
+        import ray
+
+        ray.shutdown()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def tiny_inputs(tmp: Path):
+    """A tiny-bert teacher and a separable SST-2 folder (no downloads)."""
+    from pipelines import models
+    from pipelines.config import DataConfig
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_separable_sst2
+
+    glue = write_separable_sst2(tmp / "glue", n_train=200, n_dev=64)
+    teacher = models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=3), models.load_tokenizer("tiny-bert"),
+                                     tmp / "teacher", {"task": "sst2"})
+    return str(teacher), DataConfig(source="dir", dir=str(glue), max_length=16, cache_dir=str(tmp / "tok"))
+
+
+def alive_workers(ray) -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+
+
+def measure(modules: int, cluster_yaml: Path) -> dict:
+    import ray
+
+    from pipelines.config import EvaluateConfig, MremConfig
+    from pipelines.mrem import mrem
+
+    port = free_port()
+    config = fake_cluster_config(cluster_yaml, port, modules)
+    with tempfile.TemporaryDirectory() as tmp, autoscaling_head(config, port) as (address, _):
+        teacher, data = tiny_inputs(Path(tmp))
+        ray.init(address=address, log_to_driver=False)
+        assert not alive_workers(ray), "worker nodes before any request"
+        cfg = MremConfig(quant=["w4a8"], modules=modules, use_gpu="true", steps=4, batch_size=8, calib_samples=32,
+                         shard_size=16, calib_batch_size=16, checkpoint_every=2, eval_samples=16, log_every=2,
+                         placement_timeout_s=300)
+        start = time.time()
+        result = mrem(teacher, "sst2", "w4a8", data, cfg, EvaluateConfig(batch_size=32), Path(tmp) / "out")
+        slots = sorted({(s["node_id"], tuple(s["gpu_ids"])) for s in result.modules_stats})
+        launched = len(alive_workers(ray))
+        t_end = time.time()
+        while alive_workers(ray) and time.time() - t_end < 180:
+            time.sleep(1)
+        return {"modules": modules, "nodes_launched": launched,
+                "seconds_to_all_actors": round(max(s["wait_s"] for s in result.modules_stats), 1),
+                "distinct_node_gpu_slots": len(slots), "actor_slots": [f"node ..{n[-8:]} gpu {','.join(g)}" for n, g in slots],
+                "nodes_left_after_s": len(alive_workers(ray)), "released_within_s": round(time.time() - t_end, 1),
+                "mrem_wall_s": round(time.time() - start, 1), "accuracy": result.eval.main,
+                "worker_type": {k: v["resources"] for k, v in config["available_node_types"].items() if k != "ray.head.default"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modules", type=int, default=3)
+    parser.add_argument("--cluster-yaml", default=str(ROOT / "cluster.yaml"))
+    parser.add_argument("--out", help="write the measurement here (JSON)")
+    parser.add_argument("--record", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Token auth for the head and this driver; set before Ray is imported (it reads them once).
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    figures = measure(args.modules, Path(args.cluster_yaml))
+    figures["command"] = f"python bench/autoscale.py --modules {args.modules} --record"
+    print(json.dumps(figures, indent=2))
+    from pipelines.io import write_json_atomic
+    if args.out:
+        write_json_atomic(args.out, figures)
+    if args.record:
+        write_json_atomic(RESULTS, {**figures, "machine": f"{os.cpu_count()} cores, no GPU (fake GPU nodes)",
+                                    "date": time.strftime("%Y-%m-%d")})
+
+
+if __name__ == "__main__":
+    main()
