@@ -42,7 +42,9 @@ def setup(experiment: str) -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         root = _artifact_root(uri)
-        exp_id = mlflow.create_experiment(experiment, artifact_location=f"{root}/{experiment}" if root else None)
+        # Marks the experiment as model training (not GenAI) for the MLflow UI.
+        exp_id = mlflow.create_experiment(experiment, artifact_location=f"{root}/{experiment}" if root else None,
+                                          tags={"mlflow.experimentKind": "custom_model_development"})
     else:
         exp_id = found.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
