@@ -1,8 +1,8 @@
-"""FP reference figures: `make demo` wall time/accuracy, and longer fine-tunes on SST-2, RTE, MRPC.
+"""FP reference figures: longer fine-tunes on SST-2, RTE, MRPC.
 
-    python bench/fp_reference.py            # both parts
-    python bench/fp_reference.py --part fp  # only the longer fine-tunes (configs/fp_reference.yaml)
-    python bench/fp_reference.py --part demo
+    python bench/fp_reference.py --tasks mrpc [--set finetune.lr=5e-5 ...]   (configs/fp_reference.yaml)
+
+`make demo`'s wall time and accuracy are recorded by bench/demo.py.
 
 Writes bench/results/fp_reference.json and .md (merging with what is already there).
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,17 +47,6 @@ def run_fp(config: str, tasks: list[str] | None, overrides: list[str]) -> dict:
     return out
 
 
-def run_demo() -> dict:
-    """Times the same command `make demo` runs, on an already-installed venv."""
-    subprocess.run(["rm", "-rf", str(ROOT / "runs" / "demo")], check=True)
-    start = time.time()
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "configs/demo.yaml"], cwd=ROOT, check=True)
-    wall = time.time() - start
-    rows = json.loads((ROOT / "runs" / "demo" / "results.json").read_text())
-    return {"demo_wall_s": round(wall, 1), "demo_accuracy": rows[0]["metrics"]["accuracy"],
-            "demo_command": "make demo  (plmq run configs/demo.yaml; venv already installed)"}
-
-
 def write(results: dict) -> None:
     write_json_atomic(RESULTS, results)
     rows = [{"task": t, **v} for t, v in results.items() if isinstance(v, dict) and "wall_s" in v]
@@ -73,19 +60,15 @@ def write(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["fp", "demo", "all"], default="all")
+    parser.add_argument("--part", choices=["fp"], default="fp", help="`make demo` is timed by bench/demo.py")
     parser.add_argument("--config", default="configs/fp_reference.yaml")
     parser.add_argument("--tasks", nargs="*", default=None, help="subset of the config's tasks")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["machine"] = machine()
-    if args.part in ("demo", "all"):
-        results.update(run_demo())
-        write(results)
-    if args.part in ("fp", "all"):
-        results.update(run_fp(args.config, args.tasks, args.overrides))
-        write(results)
+    results.update(run_fp(args.config, args.tasks, args.overrides))
+    write(results)
     print(json.dumps(results, indent=2))
 
 

@@ -220,3 +220,12 @@ def test_killed_driver_resumes_without_recomputing(tmp_path, ray_session, mlflow
     assert "finetune/sst2" in summary.skipped
     assert json.loads(record.read_text())["finished_at"] == finished_at  # not recomputed
     assert {r["method"] for r in summary.rows} >= {"fp", "rtn-w4a8", "mrem-parallel-w4a8"}
+
+
+def test_dry_run_lists_the_plan_without_running(tmp_path):
+    _, path = tiny_cfg(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path), "--dry-run"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mrem/sst2/w4a8-parallel" in out.stdout and "after finetune/sst2, calibrate/sst2" in out.stdout
+    assert not (tmp_path / "run").exists()
