@@ -80,6 +80,54 @@ def measure_speed(task: str, args) -> dict:
             "command": "python " + " ".join(sys.argv)}
 
 
+def _single_process_peak(checkpoint: str, cache: str, quant: str, queue) -> None:
+    """One process holding the whole FP teacher, its quantized student and every boundary's activations,
+    doing one reconstruction step on a batch: what MREM's actors each avoid holding."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from pipelines import models
+    from pipelines.calibrate import read_shard
+    from quant import QuantConfig, quantize_model
+
+    torch.set_num_threads(1)
+    teacher, _, _ = models.load_checkpoint(checkpoint)
+    student, _, _ = models.load_checkpoint(checkpoint)
+    quantize_model(student, QuantConfig.parse(quant))
+    shards = [{k: np.array(v) for k, v in read_shard(d).items()}  # copies: memory-mapped pages would not count
+              for b in sorted(Path(cache).glob("b*")) for d in sorted(b.iterdir())]
+    ids = torch.from_numpy(shards[0]["input_ids"][:16]).long()
+    mask = torch.from_numpy(shards[0]["attention_mask"][:16]).long()
+    with torch.no_grad():
+        target = teacher.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.mse_loss(student.bert(input_ids=ids, attention_mask=mask).last_hidden_state, target)
+    loss.backward()
+    nbytes = sum(a.nbytes for sh in shards for a in sh.values())
+    queue.put({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "activation_bytes": nbytes})
+
+
+def measure_memory(task: str, args) -> dict:
+    """Peak RSS of the single-process baseline, beside the per-actor peaks recorded by the runs."""
+    import multiprocessing as mp
+
+    cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
+    caches = sorted(Path(cfg.mrem.cache_dir).glob(f"{task}-*/meta.json"), key=lambda p: p.stat().st_mtime)
+    multi = [c.parent for c in caches if json.loads(c.read_text())["boundaries"] > 1]
+    if not multi:
+        raise SystemExit(f"no MREM activation cache for {task} in {cfg.mrem.cache_dir}: run bench/mrem.py first")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_single_process_peak,
+                       args=(str(ROOT / fp_reference(task)["checkpoint"]), str(multi[-1]), "w2a8", queue))
+    proc.start()
+    out = queue.get(timeout=1200)
+    proc.join()
+    return {**out, "cache": str(multi[-1].relative_to(ROOT)), "command": "python " + " ".join(sys.argv)}
+
+
 def from_mlflow(task: str, experiment: str) -> dict:
     """Rebuild a task's figures from the stage runs a (possibly interrupted) bench logged to MLflow."""
     import mlflow
@@ -139,6 +187,11 @@ def write(results: dict) -> None:
                   f"- peak RSS per actor (MB): {r.get('peak_rss_mb')}",
                   f"- object-store bytes pushed actor to actor: {r.get('object_store_bytes_pushed')}",
                   f"- wall time per run (s): {r.get('wall_s')}", ""]
+        if "single_process" in r:
+            sp = r["single_process"]
+            lines += [f"- single process holding the whole teacher + quantized student + all boundaries' "
+                      f"activations ({sp['activation_bytes'] / 2**20:.0f} MiB), one step: peak RSS "
+                      f"**{sp['peak_rss_mb']} MB** (`{sp['command']}`)", ""]
         if "speed" in r:  # a dedicated timing run on an otherwise idle machine
             sp = r["speed"]
             lines += [f"- speed run ({sp['steps_per_module']} steps/module, {sp['quant']}): training time MREM-P "
@@ -156,9 +209,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="subset of run keys")
     parser.add_argument("--from-mlflow", action="store_true", help="rebuild the figures from logged runs")
     parser.add_argument("--speed", action="store_true", help="only time MREM-P vs MREM-S (W4A8)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the single-process baseline: whole model + all activations in one process")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
-    if not args.speed:  # the speed run records its own command
+    if not (args.speed or args.memory):  # these runs record their own command
         results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set)
     for task in args.tasks:
         start = time.time()
@@ -173,6 +228,10 @@ def main() -> None:
 
         if args.speed:
             results["tasks"].setdefault(task, {"metrics": {}, "details": {}})["speed"] = measure_speed(task, args)
+            write(results)
+        elif args.memory:
+            results["tasks"].setdefault(task, {"metrics": {}, "details": {}})["single_process"] = \
+                measure_memory(task, args)
             write(results)
         elif args.from_mlflow:
             merge(from_mlflow(task, load_config(ROOT / args.config).experiment_name))

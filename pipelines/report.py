@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pipelines.io import markdown_table, write_text_atomic
 
+# wall_s: the stage's time from its start (queueing for workers included); cpu_s/gpu_s: wall_s times the
+# CPUs/GPUs its workers reserved; value and drop_vs_fp in points of the task's main metric.
 COLUMNS = ["task", "method", "bits", "metric", "value", "drop_vs_fp", "trainable_pct", "model_MB",
            "wall_s", "cpu_s", "gpu_s"]
 
