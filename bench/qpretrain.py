@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
-from pipelines.pretrain import PretrainRunConfig, run_sweep_stage  # noqa: E402
+from pipelines.pretrain import PretrainRunConfig  # noqa: E402
+from pipelines.pretrain_sweep import run_sweep_stage  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # recipe -> (target: val loss within this fraction of FP); from the issue

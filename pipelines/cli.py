@@ -183,7 +183,8 @@ def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
              output_dir: Optional[str] = typer.Option(None),
              sweep: bool = typer.Option(False, "--sweep", help="run the config's sweep.recipes grid instead")) -> None:
     """Pre-train a GPT-2 from scratch with quantized weights/activations/gradients/optimizer states."""
-    from pipelines.pretrain import run_pretrain_stage, run_sweep_stage
+    from pipelines.pretrain import run_pretrain_stage
+    from pipelines.pretrain_sweep import run_sweep_stage
 
     extra = [f"quant.recipe={recipe}"] if recipe else []
     extra += [f"data.corpus={corpus}"] if corpus else []

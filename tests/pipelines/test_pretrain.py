@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.config import ConfigError, load_config
 from pipelines.lm_data import CORPORA, eval_windows, get_batch, prepare_corpus, split_text
-from pipelines.pretrain import (PretrainRunConfig, build_model, evaluate, run_pretrain_stage, sweep, train_local,
-                                with_recipe)
+from pipelines.pretrain import PretrainRunConfig, build_model, evaluate, run_pretrain_stage, with_recipe
+from pipelines.pretrain_sweep import sweep, train_local
 from quant.qtrain import Recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
