@@ -44,3 +44,21 @@ def test_unplaceable_workers_time_out_with_a_clear_error(ray_session):
         spread_placement(worker_resources("true"), 2, timeout_s=1)
     with pytest.raises(ValueError, match="use auto, true or false"):
         worker_resources("yes")
+
+
+@pytest.mark.ray
+def test_autoscaler_node_types_count_as_capacity(ray_session):
+    """With cluster.yaml named, `auto` picks GPUs before any GPU node exists and K uses the GPU type's max_workers."""
+    from pipelines.cluster import resolve_resources
+    from pipelines.config import ConfigError, load_config
+
+    cluster_yaml = str(Path(__file__).resolve().parents[2] / "cluster.yaml")
+    cfg = load_config(None, ["model=tiny-bert", "mrem.quant=[w4a8]", f"cluster.autoscaler_config={cluster_yaml}"])
+    resolved = resolve_resources(cfg)
+    assert resolved.finetune.use_gpu == "true" and resolved.mrem.use_gpu == "true"
+    assert resolved.mrem.modules == 4  # min(8 one-GPU nodes, tiny-bert's 4 layers)
+    local = resolve_resources(load_config(None, ["model=tiny-bert", "mrem.quant=[w4a8]"]))
+    assert local.mrem.use_gpu == "false" and local.mrem.modules == 2  # 2 CPUs, 1 per actor
+    with pytest.raises(ConfigError, match="largest node"):
+        resolve_resources(load_config(None, ["model=tiny-bert", "mrem.quant=[w4a8]", "mrem.cpus_per_actor=16",
+                                             f"cluster.autoscaler_config={cluster_yaml}"]))
