@@ -84,8 +84,9 @@ def attach(uri: str, experiment_id: str, parent_run_id: str) -> None:
 def stage_run(stage: str, params: dict | None = None, tags: dict | None = None) -> Iterator[str]:
     """A nested run for one stage under the active parent run (or the attached driver's run)."""
     tags = {"plmq.stage": stage, **(tags or {})}
-    if mlflow.active_run() is None and _PARENT["run_id"]:
-        start = mlflow.start_run(run_name=stage, parent_run_id=_PARENT["run_id"], tags=tags)
+    if mlflow.active_run() is None and _PARENT["run_id"]:  # in a Ray task: name the source, not Ray's worker file
+        start = mlflow.start_run(run_name=stage, parent_run_id=_PARENT["run_id"],
+                                 tags={"mlflow.source.name": "plmq", **tags})
     else:
         start = mlflow.start_run(run_name=stage, nested=True, tags=tags)
     with start as run:
