@@ -17,8 +17,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,14 +27,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import free_port, stop_process_group  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "autoscale.json"
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_cluster_config(cluster_yaml: Path, port: int, workers: int) -> dict:
@@ -80,12 +74,7 @@ def autoscaling_head(config: dict, port: int):
         import ray
 
         ray.shutdown()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head, timeout=60)
 
 
 def tiny_inputs(tmp: Path):

@@ -21,3 +21,30 @@ def fp_reference(task: str) -> dict:
     result = evaluate(checkpoint, task, DataConfig(max_length=128), EvaluateConfig())
     return {**{k: round(100 * v, 2) for k, v in result.metrics.items()},
             "checkpoint": str(checkpoint.relative_to(ROOT))}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for Ray heads and MLflow servers started by benches and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """Stop a process started with start_new_session=True and everything it spawned (a `ray start --block`
+    head and its daemons, an `mlflow server`): SIGTERM to its group, SIGKILL if it lingers."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)

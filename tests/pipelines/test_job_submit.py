@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -20,12 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import stop_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", "runs", "mlruns", "mlartifacts", "mlflow.db", ".git", "**/__pycache__", "bench/results"]
 
 
 def free_ports(n: int) -> list[int]:
+    """n distinct free ports (sockets held open together, so no port is handed out twice)."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -53,12 +55,7 @@ def local_head(num_cpus: int = 2):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
 
 
 def submit(address: str, env: dict, job_id: str, entrypoint: list[str], env_vars: dict, timeout: float = 600):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from bench.common import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -29,12 +30,6 @@ def ensure_chromium() -> str:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed and could not be installed (needs root and apt)")
     return CHROMIUM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:
@@ -65,8 +60,7 @@ def mlflow_server(tmp_path):
         server.kill()
         pytest.fail("mlflow server did not come up")
     yield base
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+    stop_process_group(server)
 
 
 def _open_runs_page(base: str, exp_id: str, parent_name: str, shot: Path) -> str:
