@@ -106,6 +106,7 @@ class QuantSection:
 class SweepSection:
     recipes: list[str] = field(default_factory=list)  # recipe names (with ':' overrides); the quant section is not used
     corpora: list[str] = field(default_factory=list)  # empty = [data.corpus]
+    seeds: list[int] = field(default_factory=list)    # empty = [train.seed]; several: mean/std over seeds
     max_parallel: int = 2
 
 
@@ -152,6 +153,9 @@ class PretrainRunConfig:
                 Recipe.parse(name)
             except ValueError as err:
                 raise ConfigError(f"sweep.recipes[{i}]={name!r}: {err}") from None
+        seeds = self.sweep.seeds
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"sweep.seeds={seeds!r}: expected distinct integers, e.g. [0, 1, 2]")
         if self.sweep.max_parallel < 1:
             raise ConfigError(f"sweep.max_parallel={self.sweep.max_parallel}: must be >= 1")
 

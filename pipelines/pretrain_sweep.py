@@ -1,13 +1,17 @@
-"""Recipe sweep of `pretrain`: a grid of (corpus, recipe) runs as parallel Ray tasks, one MLflow
-run each, then a comparison table (Markdown, CSV, JSON) and a loss-curve plot.
+"""Recipe sweep of `pretrain`: a grid of (corpus, seed, recipe) runs as parallel Ray tasks, one
+MLflow run each, then a comparison table (Markdown, CSV, JSON) and a loss-curve plot. Each run is
+compared with the FP run of its corpus and seed; with several seeds a summary table gives the
+mean and spread over seeds of every recipe's gap to FP.
 
 Each run is `train_local` (the loop of pipelines/pretrain.py in a plain process), so a sweep
 task needs no Ray Train; it resumes from its own checkpoint like a `pretrain` run.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import statistics
 import shutil
 import tempfile
 import time
@@ -49,10 +53,12 @@ def _sweep_task(cfg_dict: dict, device: str, threads: int, run_id: str | None, u
 def _child_run(client, exp_id: str, parent: str | None, cfg: PretrainRunConfig) -> str:
     from pipelines.tracking import flatten
 
-    tags = {"plmq.stage": "pretrain", "plmq.recipe": str(cfg.quant.build()), "plmq.corpus": cfg.data.corpus}
+    tags = {"plmq.stage": "pretrain", "plmq.recipe": str(cfg.quant.build()), "plmq.corpus": cfg.data.corpus,
+            "plmq.seed": str(cfg.train.seed)}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, run_name=f"pretrain/{Path(cfg.data.corpus).stem}/{cfg.quant.build()}", tags=tags)
+    name = f"pretrain/{Path(cfg.data.corpus).stem}/{cfg.quant.build()}/seed{cfg.train.seed}"
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     params = flatten({"model": asdict(cfg.model), "data": asdict(cfg.data), "train": asdict(cfg.train),
                       "recipe": str(cfg.quant.build())})
     for k, v in params.items():
@@ -61,8 +67,8 @@ def _child_run(client, exp_id: str, parent: str | None, cfg: PretrainRunConfig) 
 
 
 def sweep(cfg: PretrainRunConfig, parent_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
-    """Every (corpus, recipe) of cfg.sweep as a Ray task (at most max_parallel at once), each its
-    own MLflow run; writes sweep_results.{json,md,csv} and loss_curves.png to output_dir/sweep."""
+    """Every (corpus, seed, recipe) of cfg.sweep as a Ray task (at most max_parallel at once), each
+    its own MLflow run; writes sweep_results.{json,md,csv} and loss_curves.png to output_dir/sweep."""
     import mlflow
     import ray
 
@@ -71,7 +77,8 @@ def sweep(cfg: PretrainRunConfig, parent_run_id: str | None = None, tracking_uri
     cfg.validate()
     if not cfg.sweep.recipes:
         raise ConfigError("sweep.recipes is empty: list the recipes to compare, e.g. [fp, w8a8, w4]")
-    jobs = [with_recipe(cfg, r, c) for c in (cfg.sweep.corpora or [cfg.data.corpus]) for r in cfg.sweep.recipes]
+    jobs = [with_seed(with_recipe(cfg, r, c), s) for c in (cfg.sweep.corpora or [cfg.data.corpus])
+            for s in (cfg.sweep.seeds or [cfg.train.seed]) for r in cfg.sweep.recipes]
     for c in {j.data.corpus for j in jobs}:
         _prepare(cfg, c)  # tokenizers and ids once, on the driver; tasks read the cache
     ensure_ray()
@@ -92,12 +99,17 @@ def sweep(cfg: PretrainRunConfig, parent_run_id: str | None = None, tracking_uri
         except Exception as err:  # one broken recipe must not lose the others' results
             print(f"[sweep] {jobs[i].data.corpus} {jobs[i].quant.recipe} failed: {err}", flush=True)
             results[i] = _failed(jobs[i], err)
+        results[i] = {**results[i], "seed": jobs[i].train.seed}
         _finish_child(client, run_id, results[i])
         r = results[i]
-        print(f"[sweep] {len(results)}/{len(jobs)} {r['corpus']} {r['recipe']}: val_loss {r['val_loss']:.4f} "
-              f"({time.time() - start:.0f} s)", flush=True)
+        print(f"[sweep] {len(results)}/{len(jobs)} {r['corpus']} seed {r['seed']} {r['recipe']}: "
+              f"val_loss {r['val_loss']:.4f} ({time.time() - start:.0f} s)", flush=True)
     rows = [results[i] for i in range(len(jobs))]
     return write_sweep(rows, Path(cfg.output_dir).resolve() / "sweep", asdict(cfg))
+
+
+def with_seed(cfg: PretrainRunConfig, seed: int) -> PretrainRunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
 
 
 def _failed(cfg: PretrainRunConfig, err: Exception) -> dict:
@@ -119,32 +131,61 @@ def _finish_child(client, run_id: str | None, result: dict) -> None:
 
 
 def compare(rows: list[dict]) -> list[dict]:
-    """Table rows: each run relative to the FP run of its corpus."""
-    fp = {r["corpus"]: r for r in rows if r["recipe"] == "fp"}
+    """Table rows: each run relative to the FP run of its corpus and seed."""
+    fp = {(r["corpus"], r.get("seed")): r for r in rows if r["recipe"] == "fp"}
     out = []
     for r in rows:
-        ref = fp.get(r["corpus"])
+        ref = fp.get((r["corpus"], r.get("seed")))
         rel = lambda k: r[k] / ref[k] if ref and ref[k] else None  # noqa: E731
-        out.append({"corpus": r["corpus"], "recipe": r["recipe"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
+        out.append({"corpus": r["corpus"], "recipe": r["recipe"], "seed": r.get("seed"),
+                    "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
                     "rel_to_fp": rel("val_loss"), "diverged": r["diverged"], "opt_state_bytes": r["opt_state_bytes"],
                     "opt_bytes_vs_fp": rel("opt_state_bytes"), "step_s": r["step_s"],
                     "step_time_vs_fp": rel("step_s"), "quantized_layers": r["quantized_layers"], "steps": r["steps"]})
     return out
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (corpus, recipe) over its seeds: mean val loss, mean/std/max of the gap to FP
+    (rel_to_fp - 1, a fraction), diverged seeds, and the mean of the byte and time ratios."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["corpus"], r["recipe"]), []).append(r)
+
+    def mean(vals):
+        vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+        return statistics.fmean(vals) if vals else None
+
+    out = []
+    for (corpus, recipe), rs in groups.items():
+        gaps = [r["rel_to_fp"] - 1 for r in rs if r["rel_to_fp"] is not None and math.isfinite(r["rel_to_fp"])]
+        out.append({"corpus": corpus, "recipe": recipe, "seeds": len(rs), "val_loss": mean(r["val_loss"] for r in rs),
+                    "rel_to_fp": mean(r["rel_to_fp"] for r in rs), "gap_mean": mean(gaps),
+                    "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0 if gaps else None,
+                    "gap_max": max(gaps) if gaps else None, "diverged": sum(bool(r["diverged"]) for r in rs),
+                    "opt_state_bytes": rs[0]["opt_state_bytes"], "opt_bytes_vs_fp": rs[0]["opt_bytes_vs_fp"],
+                    "step_s": mean(r["step_s"] for r in rs), "step_time_vs_fp": mean(r["step_time_vs_fp"] for r in rs)})
+    return out
+
+
 def write_sweep(results: list[dict], out: Path, config: dict) -> dict:
-    """sweep_results.json (with loss histories), .md and .csv tables, loss_curves.png."""
+    """sweep_results.json (with loss histories), .md and .csv tables, loss_curves.png (first seed)."""
     from pipelines.io import markdown_table, write_json_atomic, write_text_atomic
 
-    rows = compare(results)
+    rows, summary = compare(results), summarize(compare(results))
     cols = list(rows[0]) if rows else []
     table = markdown_table(rows, cols)
+    if len({r["seed"] for r in rows}) > 1:
+        table = ("Mean over seeds (gap = val loss / FP val loss of the same seed - 1):\n\n"
+                 + markdown_table(summary, list(summary[0])) + "\n\nEvery run:\n\n" + table)
     csv = "\n".join([",".join(cols)] + [",".join("" if r[c] is None else str(r[c]) for c in cols) for r in rows])
     write_text_atomic(out / "sweep_results.md", table + "\n")
     write_text_atomic(out / "sweep_results.csv", csv + "\n")
-    write_json_atomic(out / "sweep_results.json", {"rows": rows, "runs": results, "config": config})
-    plot_losses(results, out / "loss_curves.png")
-    return {"rows": rows, "table": table, "output_dir": str(out)}
+    write_json_atomic(out / "sweep_results.json", {"rows": rows, "summary": summary, "runs": results,
+                                                   "config": config})
+    first = min((r.get("seed") or 0 for r in results), default=0)
+    plot_losses([r for r in results if (r.get("seed") or 0) == first], out / "loss_curves.png")
+    return {"rows": rows, "summary": summary, "table": table, "output_dir": str(out)}
 
 
 def _ema(values, alpha: float = 0.1) -> list[float]:

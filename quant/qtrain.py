@@ -17,6 +17,7 @@ A `Recipe` bundles the five linear-layer specs with the optimizer-state specs
     w<b>  weight, per output channel        g<b>   grad_output (G for dW), per token
     a<b>  activation (input), per token     gx<b>  grad_input (G for dX), per token
     gw<b> weight gradient dW, per channel   m<b>   AdamW first moment, blocks of 256 (4 bit: 128)
+    (weights and activations round to nearest; the three gradient kinds round stochastically)
     v<b>  AdamW second moment (sqrt code, blocks of 256; 4 bit: 128)  fp  nothing quantized
 
 followed by optional overrides ``:kind.field=value,...``, e.g. ``w8a8g8``, ``w4``,
@@ -54,9 +55,13 @@ def default_spec(kind: str, bits: int) -> TensorQuant | StateQuant:
         return StateQuant(bits=bits, block_size=256 if bits == 8 else 128, code="sqrt")
     if not 2 <= bits <= 8:
         raise ValueError(f"{kind}.bits={bits} is out of range 2..8")
+    # Gradients round stochastically (unbiased): round-to-nearest zeroes every entry below half a
+    # step of its token's absmax, e.g. the small softmax gradients at the LM head, and stalls the
+    # loss (bench/results/qpretrain.md). "...:grad_output.rounding=nearest" brings it back.
+    rounding = "stochastic" if kind.startswith("grad") else "nearest"
     if kind in ("weight", "grad_weight"):
-        return TensorQuant(bits=bits, granularity="channel", axis=0)
-    return TensorQuant(bits=bits, granularity="token")
+        return TensorQuant(bits=bits, granularity="channel", axis=0, rounding=rounding)
+    return TensorQuant(bits=bits, granularity="token", rounding=rounding)
 
 
 def check_spec(kind: str, spec: Any) -> None:

@@ -16,7 +16,7 @@ from pipelines.cli import app
 from pipelines.config import ConfigError, load_config
 from pipelines.lm_data import CORPORA, eval_windows, get_batch, prepare_corpus, split_text
 from pipelines.pretrain import PretrainRunConfig, build_model, evaluate, run_pretrain_stage, with_recipe
-from pipelines.pretrain_sweep import sweep, train_local
+from pipelines.pretrain_sweep import compare, summarize, sweep, train_local
 from quant.qtrain import Recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -111,17 +111,35 @@ def test_ray_train_stage_logs_nested_runs_and_sweep_writes_table(corpus, tmp_pat
     assert len(client.get_metric_history(stage.info.run_id, "train_loss")) == 12  # every step
     assert "val_loss" in stage.data.metrics
 
-    cfg = tiny_cfg(corpus, tmp_path, "train.steps=6", "sweep.recipes=[fp, w4]", "sweep.max_parallel=2")
+    cfg = tiny_cfg(corpus, tmp_path, "train.steps=6", "sweep.recipes=[fp, w4]", "sweep.seeds=[0, 1]",
+                   "sweep.max_parallel=2")
     with mlflow.start_run(run_name="sweep-parent") as parent:
         summary = sweep(cfg, parent.info.run_id, mlflow_uri)
-    rows = {r["recipe"]: r for r in summary["rows"]}
-    assert rows["fp"]["rel_to_fp"] == 1.0 and 0.8 < rows["w4"]["rel_to_fp"] < 1.2
+    rows = {(r["recipe"], r["seed"]): r for r in summary["rows"]}
+    assert sorted(rows) == [("fp", 0), ("fp", 1), ("w4", 0), ("w4", 1)]
+    assert rows["fp", 0]["val_loss"] != rows["fp", 1]["val_loss"]  # the seed changes the run
+    assert rows["fp", 1]["rel_to_fp"] == 1.0 and 0.8 < rows["w4", 1]["rel_to_fp"] < 1.2
+    assert rows["w4", 1]["rel_to_fp"] == rows["w4", 1]["val_loss"] / rows["fp", 1]["val_loss"]  # same-seed FP
+    w4 = next(r for r in summary["summary"] if r["recipe"] == "w4")
+    assert w4["seeds"] == 2 and w4["gap_mean"] == pytest.approx((rows["w4", 0]["rel_to_fp"] + rows["w4", 1]["rel_to_fp"]) / 2 - 1)
     for name in ("sweep_results.md", "sweep_results.csv", "sweep_results.json", "loss_curves.png"):
         assert (tmp_path / "out" / "sweep" / name).stat().st_size > 0
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["plmq.recipe"] for c in children) == ["fp", "w4"]
+    assert sorted((c.data.tags["plmq.recipe"], c.data.tags["plmq.seed"]) for c in children) == [
+        ("fp", "0"), ("fp", "1"), ("w4", "0"), ("w4", "1")]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_sweep_summary_averages_each_recipe_gap_over_seeds():
+    rows = [{"corpus": "c", "recipe": r, "seed": s, "val_loss": v, "val_ppl": math.exp(v), "diverged": d,
+             "opt_state_bytes": 8, "step_s": 1.0, "quantized_layers": 1, "steps": 5}
+            for r, s, v, d in [("fp", 0, 4.0, False), ("fp", 1, 5.0, False), ("w8", 0, 4.2, False),
+                               ("w8", 1, 5.0, False), ("v8", 0, 400.0, True), ("v8", 1, 5.5, False)]]
+    summary = {r["recipe"]: r for r in summarize(compare(rows))}
+    assert summary["w8"]["seeds"] == 2 and summary["w8"]["gap_mean"] == pytest.approx(0.025)
+    assert summary["w8"]["gap_max"] == pytest.approx(0.05) and summary["w8"]["gap_std"] == pytest.approx(0.05 / 2**0.5)
+    assert summary["fp"]["gap_mean"] == 0.0 and summary["v8"]["diverged"] == 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -133,6 +151,7 @@ def test_ray_train_stage_logs_nested_runs_and_sweep_writes_table(corpus, tmp_pat
     ("quant.opt_v={code: log}", "quant.opt_v.code='log'"),
     ("quant.opt_m={bits: 2}", "quant.opt_m.bits=2 is not supported"),
     ("sweep.recipes=[fp, w8, m3]", "sweep.recipes[2]='m3': opt_m.bits=3"),
+    ("sweep.seeds=[0, 0]", "sweep.seeds=[0, 0]: expected distinct integers"),
     ("model.n_head=3", "n_embd divisible by n_head"),
 ])
 def test_bad_configs_fail_before_work(override, message):

@@ -76,7 +76,7 @@ def _backward(recipe: str, seed: int = 0):
 
 
 def test_grad_output_quantized_per_token_for_dw_only():
-    lin, x, g = _backward("g8")
+    lin, x, g = _backward("g8:grad_output.rounding=nearest")
     g2, x2 = g.reshape(-1, 8), x.detach().reshape(-1, 16)
     gq = ref_quant(g2, 8, -1)
     # Q(G) lies on a per-token grid of absmax / 127 ...
@@ -89,7 +89,7 @@ def test_grad_output_quantized_per_token_for_dw_only():
 
 
 def test_grad_input_option_quantizes_dx_and_keeps_dw_exact():
-    lin, x, g = _backward("gx8")
+    lin, x, g = _backward("gx8:grad_input.rounding=nearest")
     g2, x2 = g.reshape(-1, 8), x.detach().reshape(-1, 16)
     torch.testing.assert_close(x.grad.reshape(-1, 16), ref_quant(g2, 8, -1) @ lin.weight.detach(),
                                rtol=1e-5, atol=1e-6)
@@ -97,7 +97,7 @@ def test_grad_input_option_quantizes_dx_and_keeps_dw_exact():
 
 
 def test_weight_gradient_lies_on_its_per_channel_grid():
-    lin, x, g = _backward("gw4")
+    lin, x, g = _backward("gw4:grad_weight.rounding=nearest")
     dw = lin.weight.grad
     exact = g.reshape(-1, 8).t() @ x.detach().reshape(-1, 16)
     steps = exact.abs().amax(1, keepdim=True) / 7
@@ -106,6 +106,23 @@ def test_weight_gradient_lies_on_its_per_channel_grid():
     assert codes.abs().max() <= 7 + 1e-4
     assert all(len(torch.unique(torch.round(r))) <= 15 for r in codes)
     assert (dw - exact).abs().max() <= steps.max() / 2 + 1e-6
+
+
+def test_gradients_round_stochastically_by_default_weights_and_activations_to_nearest():
+    recipe = Recipe.parse("w8a8g8gx8gw8")
+    assert {k: getattr(recipe, k).rounding for k in ("weight", "act", "grad_output", "grad_input", "grad_weight")} == {
+        "weight": "nearest", "act": "nearest", "grad_output": "stochastic", "grad_input": "stochastic",
+        "grad_weight": "stochastic"}
+    # one-hot tokens: dW = Q(G)^T X has Q(G)[t] as its column t
+    torch.manual_seed(1)
+    q = QTrainLinear.from_float(nn.Linear(16, 8), "g8").train()
+    gt = torch.randn(8, 8) * torch.linspace(0.01, 2, 8).view(8, 1)
+    q(torch.eye(16)[:8]).backward(gt)
+    gq = q.weight.grad.t()[:8]
+    steps = gt.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(gq / steps, torch.round(gq / steps), atol=1e-3)
+    assert ((gq - gt).abs() <= steps + 1e-6).all()
+    assert ((gq - gt).abs() > steps / 2 + 1e-6).any()  # some entries rounded away from nearest
 
 
 def test_stochastic_rounding_of_gradients_is_unbiased():
