@@ -146,12 +146,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--only", nargs="*", default=None, help="subset of result keys, e.g. prequant_w4 lora_w4")
     parser.add_argument("--smoke", action="store_true", help="tiny-bert, a few steps, results under runs/")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/prequant.json); for pilots")
     args = parser.parse_args()
     torch_threads()
     args.config = args.config or ("configs/prequant_tiny.yaml" if args.smoke else "configs/prequant.yaml")
     if args.smoke:
         args.set = SMOKE + ["output_dir=runs/prequant_smoke", *args.set]
     path = ROOT / "runs" / "prequant_smoke" / "prequant.json" if args.smoke else RESULTS
+    path = Path(args.out).resolve() if args.out else path
     tasks = args.tasks or load_config(ROOT / args.config, args.set).tasks
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("details", {})

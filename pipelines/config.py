@@ -162,6 +162,11 @@ class PrequantConfig:
     criterion: str = "weight"        # outlier column score: weight | activation | random (quant.outliers.CRITERIA)
     budget_pct: float = 0.5          # trainable outlier columns (+ biases/LayerNorm), % of the model's parameters
     train_norms: bool = False        # also train biases and LayerNorm (counted in the budget)
+    # Body Linears that belong to the task head (fnmatch patterns on module names): kept FP and
+    # trained per task by every method, like the classifier; counted in trainable %, not in the
+    # budget. E.g. ['*pooler*'] for sentence-embedding checkpoints (MiniLM) whose [CLS] pooler
+    # was never trained for classification: full fine-tuning moves it ~25%, the encoder ~4%.
+    head_modules: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["prequant"])  # any of METHODS
     lr: float = 5e-4                 # of prequant/random/lora/bitfit; other settings come from `finetune`
     lora_scaling: float = 2.0        # LoRA alpha / r
@@ -185,6 +190,9 @@ class PrequantConfig:
                 raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
         if not 0 < self.lr < 1 or self.lora_scaling <= 0:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
+        if not all(isinstance(p, str) and p for p in self.head_modules):
+            raise ConfigError(f"prequant.head_modules={self.head_modules!r}: expected module-name patterns, "
+                              "e.g. ['*pooler*']")
         if self.calib_samples <= 0 or self.calib_max_length < 8:
             raise ConfigError("prequant.calib_samples must be >= 1 and prequant.calib_max_length >= 8")
         for i, cfg in enumerate(parse_quant_list("prequant", self.quant, "PreQuant needs quantized weights (e.g. w4)")):

@@ -17,10 +17,12 @@ Methods (`prequant.methods`; one config runs them all):
   random    the same with random columns (ablation)
   lora      LoRA (peft) on the plain low-bit base (no FP columns), ranks sized to the same budget
   bitfit    all biases + head on the plain low-bit base
+Every method also trains `prequant.head_modules` (FP Linears that belong to the task head).
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import hashlib
 import json
@@ -32,7 +34,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from ray.train.torch import prepare_data_loader, prepare_model
@@ -61,6 +63,7 @@ class ArtefactSpec:
     train_norms: bool
     seed: int
     calib: tuple | None           # (corpus, samples, max_length) for criterion=activation
+    head_modules: tuple = ()      # Linears kept FP: trained per task as part of the head
 
     @property
     def key(self) -> str:
@@ -76,12 +79,26 @@ def artefact_spec(model: str, quant: str, pcfg: PrequantConfig, method: str = "p
     """The stored model `method` starts from: outliers by the configured criterion, random
     columns, or (lora/bitfit) plain low-bit weights."""
     qcfg = str(ol.with_quantizer(quant, pcfg.quantizer))
+    head = tuple(pcfg.head_modules)
     if method in ("lora", "bitfit"):
-        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, None)
+        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, None, head)
     criterion = "random" if method == "random" else pcfg.criterion
     calib = ((pcfg.calib_corpus, pcfg.calib_samples, pcfg.calib_max_length)
              if ol.CRITERIA[criterion].needs_activations else None)
-    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib)
+    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head)
+
+
+def head_module_param(patterns: list[str] | tuple) -> Callable[[str], bool]:
+    """Whether a parameter name belongs to one of the `head_modules` Linears."""
+    return lambda n: any(fnmatch.fnmatchcase(n.rsplit(".", 1)[0], p) for p in patterns)
+
+
+def check_head_modules(model: torch.nn.Module, patterns: list[str] | tuple) -> None:
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in linears):
+            raise ConfigError(f"prequant.head_modules: {p!r} matches no Linear of the model; its Linears are "
+                              f"named like {linears[0]!r} ... {linears[-1]!r}")
 
 
 def artefact_root(pcfg: PrequantConfig, output_dir: str | Path) -> Path:
@@ -156,7 +173,9 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
     tokenizer = models.load_tokenizer(model)
     reserved = sum(p.numel() for _, p in ol.trainable_selection(clf, outliers=False, biases=True, norms=True,
                                                                 head=False)) if spec.train_norms else 0
-    ocfg = ol.OutlierConfig(spec.quant, spec.criterion, (spec.budget_pct or 0) / 100, reserved, spec.seed)
+    check_head_modules(clf, spec.head_modules)
+    ocfg = ol.OutlierConfig(spec.quant, spec.criterion, (spec.budget_pct or 0) / 100, reserved, spec.seed,
+                            skip=list(spec.head_modules))
     act = _activation_stats(clf, tokenizer, spec, ol.targets(clf, ocfg)) if spec.calib else None
     report = ol.prequantize(clf, ocfg, act)
     used = report.outlier_params + reserved
@@ -210,12 +229,14 @@ def apply_lora(model: torch.nn.Module, ranks: dict[str, int], scaling: float) ->
     inject_adapter_in_model(cfg, model)
 
 
-def set_trainable(model: torch.nn.Module, method: str, train_norms: bool) -> list[str]:
+def set_trainable(model: torch.nn.Module, method: str, train_norms: bool, head_modules: list[str] | tuple = ()
+                  ) -> list[str]:
+    head = head_module_param(head_modules)
     if method == "lora":
-        return ol.mark_trainable(model, outliers=False, extra=lambda n: "lora_" in n)
+        return ol.mark_trainable(model, outliers=False, extra=lambda n: "lora_" in n or head(n))
     if method == "bitfit":
-        return ol.mark_trainable(model, outliers=False, biases=True)
-    return ol.mark_trainable(model, outliers=True, biases=train_norms, norms=train_norms)
+        return ol.mark_trainable(model, outliers=False, biases=True, extra=head)
+    return ol.mark_trainable(model, outliers=True, biases=train_norms, norms=train_norms, extra=head)
 
 
 def _skeleton(directory: Path, **hf_kwargs) -> torch.nn.Module:
@@ -233,7 +254,7 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
     if method == "lora":
         apply_lora(model, lora_ranks(manifest, pcfg.budget_pct), pcfg.lora_scaling)
     ol.load_weights(model, artefact, allow_missing=lambda k: ol.is_head(k) or "lora_" in k)
-    set_trainable(model, method, pcfg.train_norms)
+    set_trainable(model, method, pcfg.train_norms, pcfg.head_modules)
     return model
 
 

@@ -101,6 +101,13 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
     assert pq.artefact_spec("tiny-bert", "w4", other).directory(tmp_path) != pq.artefact_spec(
         "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
 
+
+def test_head_modules_that_match_no_linear_are_rejected(tmp_path):
+    cfg = load_config(None, ["prequant.quant=[w4]", "prequant.head_modules=['*poolr*']"])
+    with pytest.raises(ConfigError, match=re.escape("prequant.head_modules: '*poolr*' matches no Linear")):
+        pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path)
+    assert not any(tmp_path.iterdir())
+
 # ---------------------------------------------------------------- prequant-finetune on Ray Train
 
 
@@ -164,13 +171,20 @@ ALLOWED = {"lora": lambda n: "lora_" in n, "bitfit": lambda n: n.endswith(".bias
            "random": lambda n: n.endswith(".outlier"), "prequant": lambda n: n.endswith(".outlier")}
 
 
-@pytest.mark.parametrize("method,quant", [("lora", "w4"), ("bitfit", "w4"), ("random", "w4"), ("prequant", "w3a8")])
+@pytest.mark.parametrize("method,quant,pooler", [("lora", "w4", False), ("bitfit", "w4", False), ("random", "w4", False),
+                                                 ("prequant", "w3a8", False), ("prequant", "w4", True),
+                                                 ("lora", "w4", True)])
 def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_path, separable_glue, cache_dir,
-                                                                             method, quant):
+                                                                             method, quant, pooler):
     """The worker's pieces (build_model, calibrate_inputs, make_optimizer, export_finetuned) without Ray's
-    start-up cost; the Ray path they run in is the same for every method (test above, bench --smoke)."""
-    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, f"prequant.quant=[{quant}]")
+    start-up cost; the Ray path they run in is the same for every method (test above, bench --smoke).
+    pooler: prequant.head_modules puts the pooler in the head (FP in the artefact, trained by every method)."""
+    head = ["prequant.head_modules=['*pooler*']"] if pooler else []
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, f"prequant.quant=[{quant}]", *head)
     artefact = pq.prequant_quantize("tiny-bert", quant, cfg.prequant, tmp_path / "models", method).directory
+    stored = load_file(f"{artefact}/{ol.WEIGHTS_FILE}")
+    assert ("bert.pooler.dense.weight" in stored) == pooler  # FP, not packed
+    assert ("bert.pooler.dense.weight.packed" in stored) == (not pooler)
     tok = models.load_tokenizer("tiny-bert")
     model = pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
     loader = make_loader(str(tokenized_split("sst2", "train", tok, cfg.data)), tok, 32, True, 0)
@@ -191,7 +205,9 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
     meta = json.loads((out / "plmq_meta.json").read_text())
     trainable = set(meta["trainable_names"])
     assert any(ALLOWED[method](n) for n in trainable)
-    assert all(ALLOWED[method](n) or n.startswith("classifier.") for n in trainable)
+    in_head = {n for n in trainable if n.startswith("classifier.") or (pooler and n.startswith("bert.pooler."))}
+    assert all(ALLOWED[method](n) or n in in_head for n in trainable)
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= trainable if pooler else True
     assert set(meta["optimizer_state_names"]) == trainable
     assert _frozen_tensors_equal(artefact, str(out), trainable) == []
     fresh = dict(pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
@@ -199,7 +215,8 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
     trained = dict(model.named_parameters())
     assert all(not torch.equal(fresh[n], trained[n]) for n in trainable if ALLOWED[method](n))  # all of them moved
     if method == "lora":
-        assert abs(meta["trainable_pct"] - 0.5) <= 0.05  # adapters sized to the same budget
+        head_pct = 100 * sum(p.numel() for n, p in trained.items() if n.startswith("bert.pooler.")) / meta["model_params"]
+        assert abs(meta["trainable_pct"] - 0.5 - (head_pct if pooler else 0)) <= 0.05  # adapters: the same budget
     loaded, _, _ = pq.load_prequant_checkpoint(out)  # with its adapters
     batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
     with torch.no_grad():
