@@ -117,6 +117,25 @@ def run_task(task: str, args) -> tuple[dict, dict]:
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
 
 
+def check_targets(results: dict) -> list[dict]:
+    """The issue's bars per task: (target, measured, met)."""
+    rows = []
+    for t in results.get("tasks", []):
+        r = results[t]
+        bars = [("prequant_w4 >= fp_full - 1.0", "prequant_w4", r.get("fp_full", 0) - 1.0),
+                ("prequant_w3 >= fp_full - 2.0", "prequant_w3", r.get("fp_full", 0) - 2.0),
+                ("prequant_w4 >= lora_w4", "prequant_w4", r.get("lora_w4")),
+                ("prequant_w4 >= random_cols_w4", "prequant_w4", r.get("random_cols_w4"))]
+        for target, key, bar in bars:
+            if r.get(key) is not None and bar is not None and r.get("fp_full") is not None:
+                rows.append({"task": t, "target": target, "measured": f"{r[key]} vs {round(bar, 2)}",
+                             "met": r[key] >= bar})
+        if r.get("trainable_pct") is not None:
+            rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",
+                         "met": r["trainable_pct"] <= 1.0})
+    return rows
+
+
 def write(results: dict, path: Path) -> None:
     write_json_atomic(path, results)
     tasks = results.get("tasks", [])
@@ -131,11 +150,14 @@ def write(results: dict, path: Path) -> None:
                    for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
           "Main dev metric in points (MRPC: F1). trainable_pct: prequant_w4's trainable parameters, % of the model.",
-          "", markdown_table(rows, cols), "", "## Per method", "",
+          "", markdown_table(rows, cols), "", "## Targets", "",
+          markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
                                        "optimizer_state_MB", "peak_rss_MB", "train_s", "model_MB", "source"]), "",
           "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is analytic.",
           "", f"Command: `{results['command']}`", "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+    if results.get("notes"):
+        md += ["", "## Notes (written after the runs above)", ""] + [f"- {n}" for n in results["notes"]]
     write_text_atomic(path.with_suffix(".md"), "\n".join(md) + "\n")
 
 
