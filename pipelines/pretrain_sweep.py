@@ -219,7 +219,9 @@ def plot_losses(results: list[dict], path: Path) -> Path:
         finals = [r["val_loss"] for r in runs if not r["diverged"]]
         if ok and finals:
             ax.set_ylim(min(ok) - 0.1, max(finals) + 0.6 * (max(ok) - max(finals)) ** 0.5 + 0.5)
-        ax.set(title=f"{corpus}: train loss (EMA), val loss (dots)", xlabel="step", ylabel="loss")
+        seeds = sorted({r.get("seed") for r in runs} - {None})
+        seed = f", seed {seeds[0]}" if len(seeds) == 1 else ""
+        ax.set(title=f"{corpus}{seed}: train loss (EMA), val loss (dots)", xlabel="step", ylabel="loss")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
