@@ -186,7 +186,8 @@ def setup_text(cfg: PretrainRunConfig) -> str:
     return (f"GPT-2 {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads, context {m.block_size}; byte-level BPE "
             f"vocab {cfg.data.vocab_size} trained on each corpus' first 90%; {t.steps} steps of {t.batch_size} "
             f"sequences (AdamW lr {t.lr}, warm-up {t.warmup_steps}, cosine, wd {t.weight_decay}, clip "
-            f"{t.grad_clip}), seeds {cfg.sweep.seeds or [t.seed]} (each recipe vs the FP run of its seed); validation loss on {cfg.data.eval_windows} windows of the last 10%. "
+            f"{t.grad_clip}), seeds {cfg.sweep.seeds or [t.seed]} (each recipe vs the FP run of its seed); "
+            f"validation loss on {cfg.data.eval_windows} windows of the last 10%. "
             f"CPU, 1 thread per run, {cfg.sweep.max_parallel} runs in parallel on a 2-core machine: "
             "step times are only roughly comparable.")
 

@@ -172,7 +172,8 @@ def write_sweep(results: list[dict], out: Path, config: dict) -> dict:
     """sweep_results.json (with loss histories), .md and .csv tables, loss_curves.png (first seed)."""
     from pipelines.io import markdown_table, write_json_atomic, write_text_atomic
 
-    rows, summary = compare(results), summarize(compare(results))
+    rows = compare(results)
+    summary = summarize(rows)
     cols = list(rows[0]) if rows else []
     table = markdown_table(rows, cols)
     if len({r["seed"] for r in rows}) > 1:
