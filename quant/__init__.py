@@ -23,7 +23,7 @@ from .convert import (
 )
 from .export import load_quantized, model_bytes, read_quant_config, save_quantized
 from .modules import QuantEmbedding, QuantLinear, Quantizer, fake_quantize
-from .pack import pack, packed_numel, storage_bits, unpack
+from .pack import legacy_width, pack, packed_numel, unpack
 from .ternary import binary_params, binary_quant, ternary_params, ternary_quant
 from .uniform import (
     compute_qparams,
@@ -39,9 +39,9 @@ __all__ = [
     "HEADS", "QuantConfig", "QuantEmbedding", "QuantLinear", "QuantReport", "Quantizer", "TensorQuant",
     "act_spec", "binary_params", "binary_quant", "calibrate", "compute_qparams", "convert_modules",
     "dequantize", "dequantized_state_dict", "fake_quant", "fake_quantize", "find_targets", "freeze",
-    "load_quantized", "lsq_grad_scale", "model_bytes", "pack", "packed_numel", "qparams_from_range",
+    "legacy_width", "load_quantized", "lsq_grad_scale", "model_bytes", "pack", "packed_numel", "qparams_from_range",
     "qrange", "quant_modules", "quantize_int", "quantize_model", "quantizers", "read_quant_config",
-    "save_quantized", "storage_bits", "ternary_params", "ternary_quant", "unpack", "weight_spec",
+    "save_quantized", "ternary_params", "ternary_quant", "unpack", "weight_spec",
 ]
 
 from .qtrain import QAdamW, QTrainLinear, Recipe, StateQuant, convert_qtrain, make_optimizer  # noqa: E402,F401 (issue #6)

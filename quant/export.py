@@ -31,11 +31,12 @@ from torch import nn
 from .config import QuantConfig, TensorQuant
 from .convert import convert_modules, quant_modules, quantizers
 from .modules import QuantEmbedding, _STATE
-from .pack import pack, unpack
+from .pack import legacy_width, pack, unpack
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quant_config.json"
-FORMAT = "plmq-packed-v1"
+FORMAT = "plmq-packed-v2"  # v2: dense 3/5/6/7-bit packing
+LEGACY_FORMAT = "plmq-packed-v1"  # still read
 
 
 def to_unsigned(q: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
@@ -120,7 +121,7 @@ def model_bytes(directory: str | os.PathLike) -> int:
 def read_quant_config(directory: str | os.PathLike) -> dict:
     """The quant_config.json of a saved checkpoint."""
     meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise ValueError(f"{directory}: unknown checkpoint format {meta.get('format')!r}")
     return meta
 
@@ -156,7 +157,8 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             continue
         dev, dt = m.weight.device, m.weight.dtype
         packed = tensors.pop(f"{name}.weight.packed")
-        q = from_unsigned(unpack(packed, info["bits"], info["shape"]), m.weight_q.spec).to(dev)
+        width = legacy_width(info["bits"]) if meta["format"] == LEGACY_FORMAT else None
+        q = from_unsigned(unpack(packed, info["bits"], info["shape"], width), m.weight_q.spec).to(dev)
         params = {k: tensors.pop(f"{name}.weight.{k}").to(dev, dt) for k in _STATE if f"{name}.weight.{k}" in tensors}
         w = m.weight_q.decode(q, params)
         m.weight_q.set_params(params["step"], params.get("zero_point"), params.get("threshold"))

@@ -43,11 +43,12 @@ from .config import QuantConfig
 from .convert import HEADS, find_targets
 from .export import from_unsigned, to_unsigned
 from .modules import Quantizer
-from .pack import pack, unpack
+from .pack import legacy_width, pack, unpack
 
 WEIGHTS_FILE = "prequant.safetensors"  # not model.safetensors: HF from_pretrained must not half-load it
 MANIFEST_FILE = "prequant.json"
-FORMAT = "plmq-prequant-v1"
+FORMAT = "plmq-prequant-v2"  # v2: dense 3/5/6/7-bit packing
+LEGACY_FORMAT = "plmq-prequant-v1"  # still read
 
 # ---------------------------------------------------------------- quantizers
 
@@ -256,14 +257,15 @@ class OutlierLinear(nn.Linear):
         return out | {f"weight.{k}": v.cpu() for k, v in params.items()}
 
     @torch.no_grad()
-    def load_packed(self, tensors: dict[str, Tensor]) -> None:
-        """Inverse of packed_state (outlier_idx must already be loaded)."""
+    def load_packed(self, tensors: dict[str, Tensor], legacy: bool = False) -> None:
+        """Inverse of packed_state (outlier_idx must already be loaded); legacy: a v1 file."""
         spec = self.weight_q.spec
         dev = self.weight.device
         params = {k: tensors[f"weight.{k}"].to(dev) for k in ("step", "zero_point", "threshold")
                   if f"weight.{k}" in tensors}
         self.weight_q.set_params(params["step"], params.get("zero_point"), params.get("threshold"))
-        codes = from_unsigned(unpack(tensors["weight.packed"], spec.bits, self.weight.shape), spec).to(dev)
+        width = legacy_width(spec.bits) if legacy else None
+        codes = from_unsigned(unpack(tensors["weight.packed"], spec.bits, self.weight.shape, width), spec).to(dev)
         self._set_codes(codes, params)
 
     def extra_repr(self) -> str:
@@ -438,7 +440,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} holds no pre-quantized model ({MANIFEST_FILE} missing)")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise ValueError(f"{directory}: unknown format {manifest.get('format')!r}")
     return manifest
 
@@ -456,7 +458,8 @@ def load_weights(model: nn.Module, directory: str | os.PathLike,
                  allow_missing: Callable[[str], bool] | None = None) -> nn.Module:
     """Load save_outlier_model's tensors into a skeleton (to_skeleton, then any peft wrapping).
     allow_missing(name): model tensors the file may lack (a fresh task head, new adapters)."""
-    modules = read_manifest(directory)["modules"]
+    manifest = read_manifest(directory)
+    modules, legacy = manifest["modules"], manifest["format"] == LEGACY_FORMAT
     packed: dict[str, dict[str, Tensor]] = {c: {} for c in modules}
     rest = {}
     for key, value in load_file(str(Path(directory) / WEIGHTS_FILE)).items():
@@ -468,7 +471,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike,
     actual = {_canonical(k): k for k in model.state_dict()}
     missing, unexpected = model.load_state_dict({actual.get(k, k): v for k, v in rest.items()}, strict=False)
     for name, m in outlier_modules(model):  # after outlier_idx is loaded
-        m.load_packed(packed[_canonical(name)])
+        m.load_packed(packed[_canonical(name)], legacy)
     frozen = {f"{c}.weight" for c in modules}
     missing = [k for k in missing if _canonical(k) not in frozen and ".weight_q." not in k
                and not (allow_missing and allow_missing(_canonical(k)))]

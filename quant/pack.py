@@ -1,9 +1,12 @@
 """Bit packing of unsigned integer codes into uint8.
 
-Storage width per value: 1 bit for binary (8 per byte), 2 bits for 2-bit codes (4 per
-byte), 4 bits for 3- and 4-bit codes (2 per byte; 3-bit is stored in 4 so values never
-straddle a byte), 8 bits for 5..8-bit codes. Little-endian within a byte: value i of a
-byte sits at bits [i*w, (i+1)*w).
+Codes are stored densely: n codes of b bits take ceil(n*b/8) bytes, so 3-bit weights are
+really 3/8 of a byte. Layout: every group of 8 codes forms one little-endian bit string of
+b bytes, code i at bits [i*b, (i+1)*b); the last group is zero-padded and cut to the byte
+count. For b in {1, 2, 4, 8} this is the plain "value i of a byte at bits [i*b, (i+1)*b)".
+
+Checkpoints of format v1 stored 3-bit codes in 4 bits and 5..7-bit codes in 8 bits:
+`legacy_width(bits)` gives that width, and pack/unpack take it as `width` to read them.
 """
 
 from __future__ import annotations
@@ -14,43 +17,58 @@ import torch
 from torch import Tensor
 
 
-def storage_bits(bits: int) -> int:
-    """Bits used to store one `bits`-bit code."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits={bits} is out of range 1..8")
+def legacy_width(bits: int) -> int:
+    """Bits that format-v1 checkpoints used to store one `bits`-bit code."""
+    _check(bits, bits)
     return 1 if bits == 1 else 2 if bits == 2 else 4 if bits <= 4 else 8
 
 
-def packed_numel(numel: int, bits: int) -> int:
+def _check(bits: int, width: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range 1..8")
+    if not bits <= width <= 8:
+        raise ValueError(f"storage width {width} must lie in {bits}..8 for bits={bits}")
+
+
+def packed_numel(numel: int, bits: int, width: int | None = None) -> int:
     """Number of bytes pack() produces for numel codes."""
-    return math.ceil(numel / (8 // storage_bits(bits)))
+    width = bits if width is None else width
+    _check(bits, width)
+    return math.ceil(numel * width / 8)
 
 
-def pack(q: Tensor, bits: int) -> Tensor:
+def pack(q: Tensor, bits: int, width: int | None = None) -> Tensor:
     """Pack codes in [0, 2**bits) (any int dtype, any shape) into a flat uint8 tensor."""
-    w = storage_bits(bits)
-    flat = q.reshape(-1).to(torch.int32)
+    width = bits if width is None else width
+    _check(bits, width)
+    flat = q.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}")
-    if w == 8:
+    if width == 8:
         return flat.to(torch.uint8)
-    per = 8 // w
-    pad = (-flat.numel()) % per
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(0, 8, w, dtype=torch.int32, device=flat.device)
-    return (flat.reshape(-1, per) << shifts).sum(-1).to(torch.uint8)
+    n = flat.numel()
+    flat = torch.cat([flat, flat.new_zeros((-n) % 8)])
+    shifts = torch.arange(0, 8 * width, width, device=flat.device)
+    words = (flat.reshape(-1, 8) << shifts).sum(-1, keepdim=True)  # 8*width <= 56 bits: fits int64
+    byte_shifts = torch.arange(0, 8 * width, 8, device=flat.device)
+    packed = ((words >> byte_shifts) & 0xFF).reshape(-1)
+    return packed[:packed_numel(n, bits, width)].to(torch.uint8)
 
 
-def unpack(packed: Tensor, bits: int, shape: int | tuple[int, ...] | torch.Size) -> Tensor:
+def unpack(packed: Tensor, bits: int, shape: int | tuple[int, ...] | torch.Size,
+           width: int | None = None) -> Tensor:
     """Inverse of pack(): uint8 codes of the given shape (or element count)."""
-    w = storage_bits(bits)
+    width = bits if width is None else width
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     numel = math.prod(shape)
-    if packed.numel() != packed_numel(numel, bits):
-        raise ValueError(f"packed has {packed.numel()} bytes, expected {packed_numel(numel, bits)}")
-    if w == 8:
+    if packed.numel() != packed_numel(numel, bits, width):
+        raise ValueError(f"packed has {packed.numel()} bytes, expected {packed_numel(numel, bits, width)}")
+    if width == 8:
         return packed.reshape(shape).to(torch.uint8)
-    shifts = torch.arange(0, 8, w, dtype=torch.int32, device=packed.device)
-    vals = (packed.to(torch.int32).reshape(-1, 1) >> shifts) & (2**w - 1)
+    flat = packed.reshape(-1).to(torch.int64)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % width)])
+    byte_shifts = torch.arange(0, 8 * width, 8, device=flat.device)
+    words = (flat.reshape(-1, width) << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(0, 8 * width, width, device=flat.device)
+    vals = (words >> shifts) & (2**width - 1)
     return vals.reshape(-1)[:numel].to(torch.uint8).reshape(shape)

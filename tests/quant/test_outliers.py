@@ -137,6 +137,33 @@ def test_export_round_trip_is_bit_exact(tmp_path, token_ids, quant, model_factor
     assert packed * 8 <= fp_linear_bytes * 8 / 4  # at most 8 bits of storage per weight vs 32
 
 
+def test_3bit_codes_are_packed_densely_and_v1_artefacts_still_load(tmp_path, token_ids, model_factory):
+    import json
+
+    from safetensors.torch import save_file
+
+    from quant import legacy_width, pack, unpack
+    model = model_factory["bert"]()
+    ol.prequantize(model, ol.OutlierConfig("w3", "weight", budget=0.05))
+    with torch.no_grad():
+        ref = model(input_ids=token_ids).logits
+    ol.save_outlier_model(model, tmp_path)
+    manifest = ol.read_manifest(tmp_path)
+    tensors = ol.load_file(str(tmp_path / ol.WEIGHTS_FILE))
+    for name, info in manifest["modules"].items():  # 3 bits per code; v1 stored them in 4
+        out_f, in_f = info["shape"]
+        assert tensors[f"{name}.weight.packed"].numel() == -(-out_f * in_f * 3 // 8)
+        codes = unpack(tensors[f"{name}.weight.packed"], 3, info["shape"])
+        tensors[f"{name}.weight.packed"] = pack(codes, 3, legacy_width(3))
+    save_file(tensors, str(tmp_path / ol.WEIGHTS_FILE))
+    (tmp_path / ol.MANIFEST_FILE).write_text(json.dumps(manifest | {"format": "plmq-prequant-v1"}))
+    fresh = model_factory["bert"](seed=7)
+    ol.to_skeleton(fresh, tmp_path)
+    ol.load_weights(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=token_ids).logits, ref)
+
+
 def test_gpt2_conv1d_layers_are_converted_in_linear_layout(tmp_path, token_ids, model_factory):
     model = model_factory["gpt2"]()
     with torch.no_grad():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quant import calibrate, load_quantized, model_bytes, pack, packed_numel, quantize_model, save_quantized, unpack
+from quant import calibrate, legacy_width, load_quantized, model_bytes, pack, packed_numel, quantize_model, save_quantized, unpack
 
 
 @settings(max_examples=50, deadline=None)
@@ -20,12 +20,22 @@ def test_pack_unpack_round_trip_is_bit_exact(bits, n, seed, as_shape):
     assert torch.equal(unpack(packed, bits, shape).to(torch.int16), q)
 
 
-@pytest.mark.parametrize("bits, per_byte", [(1, 8), (2, 4), (3, 2), (4, 2), (5, 1), (8, 1)])
-def test_packing_density(bits, per_byte):
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_is_dense(bits):
     q = torch.full((2, 12), 2**bits - 1)
-    assert pack(q, bits).numel() == 24 // per_byte
+    assert pack(q, bits).numel() == 24 * bits // 8  # 3-bit: 9 bytes, not the 12 of 4-bit storage
     assert torch.equal(unpack(pack(q, bits), bits, (2, 12)).long(), q)  # max code survives
     assert pack(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1]), 1).item() == 0b10001101  # little-endian bits
+    assert pack(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]  # codes straddle bytes
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_legacy_width_reads_v1_layout(bits):
+    q = torch.randint(0, 2**bits, (37,), generator=torch.Generator().manual_seed(bits))
+    width = legacy_width(bits)  # v1 stored 3-bit codes in 4 bits and 5..7 bits in a byte
+    old = pack(q, bits, width)
+    assert old.numel() == packed_numel(37, width) > packed_numel(37, bits)
+    assert torch.equal(unpack(old, bits, 37, width).long(), q)
 
 
 def test_pack_rejects_out_of_range_codes():
@@ -97,6 +107,36 @@ def test_4bit_file_is_under_a_fifth_of_fp32(model_factory, tmp_path):
     packed = save_quantized(model, tmp_path / "w4a8")
     assert packed < fp32 / 5, (packed, fp32)  # measured: ~0.16
     assert packed > fp32 / 8 * 0.9  # but not smaller than 4 bits/weight can be
+
+
+@pytest.mark.filterwarnings("ignore:saving .* uncalibrated")
+def test_3bit_file_is_smaller_than_4bit(model_factory, tmp_path):
+    sizes = {}
+    for config in ("w4a8", "w3a8"):
+        model = model_factory["bert-wide"]()
+        quantize_model(model, config)
+        sizes[config] = save_quantized(model, tmp_path / config)
+    packed_4bit = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2) / 2
+    assert sizes["w4a8"] - sizes["w3a8"] > 0.2 * packed_4bit  # a quarter of the 4-bit codes' bytes, less rounding
+
+
+@pytest.mark.filterwarnings("ignore:saving .* uncalibrated")
+def test_loads_v1_checkpoint_with_4bit_storage_of_3bit_codes(model_factory, tmp_path, token_ids):
+    model = model_factory["bert"]()
+    quantize_model(model, "w3a8")
+    with torch.no_grad():
+        expected = model(input_ids=token_ids).logits
+    save_quantized(model, tmp_path)
+    meta = json.loads((tmp_path / "quant_config.json").read_text())
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for name, info in meta["modules"].items():  # rewrite as format v1 wrote it
+        codes = unpack(tensors[f"{name}.weight.packed"], info["bits"], info["shape"])
+        tensors[f"{name}.weight.packed"] = pack(codes, info["bits"], legacy_width(info["bits"]))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "quant_config.json").write_text(json.dumps(meta | {"format": "plmq-packed-v1"}))
+    with torch.no_grad():
+        got = load_quantized(model_factory["bert"](seed=7), tmp_path)(input_ids=token_ids).logits
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.filterwarnings("ignore:saving .* uncalibrated")
