@@ -160,10 +160,12 @@ class PretrainRunConfig:
             raise ConfigError(f"sweep.max_parallel={self.sweep.max_parallel}: must be >= 1")
 
 
-def with_recipe(cfg: PretrainRunConfig, recipe: str, corpus: str | None = None) -> PretrainRunConfig:
-    """A copy of cfg that trains `recipe` (a complete recipe name) on `corpus`."""
+def with_recipe(cfg: PretrainRunConfig, recipe: str, corpus: str | None = None,
+                seed: int | None = None) -> PretrainRunConfig:
+    """A copy of cfg that trains `recipe` (a complete recipe name) on `corpus` with `seed`."""
     return dataclasses.replace(cfg, quant=QuantSection(recipe=recipe, include_head=cfg.quant.include_head),
-                               data=dataclasses.replace(cfg.data, corpus=corpus or cfg.data.corpus))
+                               data=dataclasses.replace(cfg.data, corpus=corpus or cfg.data.corpus),
+                               train=dataclasses.replace(cfg.train, seed=cfg.train.seed if seed is None else seed))
 
 
 # ------------------------------------------------------------------ model, schedule

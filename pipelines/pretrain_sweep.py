@@ -8,7 +8,6 @@ task needs no Ray Train; it resumes from its own checkpoint like a `pretrain` ru
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import statistics
@@ -77,7 +76,7 @@ def sweep(cfg: PretrainRunConfig, parent_run_id: str | None = None, tracking_uri
     cfg.validate()
     if not cfg.sweep.recipes:
         raise ConfigError("sweep.recipes is empty: list the recipes to compare, e.g. [fp, w8a8, w4]")
-    jobs = [with_seed(with_recipe(cfg, r, c), s) for c in (cfg.sweep.corpora or [cfg.data.corpus])
+    jobs = [with_recipe(cfg, r, c, s) for c in (cfg.sweep.corpora or [cfg.data.corpus])
             for s in (cfg.sweep.seeds or [cfg.train.seed]) for r in cfg.sweep.recipes]
     for c in {j.data.corpus for j in jobs}:
         _prepare(cfg, c)  # tokenizers and ids once, on the driver; tasks read the cache
@@ -106,10 +105,6 @@ def sweep(cfg: PretrainRunConfig, parent_run_id: str | None = None, tracking_uri
               f"val_loss {r['val_loss']:.4f} ({time.time() - start:.0f} s)", flush=True)
     rows = [results[i] for i in range(len(jobs))]
     return write_sweep(rows, Path(cfg.output_dir).resolve() / "sweep", asdict(cfg))
-
-
-def with_seed(cfg: PretrainRunConfig, seed: int) -> PretrainRunConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
 
 
 def _failed(cfg: PretrainRunConfig, err: Exception) -> dict:
