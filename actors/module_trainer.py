@@ -37,6 +37,7 @@ class TrainerSettings:
     teacher_forcing_steps: int = 250  # T0 of lambda_t = max(1 - t/T0, 0)
     checkpoint_every: int = 100
     queue_size: int = 8
+    wait_s: float = 60.0           # MREM-P: longest wait for the predecessor's next outputs
     log_every: int = 25
     calib_batches: int = 8         # batches to initialise activation ranges
     eval_samples: int = 256
@@ -69,6 +70,54 @@ class ShardReader:
         return np.stack([self.shards[i // self.shard_size][key][i % self.shard_size] for i in idx])
 
 
+class PredecessorQueue:
+    """The outputs module k-1 pushes in MREM-P, taken in order by module k.
+
+    While the predecessor trains, take() waits (at most wait_s) for its next push instead of
+    re-using an old one: a successor that ran ahead would repeat stale batches and finish
+    before it saw the predecessor's last, best-trained outputs. Once the predecessor has
+    finished (or on a timeout, e.g. while it restarts) take() returns one of the recent items.
+    """
+
+    def __init__(self, maxlen: int, wait_s: float, seed: int = 0):
+        self.items: collections.deque = collections.deque(maxlen=maxlen)
+        self.recent: collections.deque = collections.deque(maxlen=maxlen)
+        self.cond = threading.Condition()
+        self.finished, self.wait_s = False, wait_s
+        self.repeats, self.waited_s = 0, 0.0
+        self.rng = np.random.default_rng(seed)
+
+    def put(self, item) -> None:
+        with self.cond:
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def finish(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def first(self, timeout_s: float) -> bool:
+        """Wait for the first push; False on a timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.items or self.recent or self.finished, timeout_s)
+
+    def take(self):
+        """The next push (waited for while the predecessor trains), else a recent one, else None."""
+        with self.cond:
+            if not self.items and self.recent and not self.finished:
+                start = time.time()
+                self.cond.wait_for(lambda: self.items or self.finished, self.wait_s)
+                self.waited_s += time.time() - start
+            if self.items:
+                self.recent.append(self.items.popleft())
+                return self.recent[-1]
+            if not self.recent:
+                return None
+            self.repeats += 1
+            return self.recent[int(self.rng.integers(len(self.recent)))]
+
+
 class ModuleTrainer:
     def __init__(self, spec: PartSpec, checkpoint: str, quant: str, settings: TrainerSettings,
                  input_refs: list, token_refs: list, num_samples: int, shard_size: int,
@@ -89,7 +138,7 @@ class ModuleTrainer:
         self.teacher, self.student = self._build(checkpoint)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
-        self.queue: collections.deque = collections.deque(maxlen=settings.queue_size)
+        self.queue = PredecessorQueue(settings.queue_size, settings.wait_s, settings.seed + spec.index)
         self.pred_refs: list | None = None
         self.lock = threading.Lock()
         self.ckpt_path = Path(work_dir) / f"module{spec.index}.pt"
@@ -161,22 +210,22 @@ class ModuleTrainer:
 
     def push(self, idx: np.ndarray, outputs: np.ndarray) -> None:
         """Called by the predecessor: its quantized outputs for sample rows `idx`."""
+        self.queue.put((idx, outputs))
         with self.lock:
-            self.queue.append((idx, outputs))
             self.pulled_bytes += outputs.nbytes
 
+    def predecessor_finished(self) -> None:
+        """Called by the predecessor after its last step: stop waiting for more pushes."""
+        self.queue.finish()
+
     def _next_input(self, rng: np.random.Generator):
-        """(rows, predecessor output or None): FIFO from the queue, else the last item, else none."""
+        """(rows, predecessor output or None): sequential shards, else the predecessor's pushes
+        in order, else (first module, or nothing pushed) a random batch of teacher inputs."""
         if self.pred_refs is not None:  # sequential: predecessor outputs for every sample
             idx = rng.choice(self.num_samples, self.s.batch_size, replace=False)
             return idx, self.pred.rows(idx, "hidden")
-        with self.lock:
-            if self.queue:
-                self._last = self.queue.popleft()
-                return self._last
-        if getattr(self, "_last", None) is not None:
-            return self._last
-        return rng.choice(self.num_samples, self.s.batch_size, replace=False), None
+        item = self.queue.take() if self.fed else None
+        return item if item is not None else (rng.choice(self.num_samples, self.s.batch_size, replace=False), None)
 
     def lam(self, step: int) -> float:
         if self.pred_refs is not None:
@@ -241,18 +290,14 @@ class ModuleTrainer:
                       f"lambda {self.lam(self.step):.2f} ({(time.time() - start) / max(self.step - self.resumed_from, 1):.2f} s/step)")
             if self.step % self.s.checkpoint_every == 0:
                 self._checkpoint()
+        if self.next is not None and not self.spec.last:
+            self.next.predecessor_finished.remote()
         return self.stats(time.time() - start)
 
     def _warm_up(self, timeout_s: float = 120.0) -> None:
         """MREM-P warm-up: wait for the predecessor's first outputs (not for it to finish)."""
-        if not self.fed or self.pred_refs is not None:
-            return
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            with self.lock:
-                if self.queue:
-                    return
-            time.sleep(0.05)
+        if self.fed and self.pred_refs is None:
+            self.queue.first(timeout_s)
 
     def stats(self, wall_s: float) -> dict:
         steps_done = self.s.steps - self.resumed_from
@@ -262,6 +307,7 @@ class ModuleTrainer:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "restarted": self.restarted, "resumed_from_step": self.resumed_from,
                 "pushed_bytes": self.pushed_bytes, "pulled_bytes": self.pulled_bytes,
+                "repeated_batches": self.queue.repeats, "waited_for_predecessor_s": round(self.queue.waited_s, 1),
                 "started_at": self.started_at, **self.placement(), "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None}
 
     @torch.no_grad()
