@@ -35,6 +35,10 @@ def points(result) -> float:
     return round(100 * result.main, 2)
 
 
+MODULE_STATS = ("module", "layers", "s_per_step", "peak_rss_mb", "pushed_bytes", "initial_error", "final_error",
+                "repeated_batches", "waited_for_predecessor_s")
+
+
 def run_task(task: str, args, save=lambda partial: None) -> dict:
     fp = fp_reference(task)
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
@@ -56,9 +60,8 @@ def run_task(task: str, args, save=lambda partial: None) -> dict:
             details[key] = {"wall_s": round(r.wall_s, 1), "train_s": round(r.train_s, 1), "calib_s": round(r.calib_s, 1),
                             "calib_bytes": r.calib_bytes, "module_errors": r.chain_errors,
                             "rtn_module_errors": r.rtn_chain_errors, "bytes": r.packed_bytes,
-                            "modules": [{k: s[k] for k in ("module", "layers", "s_per_step", "peak_rss_mb",
-                                                           "pushed_bytes", "initial_error", "final_error")}
-                                        for s in r.modules_stats]}
+                            "modules": [{k: s.get(k) for k in MODULE_STATS} for s in r.modules_stats],
+                            "command": "python " + " ".join(sys.argv)}
             print(f"[bench] {task} {key}: {row[key]} (FP {row['fp']}) train {r.train_s:.0f}s", flush=True)
             save({"metrics": row, "details": details, "config": to_dict(cfg.mrem)})  # nothing lost on a stop
     return {"metrics": row, "details": details, "config": to_dict(cfg.mrem)}

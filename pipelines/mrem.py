@@ -155,7 +155,7 @@ def finish_module_runs(run_ids: list, stats: list[dict], tracking_uri: str | Non
     client = MlflowClient(tracking_uri)
     for run_id, s in zip(run_ids, stats):
         for key in ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "pushed_bytes",
-                    "pulled_bytes", "resumed_from_step"):
+                    "pulled_bytes", "resumed_from_step", "repeated_batches", "waited_for_predecessor_s"):
             client.log_metric(run_id, key, float(s[key] or 0))
         client.set_tag(run_id, "restarted", str(s["restarted"]))
         client.set_terminated(run_id)
