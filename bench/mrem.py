@@ -181,20 +181,54 @@ def summarize(results: dict) -> None:
                                             if "modules" in v}
 
 
+def check_targets(results: dict) -> list[dict]:
+    """The issue's bars per task: (target, measured, met)."""
+    rows = []
+
+    def bar(task: str, target: str, measured, limit, met) -> None:
+        if measured is not None and limit is not None:
+            rows.append({"task": task, "target": target, "measured": f"{measured} vs {round(limit, 2)}",
+                         "met": met(measured, limit)})
+
+    for t, r in results.get("tasks", {}).items():
+        m = r["metrics"]
+        fp, rtn = m.get("fp"), m.get("rtn_w2a8")
+        below_fp = (lambda d: None) if fp is None else (lambda d: fp - d)  # noqa: E731
+        bar(t, "mrem_p_w4a8 >= fp - 0.5", m.get("mrem_p_w4a8"), below_fp(0.5), float.__ge__)
+        bar(t, "mrem_p_w2a8 >= fp - 1.5", m.get("mrem_p_w2a8"), below_fp(1.5), float.__ge__)
+        bar(t, "mrem_p_w2a8 >= rtn_w2a8 + 2", m.get("mrem_p_w2a8"), None if rtn is None else rtn + 2, float.__ge__)
+        for q in ("w4a8", "w2a8"):
+            p, s = m.get(f"mrem_p_{q}"), m.get(f"mrem_s_{q}")
+            gap = None if p is None or s is None else round(abs(p - s), 2)
+            bar(t, f"|mrem_p_{q} - mrem_s_{q}| <= 0.5", gap, 0.5, float.__le__)
+        speed = r.get("speed", {}).get("speedup_p2_vs_s")
+        bar(t, "speed-up P (2 actors) vs S >= 1.7x", speed, 1.7, float.__ge__)
+    return rows
+
+
+def paced(details: dict) -> str:
+    """Whether an MREM-P run had successors keep pace with predecessors (stats added with it)."""
+    return ", ".join(k for k, v in details.items() if k.startswith("mrem_p")
+                     and any("repeated_batches" in m for m in v.get("modules", [])))
+
+
 def write(results: dict) -> None:
     summarize(results)
     write_json_atomic(RESULTS, results)
     cols = ["task", "fp"] + [p[0] for p in PLAN]
     rows = [{"task": t, **r["metrics"]} for t, r in results["tasks"].items()]
     lines = ["# MREM (MiniLM-L6, CPU, 2 cores)", "", "Main dev metric in points (MRPC: F1).", "",
-             markdown_table(rows, cols), ""]
+             markdown_table(rows, cols), "", "## Targets", "",
+             markdown_table(check_targets(results), ["task", "target", "measured", "met"]), ""]
     for t, r in results["tasks"].items():
         lines += [f"## {t}", "", f"- speed-up MREM-P (2 actors) vs MREM-S, training time: "
                   f"W4A8 {r.get('speedup_p2_vs_s_w4a8')}x, W2A8 {r.get('speedup_p2_vs_s_w2a8')}x",
                   f"- seconds per step per actor: {r.get('s_per_step')}",
                   f"- peak RSS per actor (MB): {r.get('peak_rss_mb')}",
                   f"- object-store bytes pushed actor to actor: {r.get('object_store_bytes_pushed')}",
-                  f"- wall time per run (s): {r.get('wall_s')}", ""]
+                  f"- wall time per run (s): {r.get('wall_s')}",
+                  f"- MREM-P runs whose successor kept pace with its predecessor: {paced(r['details']) or 'none'}",
+                  ""]
         if "single_process" in r:
             sp = r["single_process"]
             lines += [f"- single process holding the whole teacher + quantized student + all boundaries' "
@@ -205,7 +239,10 @@ def write(results: dict) -> None:
             lines += [f"- speed run ({sp['steps_per_module']} steps/module, {sp['quant']}): training time MREM-P "
                       f"{sp['train_s']['parallel']} vs MREM-S {sp['train_s']['sequential']}: "
                       f"**{sp['speedup_p2_vs_s']}x** (`{sp['command']}`)", ""]
-    lines += [f"Command: `{results['command']}`", "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+    lines += [f"Last command: `{results['command']}` (each run's own command: `details` in the JSON)", "",
+              f"Config: `{results['config_file']}` with {results['overrides']}"]
+    if results.get("notes"):
+        lines += ["", "## Notes (written after the runs above)", ""] + [f"- {n}" for n in results["notes"]]
     write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
