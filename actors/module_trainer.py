@@ -84,12 +84,13 @@ class PredecessorQueue:
         self.recent: collections.deque = collections.deque(maxlen=maxlen)
         self.cond = threading.Condition()
         self.finished, self.wait_s = False, wait_s
-        self.repeats, self.waited_s = 0, 0.0
+        self.repeats, self.waited_s, self.bytes = 0, 0.0, 0
         self.rng = np.random.default_rng(seed)
 
-    def put(self, item) -> None:
+    def put(self, item, nbytes: int = 0) -> None:
         with self.cond:
             self.items.append(item)
+            self.bytes += nbytes
             self.cond.notify_all()
 
     def finish(self) -> None:
@@ -140,9 +141,8 @@ class ModuleTrainer:
         self.optimizer = self._optimizer()
         self.queue = PredecessorQueue(settings.queue_size, settings.wait_s, settings.seed + spec.index)
         self.pred_refs: list | None = None
-        self.lock = threading.Lock()
         self.ckpt_path = Path(work_dir) / f"module{spec.index}.pt"
-        self.step, self.losses, self.pushed_bytes, self.pulled_bytes = 0, [], 0, 0
+        self.step, self.losses, self.pushed_bytes = 0, [], 0
         self.restarted = self._was_restarted()
         self.initial_error = None
         self.resumed_from = self._restore()
@@ -210,9 +210,7 @@ class ModuleTrainer:
 
     def push(self, idx: np.ndarray, outputs: np.ndarray) -> None:
         """Called by the predecessor: its quantized outputs for sample rows `idx`."""
-        self.queue.put((idx, outputs))
-        with self.lock:
-            self.pulled_bytes += outputs.nbytes
+        self.queue.put((idx, outputs), outputs.nbytes)
 
     def predecessor_finished(self) -> None:
         """Called by the predecessor after its last step: stop waiting for more pushes."""
@@ -306,7 +304,7 @@ class ModuleTrainer:
                 "wall_s": wall_s, "s_per_step": wall_s / max(steps_done, 1),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "restarted": self.restarted, "resumed_from_step": self.resumed_from,
-                "pushed_bytes": self.pushed_bytes, "pulled_bytes": self.pulled_bytes,
+                "pushed_bytes": self.pushed_bytes, "pulled_bytes": self.queue.bytes,
                 "repeated_batches": self.queue.repeats, "waited_for_predecessor_s": round(self.queue.waited_s, 1),
                 "started_at": self.started_at, **self.placement(), "final_loss": float(np.mean(self.losses[-10:])) if self.losses else None}
 

@@ -55,3 +55,10 @@ def test_first_waits_for_the_first_push():
     t = _put_later(q, "a", 0.1)
     assert q.first(5.0) and q.take() == "a"
     t.join()
+
+
+def test_pushed_bytes_are_counted_even_when_old_pushes_are_dropped():
+    q = PredecessorQueue(1, wait_s=0.05)
+    q.put("a", 100)
+    q.put("b", 20)  # maxlen 1 drops "a", but its bytes still crossed the object store
+    assert q.bytes == 120 and q.take() == "b"
