@@ -48,3 +48,11 @@ def stop_process_group(proc, timeout: float = 30) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout)
+
+
+def target_row(task: str, target: str, measured, limit, at_least: bool = True) -> list[dict]:
+    """A Targets-table row: `measured` vs the bar `limit` (>= when at_least, else <=); [] when either is missing."""
+    if measured is None or limit is None:
+        return []
+    met = measured >= limit if at_least else measured <= limit
+    return [{"task": task, "target": target, "measured": f"{measured} vs {round(limit, 2)}", "met": met}]

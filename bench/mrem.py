@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fp_reference  # noqa: E402
+from bench.common import fp_reference, target_row  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import load_config, to_dict  # noqa: E402
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
@@ -184,25 +184,19 @@ def summarize(results: dict) -> None:
 def check_targets(results: dict) -> list[dict]:
     """The issue's bars per task: (target, measured, met)."""
     rows = []
-
-    def bar(task: str, target: str, measured, limit, met) -> None:
-        if measured is not None and limit is not None:
-            rows.append({"task": task, "target": target, "measured": f"{measured} vs {round(limit, 2)}",
-                         "met": met(measured, limit)})
-
     for t, r in results.get("tasks", {}).items():
         m = r["metrics"]
         fp, rtn = m.get("fp"), m.get("rtn_w2a8")
         below_fp = (lambda d: None) if fp is None else (lambda d: fp - d)  # noqa: E731
-        bar(t, "mrem_p_w4a8 >= fp - 0.5", m.get("mrem_p_w4a8"), below_fp(0.5), float.__ge__)
-        bar(t, "mrem_p_w2a8 >= fp - 1.5", m.get("mrem_p_w2a8"), below_fp(1.5), float.__ge__)
-        bar(t, "mrem_p_w2a8 >= rtn_w2a8 + 2", m.get("mrem_p_w2a8"), None if rtn is None else rtn + 2, float.__ge__)
+        rows += target_row(t, "mrem_p_w4a8 >= fp - 0.5", m.get("mrem_p_w4a8"), below_fp(0.5))
+        rows += target_row(t, "mrem_p_w2a8 >= fp - 1.5", m.get("mrem_p_w2a8"), below_fp(1.5))
+        rows += target_row(t, "mrem_p_w2a8 >= rtn_w2a8 + 2", m.get("mrem_p_w2a8"), None if rtn is None else rtn + 2)
         for q in ("w4a8", "w2a8"):
             p, s = m.get(f"mrem_p_{q}"), m.get(f"mrem_s_{q}")
             gap = None if p is None or s is None else round(abs(p - s), 2)
-            bar(t, f"|mrem_p_{q} - mrem_s_{q}| <= 0.5", gap, 0.5, float.__le__)
+            rows += target_row(t, f"|mrem_p_{q} - mrem_s_{q}| <= 0.5", gap, 0.5, at_least=False)
         speed = r.get("speed", {}).get("speedup_p2_vs_s")
-        bar(t, "speed-up P (2 actors) vs S >= 1.7x", speed, 1.7, float.__ge__)
+        rows += target_row(t, "speed-up P (2 actors) vs S >= 1.7x", speed, 1.7)
     return rows
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import target_row  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import load_config, to_dict  # noqa: E402
 from pipelines.data import check_task  # noqa: E402
@@ -124,15 +125,11 @@ def check_targets(results: dict) -> list[dict]:
     rows = []
     for t in results.get("tasks", []):
         r = results[t]
-        fp, lora, rand = r.get("fp_full"), r.get("lora_w4"), r.get("random_cols_w4")
-        bars = [(f"{k} >= fp_full - {d}", k, None if fp is None else fp - d)
-                for k, d in (("prequant_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0))]
-        bars += [("prequant_w4 >= lora_w4", "prequant_w4", lora),
-                 ("prequant_w4 >= random_cols_w4", "prequant_w4", rand)]
-        for target, key, bar in bars:
-            if r.get(key) is not None and bar is not None:
-                rows.append({"task": t, "target": target, "measured": f"{r[key]} vs {round(bar, 2)}",
-                             "met": r[key] >= bar})
+        fp = r.get("fp_full")
+        for key, d in (("prequant_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0)):
+            rows += target_row(t, f"{key} >= fp_full - {d}", r.get(key), None if fp is None else fp - d)
+        rows += target_row(t, "prequant_w4 >= lora_w4", r.get("prequant_w4"), r.get("lora_w4"))
+        rows += target_row(t, "prequant_w4 >= random_cols_w4", r.get("prequant_w4"), r.get("random_cols_w4"))
         if r.get("trainable_pct") is not None:
             rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",
                          "met": r["trainable_pct"] <= 1.0})

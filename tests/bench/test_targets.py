@@ -1,0 +1,23 @@
+"""The Targets tables of bench/mrem.py and bench/prequant.py judge the issues' bars."""
+from __future__ import annotations
+
+from bench import mrem, prequant
+
+
+def _met(rows: list[dict]) -> dict[str, bool]:
+    return {r["target"]: r["met"] for r in rows}
+
+
+def test_mrem_bars_met_missed_and_skipped_when_a_figure_is_missing():
+    metrics = {"fp": 86.0, "rtn_w2a8": 80.0, "mrem_p_w4a8": 85.6, "mrem_s_w4a8": 85.0, "mrem_p_w2a8": 84.0}
+    met = _met(mrem.check_targets({"tasks": {"t": {"metrics": metrics, "speed": {"speedup_p2_vs_s": 1.69}}}}))
+    assert met == {"mrem_p_w4a8 >= fp - 0.5": True, "mrem_p_w2a8 >= fp - 1.5": False,
+                   "mrem_p_w2a8 >= rtn_w2a8 + 2": True, "|mrem_p_w4a8 - mrem_s_w4a8| <= 0.5": False,
+                   "speed-up P (2 actors) vs S >= 1.7x": False}  # no mrem_s_w2a8: that gap is not judged
+
+
+def test_prequant_bars_and_budget():
+    r = {"fp_full": 87.0, "prequant_w4": 86.0, "prequant_w3": 84.9, "lora_w4": 86.5, "trainable_pct": 0.95}
+    met = _met(prequant.check_targets({"tasks": ["t"], "t": r}))
+    assert met == {"prequant_w4 >= fp_full - 1.0": True, "prequant_w3 >= fp_full - 2.0": False,
+                   "prequant_w4 >= lora_w4": False, "trainable <= 1%": True}
