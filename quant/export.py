@@ -31,7 +31,7 @@ from torch import nn
 from .config import QuantConfig, TensorQuant
 from .convert import convert_modules, quant_modules, quantizers
 from .modules import QuantEmbedding, _STATE
-from .pack import legacy_width, pack, unpack
+from .pack import is_legacy_format, legacy_width, pack, unpack
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quant_config.json"
@@ -121,8 +121,7 @@ def model_bytes(directory: str | os.PathLike) -> int:
 def read_quant_config(directory: str | os.PathLike) -> dict:
     """The quant_config.json of a saved checkpoint."""
     meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise ValueError(f"{directory}: unknown checkpoint format {meta.get('format')!r}")
+    meta["legacy"] = is_legacy_format(meta.get("format"), FORMAT, LEGACY_FORMAT, directory)
     return meta
 
 
@@ -157,7 +156,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             continue
         dev, dt = m.weight.device, m.weight.dtype
         packed = tensors.pop(f"{name}.weight.packed")
-        width = legacy_width(info["bits"]) if meta["format"] == LEGACY_FORMAT else None
+        width = legacy_width(info["bits"]) if meta["legacy"] else None
         q = from_unsigned(unpack(packed, info["bits"], info["shape"], width), m.weight_q.spec).to(dev)
         params = {k: tensors.pop(f"{name}.weight.{k}").to(dev, dt) for k in _STATE if f"{name}.weight.{k}" in tensors}
         w = m.weight_q.decode(q, params)

@@ -43,7 +43,7 @@ from .config import QuantConfig
 from .convert import HEADS, find_targets
 from .export import from_unsigned, to_unsigned
 from .modules import Quantizer
-from .pack import legacy_width, pack, unpack
+from .pack import is_legacy_format, legacy_width, pack, unpack
 
 WEIGHTS_FILE = "prequant.safetensors"  # not model.safetensors: HF from_pretrained must not half-load it
 MANIFEST_FILE = "prequant.json"
@@ -440,8 +440,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} holds no pre-quantized model ({MANIFEST_FILE} missing)")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise ValueError(f"{directory}: unknown format {manifest.get('format')!r}")
+    manifest["legacy"] = is_legacy_format(manifest.get("format"), FORMAT, LEGACY_FORMAT, directory)
     return manifest
 
 
@@ -459,7 +458,7 @@ def load_weights(model: nn.Module, directory: str | os.PathLike,
     """Load save_outlier_model's tensors into a skeleton (to_skeleton, then any peft wrapping).
     allow_missing(name): model tensors the file may lack (a fresh task head, new adapters)."""
     manifest = read_manifest(directory)
-    modules, legacy = manifest["modules"], manifest["format"] == LEGACY_FORMAT
+    modules, legacy = manifest["modules"], manifest["legacy"]
     packed: dict[str, dict[str, Tensor]] = {c: {} for c in modules}
     rest = {}
     for key, value in load_file(str(Path(directory) / WEIGHTS_FILE)).items():

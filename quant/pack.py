@@ -23,6 +23,13 @@ def legacy_width(bits: int) -> int:
     return 1 if bits == 1 else 2 if bits == 2 else 4 if bits <= 4 else 8
 
 
+def is_legacy_format(found: str | None, current: str, legacy: str, where: object) -> bool:
+    """Whether a file of format `found` has the v1 code layout (legacy_width); others raise."""
+    if found not in (current, legacy):
+        raise ValueError(f"{where}: unknown format {found!r} (this plmq reads {current} and {legacy})")
+    return found == legacy
+
+
 def _check(bits: int, width: int) -> None:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} is out of range 1..8")

@@ -137,6 +137,9 @@ def test_loads_v1_checkpoint_with_4bit_storage_of_3bit_codes(model_factory, tmp_
     with torch.no_grad():
         got = load_quantized(model_factory["bert"](seed=7), tmp_path)(input_ids=token_ids).logits
     assert torch.equal(got, expected)
+    (tmp_path / "quant_config.json").write_text(json.dumps(meta | {"format": "plmq-packed-v9"}))
+    with pytest.raises(ValueError, match="unknown format 'plmq-packed-v9'.*reads plmq-packed-v2"):
+        load_quantized(model_factory["bert"](seed=7), tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:saving .* uncalibrated")
