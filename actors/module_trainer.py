@@ -43,6 +43,7 @@ class TrainerSettings:
     eval_samples: int = 256
     seed: int = 0
     num_threads: int = 1
+    student_dropout: bool = False  # off: the student matches the teacher's (eval-mode) outputs
 
 
 def learnable(qcfg: QuantConfig) -> QuantConfig:
@@ -158,7 +159,11 @@ class ModuleTrainer:
         teacher = prune_to_part(teacher_full, self.spec).to(self.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        student.train()
+        student.train()  # quantizers train (stochastic rounding, LSQ); dropout only if asked for
+        if not self.s.student_dropout:
+            for m in student.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0  # HF attention reads its dropout probability from these modules too
         return teacher, student
 
     def _optimizer(self) -> torch.optim.Optimizer:

@@ -122,6 +122,9 @@ class MremConfig:
     lr: float = 1e-5                 # weights
     lr_quant: float = 1e-3           # LSQ step sizes
     teacher_forcing_steps: int | None = None  # T0; default steps // 2
+    # Dropout in the student makes it chase a noisy copy of the deterministic teacher and, in
+    # MREM-P, pushes noised outputs to the successor; off unless asked for (regularisation).
+    student_dropout: bool = False
     calib_samples: int = 4096
     calib_batch_size: int = 64
     shard_size: int = 512
@@ -168,7 +171,7 @@ class PrequantConfig:
     # was never trained for classification: full fine-tuning moves it ~25%, the encoder ~4%.
     head_modules: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["prequant"])  # any of METHODS
-    lr: float = 5e-4                 # of prequant/random/lora/bitfit; other settings come from `finetune`
+    lr: float = 2e-3                 # of prequant/random/lora/bitfit (5e-4 learnt too slowly on MiniLM)
     lora_scaling: float = 2.0        # LoRA alpha / r
     calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation: bundled corpus or a file
     calib_samples: int = 256         # sentences

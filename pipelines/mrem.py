@@ -60,7 +60,7 @@ def settings_for(cfg: MremConfig, cpus: int) -> TrainerSettings:
     return TrainerSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_quant=cfg.lr_quant,
                            teacher_forcing_steps=t0, checkpoint_every=cfg.checkpoint_every,
                            queue_size=cfg.queue_size, log_every=cfg.log_every, eval_samples=cfg.eval_samples,
-                           seed=cfg.seed, num_threads=cpus)
+                           seed=cfg.seed, num_threads=cpus, student_dropout=cfg.student_dropout)
 
 
 def plan(checkpoint: str | Path, cfg: MremConfig) -> list[PartSpec]:

@@ -13,9 +13,9 @@ from pipelines.partition import split_layers
 pytestmark = pytest.mark.ray
 
 
-def _trainer(teacher, cache, spec, work_dir, steps):
+def _trainer(teacher, cache, spec, work_dir, steps, **extra):
     settings = TrainerSettings(steps=steps, batch_size=16, lr=1e-4, lr_quant=1e-3, teacher_forcing_steps=0,
-                               checkpoint_every=10, eval_samples=64)
+                               checkpoint_every=10, eval_samples=64, **extra)
     return ModuleTrainer(spec, teacher, "w2a8", settings, cache.boundaries[spec.index], cache.boundaries[0],
                          cache.num_samples, cache.shard_size, str(work_dir))
 
@@ -34,6 +34,18 @@ def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, tin
     assert again.step == 20 and again.resumed_from == 20
     more = again.train()
     assert more["steps"] == 30 and more["initial_error"] == stats["initial_error"]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_student_dropout_is_off_unless_asked_for(ray_session, tiny_teacher, tiny_data, tmp_path, dropout):
+    specs = split_layers(4, 2)
+    cache = calibrate(tiny_teacher, "sst2", tiny_data, specs, n=64, shard_size=64)
+    trainer = _trainer(tiny_teacher, cache, specs[1], tmp_path / "w", steps=1, student_dropout=dropout)
+    idx = np.arange(16)
+    outs = [trainer._loss(idx, None, 1.0)[1].detach() for _ in range(2)]
+    assert trainer.student.training  # quantizers still train (stochastic rounding, LSQ)
+    # without dropout the student's training outputs (pushed to its MREM-P successor) are deterministic
+    assert (not dropout) == bool((outs[0] == outs[1]).all())
 
 
 def test_sequential_input_comes_from_the_predecessor(ray_session, tiny_teacher, tiny_data, tmp_path):
