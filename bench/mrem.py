@@ -61,7 +61,7 @@ def run_task(task: str, args, save=lambda partial: None) -> dict:
                             "calib_bytes": r.calib_bytes, "module_errors": r.chain_errors,
                             "rtn_module_errors": r.rtn_chain_errors, "bytes": r.packed_bytes,
                             "modules": [{k: s.get(k) for k in MODULE_STATS} for s in r.modules_stats],
-                            "command": "python " + " ".join(sys.argv)}
+                            "student_dropout": cfg.mrem.student_dropout, "command": "python " + " ".join(sys.argv)}
             print(f"[bench] {task} {key}: {row[key]} (FP {row['fp']}) train {r.train_s:.0f}s", flush=True)
             save({"metrics": row, "details": details, "config": to_dict(cfg.mrem)})  # nothing lost on a stop
     return {"metrics": row, "details": details, "config": to_dict(cfg.mrem)}
@@ -200,6 +200,11 @@ def check_targets(results: dict) -> list[dict]:
     return rows
 
 
+def with_dropout(details: dict) -> str:
+    """MREM runs whose student trained with dropout (all runs before mrem.student_dropout existed)."""
+    return ", ".join(k for k, v in details.items() if "module_errors" in v and v.get("student_dropout", True))
+
+
 def paced(details: dict) -> str:
     """Whether an MREM-P run had successors keep pace with predecessors (stats added with it)."""
     return ", ".join(k for k, v in details.items() if k.startswith("mrem_p")
@@ -222,6 +227,8 @@ def write(results: dict) -> None:
                   f"- object-store bytes pushed actor to actor: {r.get('object_store_bytes_pushed')}",
                   f"- wall time per run (s): {r.get('wall_s')}",
                   f"- MREM-P runs whose successor kept pace with its predecessor: {paced(r['details']) or 'none'}",
+                  f"- runs whose student trained with dropout (before `mrem.student_dropout`, default off): "
+                  f"{with_dropout(r['details']) or 'none'}",
                   ""]
         if "single_process" in r:
             sp = r["single_process"]

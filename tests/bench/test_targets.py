@@ -21,3 +21,9 @@ def test_prequant_bars_and_budget():
     met = _met(prequant.check_targets({"tasks": ["t"], "t": r}))
     assert met == {"prequant_w4 >= fp_full - 1.0": True, "prequant_w3 >= fp_full - 2.0": False,
                    "prequant_w4 >= lora_w4": False, "trainable <= 1%": True}
+
+
+def test_runs_from_before_student_dropout_are_listed_as_with_dropout():
+    details = {"rtn_w4a8": {"wall_s": 1.0}, "mrem_p_w4a8": {"module_errors": [0.1], "student_dropout": False},
+               "mrem_s_w4a8": {"module_errors": [0.1]}}
+    assert mrem.with_dropout(details) == "mrem_s_w4a8"
