@@ -116,7 +116,8 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 row[key], details[key] = points(r.eval), peft_details(r, q)
             print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
-        row["trainable_pct"] = details.get("prequant_w4", {}).get("trainable_pct")
+        if "prequant_w4" in details:  # else keep the recorded one (runs with --only merge into it)
+            row["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
 
 
