@@ -56,3 +56,22 @@ def target_row(task: str, target: str, measured, limit, at_least: bool = True) -
         return []
     met = measured >= limit if at_least else measured <= limit
     return [{"task": task, "target": target, "measured": f"{measured} vs {round(limit, 2)}", "met": met}]
+
+
+def log_results(experiment: str, files: list[Path], tables: dict[str, list[dict]], metrics: dict[str, float],
+                command: str) -> str:
+    """The recorded figures in MLflow: one `bench-results` run with the results files, each table (Targets,
+    per-task figures) as an MLflow table and every figure as a metric; returns the run id."""
+    import mlflow
+
+    from pipelines import tracking
+
+    tracking.setup(experiment)
+    with mlflow.start_run(run_name="bench-results", tags={"plmq.bench": "results", "command": command}) as run:
+        for f in files:
+            mlflow.log_artifact(str(f))
+        for name, rows in tables.items():
+            cols = list(dict.fromkeys(c for r in rows for c in r))
+            mlflow.log_table({c: [r.get(c) for r in rows] for c in cols}, artifact_file=f"{name}.json")
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        return run.info.run_id

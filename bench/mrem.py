@@ -1,6 +1,7 @@
 """MREM figures: accuracy vs FP and RTN, MREM-P vs MREM-S speed, per-actor memory.
 
     python bench/mrem.py --tasks sst2 [rte mrpc] [--config configs/mrem_bench.yaml] [--set mrem.steps=400]
+    python bench/mrem.py --tasks mrpc --seed 1 --only mrem_p_w4a8 ...   # a replicate, kept beside seed 0
 
 Uses the FP references of bench/fp_reference.py (runs/fp_reference/<task>/finetune/model);
 every run is also logged to MLflow (experiment plmq-mrem-bench). Writes
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fp_reference, target_row  # noqa: E402
+from bench.common import fp_reference, log_results, target_row  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import load_config, to_dict  # noqa: E402
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
@@ -165,10 +167,31 @@ def from_mlflow(task: str, experiment: str) -> dict:
     return {"metrics": row, "details": details, "config": "as logged in the MLflow stage runs"}
 
 
+def seed_stats(res: dict) -> dict:
+    """Per run key with replicates (--seed): every seed's metric, their mean and sample std. Seed 0 (the main
+    table) only counts when it trained like the replicates (same student_dropout)."""
+    stats = {}
+    for key, *_ in PLAN:
+        reps = [(r["metrics"][key], r["details"][key].get("student_dropout"))
+                for _, r in sorted(res.get("seeds", {}).items()) if key in r["metrics"]]
+        if not reps:
+            continue
+        main = res["metrics"].get(key)
+        same = main is not None and res["details"].get(key, {}).get("student_dropout") == reps[0][1]
+        values = ([main] if same else []) + [v for v, _ in reps]
+        if len(values) < 2:
+            continue
+        stats[key] = {"values": values, "mean": round(statistics.mean(values), 2),
+                      "std": round(statistics.stdev(values), 2)}
+    return stats
+
+
 def summarize(results: dict) -> None:
-    """Speed-up, bytes moved and memory from the recorded runs (SST-2 first)."""
+    """Speed-up, bytes moved and memory from the recorded runs (SST-2 first); replicate means."""
     for task, res in results.get("tasks", {}).items():
         d = res["details"]
+        if res.get("seeds"):
+            res["seed_stats"] = seed_stats(res)
         if "mrem_p_w4a8" in d and "mrem_s_w4a8" in d:
             res["speedup_p2_vs_s_w4a8"] = round(d["mrem_s_w4a8"]["train_s"] / d["mrem_p_w4a8"]["train_s"], 2)
         if "mrem_p_w2a8" in d and "mrem_s_w2a8" in d:
@@ -185,7 +208,8 @@ def check_targets(results: dict) -> list[dict]:
     """The issue's bars per task: (target, measured, met)."""
     rows = []
     for t, r in results.get("tasks", {}).items():
-        m = r["metrics"]
+        means = {k: v["mean"] for k, v in seed_stats(r).items()}  # replicates, where run, judge by their mean
+        m = {**r["metrics"], **means}
         fp, rtn = m.get("fp"), m.get("rtn_w2a8")
         below_fp = (lambda d: None) if fp is None else (lambda d: fp - d)  # noqa: E731
         rows += target_row(t, "mrem_p_w4a8 >= fp - 0.5", m.get("mrem_p_w4a8"), below_fp(0.5))
@@ -195,6 +219,9 @@ def check_targets(results: dict) -> list[dict]:
             p, s = m.get(f"mrem_p_{q}"), m.get(f"mrem_s_{q}")
             gap = None if p is None or s is None else round(abs(p - s), 2)
             rows += target_row(t, f"|mrem_p_{q} - mrem_s_{q}| <= 0.5", gap, 0.5, at_least=False)
+        for row in rows:
+            if row["task"] == t and any(k in means for k in row["target"].replace("|", " ").split()):
+                row["target"] += " (seed mean)"
         speed = r.get("speed", {}).get("speedup_p2_vs_s")
         rows += target_row(t, "speed-up P (2 actors) vs S >= 1.7x", speed, 1.7)
     return rows
@@ -230,6 +257,10 @@ def write(results: dict) -> None:
                   f"- runs whose student trained with dropout (before `mrem.student_dropout`, default off): "
                   f"{with_dropout(r['details']) or 'none'}",
                   ""]
+        if r.get("seed_stats"):
+            lines += ["- replicates (`--seed`; the Targets table judges these keys by their mean): "
+                      + "; ".join(f"{k} {v['values']} mean {v['mean']} ± {v['std']}"
+                                  for k, v in r["seed_stats"].items()), ""]
         if "single_process" in r:
             sp = r["single_process"]
             lines += [f"- single process holding the whole teacher + quantized student + all boundaries' "
@@ -247,25 +278,50 @@ def write(results: dict) -> None:
     write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def log_to_mlflow(results: dict, experiment: str) -> str:
+    """The tables of mrem.md (figures, Targets) and every figure as `<task>.<key>` metrics, in MLflow."""
+    summarize(results)
+    figures = [{"task": t, **r["metrics"]} for t, r in results["tasks"].items()]
+    metrics = {f"{t}.{k}": v for t, r in results["tasks"].items() for k, v in r["metrics"].items()}
+    metrics.update({f"{t}.{k}_seed_mean": v["mean"] for t, r in results["tasks"].items()
+                    for k, v in r.get("seed_stats", {}).items()})
+    metrics.update({f"{t}.speedup_p2_vs_s": r["speed"]["speedup_p2_vs_s"] for t, r in results["tasks"].items()
+                    if "speed" in r})
+    return log_results(experiment, [RESULTS, RESULTS.with_suffix(".md")],
+                       {"mrem_figures": figures, "mrem_targets": check_targets(results)}, metrics,
+                       results.get("command", ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["sst2"])
     parser.add_argument("--config", default="configs/mrem_bench.yaml")
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--only", nargs="*", default=None, help="subset of run keys")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="a replicate with this mrem.seed, recorded beside the main (seed 0) figures")
     parser.add_argument("--from-mlflow", action="store_true", help="rebuild the figures from logged runs")
+    parser.add_argument("--log-only", action="store_true", help="only log the recorded figures to MLflow")
     parser.add_argument("--speed", action="store_true", help="only time MREM-P vs MREM-S (W4A8)")
     parser.add_argument("--memory", action="store_true",
                         help="only the single-process baseline: whole model + all activations in one process")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
-    if not (args.speed or args.memory):  # these runs record their own command
+    if args.seed is not None:
+        args.set = [*args.set, f"mrem.seed={args.seed}"]
+    if not (args.speed or args.memory or args.seed):  # these runs record their own command
         results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set)
+    experiment = load_config(ROOT / args.config).experiment_name
+    if args.log_only:
+        print(f"logged {RESULTS.name} to MLflow run {log_to_mlflow(results, experiment)} ({experiment})")
+        return
     for task in args.tasks:
         start = time.time()
 
         def merge(new: dict) -> None:
             old = results["tasks"].setdefault(task, {"metrics": {}, "details": {}})
+            if args.seed:  # a replicate: its own record, the main table keeps seed 0
+                old = old.setdefault("seeds", {}).setdefault(str(args.seed), {"metrics": {}, "details": {}})
             old["metrics"].update(new["metrics"])
             old["details"].update(new["details"])
             old["config"] = new["config"]
@@ -280,10 +336,11 @@ def main() -> None:
                 measure_memory(task, args)
             write(results)
         elif args.from_mlflow:
-            merge(from_mlflow(task, load_config(ROOT / args.config).experiment_name))
+            merge(from_mlflow(task, experiment))
         else:
             merge(run_task(task, args, merge))
     print(json.dumps({t: r["metrics"] for t, r in results["tasks"].items()}, indent=2))
+    log_to_mlflow(results, experiment)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import target_row  # noqa: E402
+from bench.common import log_results, target_row  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import load_config, to_dict  # noqa: E402
 from pipelines.data import check_task  # noqa: E402
@@ -164,6 +164,15 @@ def write(results: dict, path: Path) -> None:
     write_text_atomic(path.with_suffix(".md"), "\n".join(md) + "\n")
 
 
+def log_to_mlflow(results: dict, path: Path, experiment: str) -> str:
+    """The figures table, the Targets table and every figure as `<task>.<key>` metrics, in MLflow."""
+    tasks = results.get("tasks", [])
+    return log_results(experiment, [path, path.with_suffix(".md")],
+                       {"prequant_figures": [{"task": t, **results[t]} for t in tasks],
+                        "prequant_targets": check_targets(results)},
+                       {f"{t}.{k}": v for t in tasks for k, v in results[t].items()}, results.get("command", ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=None)
@@ -171,6 +180,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--only", nargs="*", default=None, help="subset of result keys, e.g. prequant_w4 lora_w4")
     parser.add_argument("--smoke", action="store_true", help="tiny-bert, a few steps, results under runs/")
+    parser.add_argument("--log-only", action="store_true", help="only log the recorded figures to MLflow")
     parser.add_argument("--out", default=None, help="results file (default bench/results/prequant.json); for pilots")
     args = parser.parse_args()
     torch_threads()
@@ -181,6 +191,10 @@ def main() -> None:
     path = Path(args.out).resolve() if args.out else path
     tasks = args.tasks or load_config(ROOT / args.config, args.set).tasks
     results = json.loads(path.read_text()) if path.exists() else {}
+    experiment = load_config(ROOT / args.config, args.set).experiment_name
+    if args.log_only:
+        print(f"logged {path.name} to MLflow run {log_to_mlflow(results, path, experiment)} ({experiment})")
+        return
     results.setdefault("details", {})
     command = "python " + " ".join(sys.argv)
     results.update(command=command, config_file=args.config, overrides=args.set,
@@ -198,7 +212,7 @@ def main() -> None:
         results["tasks"] = sorted(set(results.get("tasks", [])) | {task})
         write(results, path)
     print(json.dumps({t: results[t] for t in results["tasks"]}, indent=2))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    print(f"wrote {path} and {path.with_suffix('.md')}; MLflow run {log_to_mlflow(results, path, experiment)}")
 
 
 def torch_threads() -> None:
