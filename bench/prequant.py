@@ -212,7 +212,9 @@ def main() -> None:
         results["tasks"] = sorted(set(results.get("tasks", [])) | {task})
         write(results, path)
     print(json.dumps({t: results[t] for t in results["tasks"]}, indent=2))
-    print(f"wrote {path} and {path.with_suffix('.md')}; MLflow run {log_to_mlflow(results, path, experiment)}")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    if path == RESULTS:  # the recorded figures, not a pilot's (--out) or a smoke run's
+        print(f"MLflow run {log_to_mlflow(results, path, experiment)} ({experiment})")
 
 
 def torch_threads() -> None:
