@@ -2,6 +2,7 @@
 
     python bench/mrem.py --tasks sst2 [rte mrpc] [--config configs/mrem_bench.yaml] [--set mrem.steps=400]
     python bench/mrem.py --tasks mrpc --seed 1 --only mrem_p_w4a8 ...   # a replicate, kept beside seed 0
+    python bench/mrem.py --tasks mrpc --only mrem_p_w2a8 --set mrem.steps=800 --out runs/pilot/x.json   # a pilot
 
 Uses the FP references of bench/fp_reference.py (runs/fp_reference/<task>/finetune/model);
 every run is also logged to MLflow (experiment plmq-mrem-bench). Writes
@@ -317,11 +318,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="a replicate with this mrem.seed, recorded beside the main (seed 0) figures")
     parser.add_argument("--from-mlflow", action="store_true", help="rebuild the figures from logged runs")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/mrem.json); for pilots")
     parser.add_argument("--log-only", action="store_true", help="only log the recorded figures to MLflow")
     parser.add_argument("--speed", action="store_true", help="only time MREM-P vs MREM-S (W4A8)")
     parser.add_argument("--memory", action="store_true",
                         help="only the single-process baseline: whole model + all activations in one process")
     args = parser.parse_args()
+    global RESULTS
+    recorded, RESULTS = RESULTS, Path(args.out).resolve() if args.out else RESULTS
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
     if args.seed is not None:
         args.set = [*args.set, f"mrem.seed={args.seed}"]
@@ -356,7 +360,8 @@ def main() -> None:
         else:
             merge(run_task(task, args, merge))
     print(json.dumps({t: r["metrics"] for t, r in results["tasks"].items()}, indent=2))
-    log_to_mlflow(results, experiment)
+    if RESULTS == recorded:  # the recorded figures, not a pilot's (--out)
+        log_to_mlflow(results, experiment)
 
 
 if __name__ == "__main__":
