@@ -254,10 +254,10 @@ def paced(details: dict) -> str:
                      and any("repeated_batches" in m for m in v.get("modules", [])))
 
 
-def write(results: dict) -> None:
+def write(results: dict, path: Path = RESULTS) -> None:
     summarize(results)
     results.update(issue_view(results))
-    write_json_atomic(RESULTS, results)
+    write_json_atomic(path, results)
     cols = ["task", "fp"] + [p[0] for p in PLAN]
     rows = [{"task": t, **judged(r)} for t, r in results["tasks"].items()]
     lines = ["# MREM (MiniLM-L6, CPU, 2 cores)", "",
@@ -294,17 +294,16 @@ def write(results: dict) -> None:
               f"Config: `{results['config_file']}` with {results['overrides']}"]
     if results.get("notes"):
         lines += ["", "## Notes (written after the runs above)", ""] + [f"- {n}" for n in results["notes"]]
-    write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text_atomic(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def log_to_mlflow(results: dict, experiment: str) -> str:
+def log_to_mlflow(results: dict, experiment: str, path: Path = RESULTS) -> str:
     """The tables of mrem.md (figures, Targets) and every figure as `<task>.<key>` metrics, in MLflow."""
-    summarize(results)
     figures = [{"task": t, **judged(r)} for t, r in results["tasks"].items()]
     metrics = {f"{t}.{k}": v for t, r in results["tasks"].items() for k, v in judged(r).items()}
     metrics.update({f"{t}.speedup_p2_vs_s": r["speed"]["speedup_p2_vs_s"] for t, r in results["tasks"].items()
                     if "speed" in r})
-    return log_results(experiment, [RESULTS, RESULTS.with_suffix(".md")],
+    return log_results(experiment, [path, path.with_suffix(".md")],
                        {"mrem_figures": figures, "mrem_targets": check_targets(results)}, metrics,
                        results.get("command", ""))
 
@@ -324,16 +323,15 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true",
                         help="only the single-process baseline: whole model + all activations in one process")
     args = parser.parse_args()
-    global RESULTS
-    recorded, RESULTS = RESULTS, Path(args.out).resolve() if args.out else RESULTS
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"tasks": {}}
+    path = Path(args.out).resolve() if args.out else RESULTS
+    results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     if args.seed is not None:
         args.set = [*args.set, f"mrem.seed={args.seed}"]
     if not (args.speed or args.memory or args.seed):  # these runs record their own command
         results.update(command="python " + " ".join(sys.argv), config_file=args.config, overrides=args.set)
     experiment = load_config(ROOT / args.config).experiment_name
     if args.log_only:
-        print(f"logged {RESULTS.name} to MLflow run {log_to_mlflow(results, experiment)} ({experiment})")
+        print(f"logged {path.name} to MLflow run {log_to_mlflow(results, experiment, path)} ({experiment})")
         return
     for task in args.tasks:
         start = time.time()
@@ -346,21 +344,21 @@ def main() -> None:
             old["details"].update(new["details"])
             old["config"] = new["config"]
             old["bench_wall_s"] = round(time.time() - start, 1)
-            write(results)
+            write(results, path)
 
         if args.speed:
             results["tasks"].setdefault(task, {"metrics": {}, "details": {}})["speed"] = measure_speed(task, args)
-            write(results)
+            write(results, path)
         elif args.memory:
             results["tasks"].setdefault(task, {"metrics": {}, "details": {}})["single_process"] = \
                 measure_memory(task, args)
-            write(results)
+            write(results, path)
         elif args.from_mlflow:
             merge(from_mlflow(task, experiment))
         else:
             merge(run_task(task, args, merge))
     print(json.dumps({t: r["metrics"] for t, r in results["tasks"].items()}, indent=2))
-    if RESULTS == recorded:  # the recorded figures, not a pilot's (--out)
+    if path == RESULTS:  # the recorded figures, not a pilot's (--out)
         log_to_mlflow(results, experiment)
 
 

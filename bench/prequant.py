@@ -189,16 +189,16 @@ def main() -> None:
         args.set = SMOKE + ["output_dir=runs/prequant_smoke", *args.set]
     path = ROOT / "runs" / "prequant_smoke" / "prequant.json" if args.smoke else RESULTS
     path = Path(args.out).resolve() if args.out else path
-    tasks = args.tasks or load_config(ROOT / args.config, args.set).tasks
+    cfg = load_config(ROOT / args.config, args.set)
+    tasks, experiment = args.tasks or cfg.tasks, cfg.experiment_name
     results = json.loads(path.read_text()) if path.exists() else {}
-    experiment = load_config(ROOT / args.config, args.set).experiment_name
     if args.log_only:
         print(f"logged {path.name} to MLflow run {log_to_mlflow(results, path, experiment)} ({experiment})")
         return
     results.setdefault("details", {})
     command = "python " + " ".join(sys.argv)
     results.update(command=command, config_file=args.config, overrides=args.set,
-                   model=load_config(ROOT / args.config, args.set).model,
+                   model=cfg.model,
                    machine=f"{platform.machine()}, {os.cpu_count()} cores")
     for task in tasks:
         start = time.time()

@@ -47,16 +47,16 @@ def test_replicates_are_judged_by_their_mean_and_need_the_same_training():
     assert view["speedup_p2_vs_s"] == 1.8 and view["wall_s"] == {"t": {"x": 1.0}}
 
 
-def test_recorded_figures_are_logged_to_mlflow(mlflow_uri, tmp_path, monkeypatch):
+def test_recorded_figures_are_logged_to_mlflow(mlflow_uri, tmp_path):
     import json
 
     import mlflow
 
     results = {"tasks": {"t": {"metrics": {"fp": 86.0, "mrem_p_w4a8": 85.6}, "details": {}}}, "command": "c"}
-    monkeypatch.setattr(mrem, "RESULTS", tmp_path / "mrem.json")
-    mrem.RESULTS.write_text(json.dumps(results))
-    mrem.RESULTS.with_suffix(".md").write_text("table")
-    run = mlflow.get_run(mrem.log_to_mlflow(results, "bench-test"))
+    path = tmp_path / "mrem.json"
+    path.write_text(json.dumps(results))
+    path.with_suffix(".md").write_text("table")
+    run = mlflow.get_run(mrem.log_to_mlflow(results, "bench-test", path))
     assert run.data.metrics == {"t.fp": 86.0, "t.mrem_p_w4a8": 85.6}
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert names == {"mrem.json", "mrem.md", "mrem_figures.json", "mrem_targets.json"}
