@@ -64,7 +64,7 @@ def run_task(task: str, args, save=lambda partial: None) -> dict:
                             "calib_bytes": r.calib_bytes, "module_errors": r.chain_errors,
                             "rtn_module_errors": r.rtn_chain_errors, "bytes": r.packed_bytes,
                             "modules": [{k: s.get(k) for k in MODULE_STATS} for s in r.modules_stats],
-                            "student_dropout": cfg.mrem.student_dropout, "command": "python " + " ".join(sys.argv)}
+                            "student_dropout": cfg.mrem.student_dropout, "steps": cfg.mrem.steps, "command": "python " + " ".join(sys.argv)}
             print(f"[bench] {task} {key}: {row[key]} (FP {row['fp']}) train {r.train_s:.0f}s", flush=True)
             save({"metrics": row, "details": details, "config": to_dict(cfg.mrem)})  # nothing lost on a stop
     return {"metrics": row, "details": details, "config": to_dict(cfg.mrem)}
@@ -168,18 +168,24 @@ def from_mlflow(task: str, experiment: str) -> dict:
     return {"metrics": row, "details": details, "config": "as logged in the MLflow stage runs"}
 
 
+def recipe(detail: dict) -> tuple:
+    """How an MREM run trained, as far as replicates must agree. Records from before "steps" was stored all
+    used configs/mrem_bench.yaml's 400 steps per module."""
+    return detail.get("student_dropout"), detail.get("steps", 400)
+
+
 def seed_stats(res: dict) -> dict:
     """Per run key with replicates (--seed): every seed's metric, their mean and sample std. Seed 0 (the main
-    table) only counts when it trained like the replicates (same student_dropout)."""
+    table) only counts when it trained like the replicates (same student_dropout and steps)."""
     stats = {}
     for key, *_ in PLAN:
-        reps = [(r["metrics"][key], r["details"][key].get("student_dropout"))
+        reps = [(r["metrics"][key], recipe(r["details"][key]))
                 for _, r in sorted(res.get("seeds", {}).items()) if key in r["metrics"]]
         if not reps:
             continue
         main = res["metrics"].get(key)
-        same = main is not None and res["details"].get(key, {}).get("student_dropout") == reps[0][1]
-        values = ([main] if same else []) + [v for v, _ in reps]
+        same = main is not None and recipe(res["details"].get(key, {})) == reps[0][1]
+        values = ([main] if same else []) + [v for v, how in reps if how == reps[0][1]]
         if len(values) < 2:
             continue
         stats[key] = {"values": values, "mean": round(statistics.mean(values), 2),

@@ -42,6 +42,10 @@ def test_replicates_are_judged_by_their_mean_and_need_the_same_training():
     met = _met(mrem.check_targets({"tasks": {"t": res}}))
     assert met["mrem_p_w4a8 >= fp - 0.5 (seed mean)"] is True  # 85.5; seed 0 alone (85.0) would miss
     assert met["|mrem_p_w4a8 - mrem_s_w4a8| <= 0.5 (seed mean)"] is True  # |85.5 - 85.0|
+    res["seeds"]["2"] = {"metrics": {"mrem_p_w4a8": 80.0},
+                         "details": {"mrem_p_w4a8": {"student_dropout": False, "steps": 800}}}
+    assert mrem.seed_stats(res)["mrem_p_w4a8"]["values"] == [85.0, 86.0]  # 800 steps: not a replicate of 400
+    del res["seeds"]["2"]
     view = mrem.issue_view({"tasks": {"t": {**res, "speed": {"speedup_p2_vs_s": 1.8}, "wall_s": {"x": 1.0}}}})
     assert view["t"] == {"fp": 86.0, "mrem_p_w4a8": 85.5, "mrem_s_w4a8": 86.0}  # the issue's {task: {key: m}}
     assert view["speedup_p2_vs_s"] == 1.8 and view["wall_s"] == {"t": {"x": 1.0}}
