@@ -51,17 +51,22 @@ def points(result) -> float:
 
 
 def fp_baseline(cfg, task: str, out: Path) -> tuple[float, str, dict]:
-    """(metric, FP checkpoint, details): fp_reference.json when it has the task, else fine-tune here."""
+    """(metric, FP checkpoint, details): fp_reference.json's model when it was fine-tuned with this config's
+    data and finetune settings (same epochs as the PEFT methods), else fine-tune FP here."""
+    from pipelines.finetune import stage_key
+    from pipelines.models import META_FILE
     from pipelines.run import run_evaluate_stage, run_finetune_stage
 
     ref = json.loads(FP.read_text()).get(task) if FP.exists() and cfg.model == "minilm-l6" else None
-    if ref and (ROOT / ref["checkpoint"]).is_dir():
+    meta = ROOT / ref["checkpoint"] / META_FILE if ref else None
+    if meta and meta.is_file() and json.loads(meta.read_text()).get("config_key") == stage_key(
+            task, cfg.model, cfg.data, cfg.finetune):
         metric = ref[check_task(task).main_metric]
         return metric, str(ROOT / ref["checkpoint"]), {"source": str(FP.relative_to(ROOT)), "train_s": ref["wall_s"]}
     ft = run_finetune_stage(cfg, task, out)
     result, _ = run_evaluate_stage(cfg, task, ft.checkpoint, "fp")
     return points(result), ft.checkpoint, {"source": "run", "train_s": round(ft.wall_s, 1),
-                                           "bytes": result.model_bytes}
+                                           "bytes": result.model_bytes, "epochs": cfg.finetune.epochs}
 
 
 def fp_details(checkpoint: str, details: dict) -> dict:
@@ -74,11 +79,13 @@ def fp_details(checkpoint: str, details: dict) -> dict:
             "optimizer_state_note": "analytic: 2 fp32 AdamW moments per parameter", "peak_rss_mb": None}
 
 
-def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: Path) -> tuple[float, dict]:
-    """rtn.json's number for this QuantConfig (named `quant` or `alias`) when present, else run RTN."""
+def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: Path,
+                 reference: bool) -> tuple[float, dict]:
+    """rtn.json's number for this QuantConfig (named `quant` or `alias`) when present and the FP model is the
+    reference (reference=True), else run RTN on `checkpoint`."""
     from pipelines.run import run_rtn_stage
 
-    recorded = json.loads(RTN.read_text()).get(task, {}) if RTN.exists() and cfg.model == "minilm-l6" else {}
+    recorded = json.loads(RTN.read_text()).get(task, {}) if RTN.exists() and reference else {}
     for name in (quant, alias):
         if isinstance(recorded, dict) and isinstance(recorded.get(name), dict):
             return recorded[name]["metric"], {"source": str(RTN.relative_to(ROOT)), "quant": name,
@@ -108,7 +115,8 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 row[key], details[key] = fp, fp_details(checkpoint, fp_info)
             elif method == "rtn":
                 full = str(with_quantizer(quant, cfg.prequant.quantizer))
-                row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out)
+                reference = fp_info["source"] != "run"
+                row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out, reference)
             else:  # "prequant-activation": the activation criterion instead of the configured one
                 method, crit = method.partition("-")[::2]
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, criterion=crit)) if crit else cfg

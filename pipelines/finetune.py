@@ -217,7 +217,7 @@ def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, outpu
     if done:  # same inputs already fine-tuned: nothing to redo
         print(f"[finetune {task}] {final} is up to date (key {key}); skipping")
         return FinetuneResult(str(final), task, model, done["train_examples"], cfg.epochs, done["steps"],
-                              float("nan"), 0.0)
+                              done.get("final_loss", float("nan")), done.get("wall_s", 0.0))
     # Ray Train's print patch would echo every worker line twice through the driver.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ensure_ray()
@@ -229,7 +229,7 @@ def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, outpu
                 "train_path": str(train_path), "cpus_per_worker": cfg.cpus_per_worker,
                 "run_id": run_id, "tracking_uri": tracking_uri}
     result = fit_to_dir(train_loop, loop_cfg, cfg, output_dir, f"finetune-{task}-{key}")
-    meta = json.loads((final / models.META_FILE).read_text())
+    loss, wall_s = float(result.metrics.get("loss", float("nan"))), time.time() - start
+    meta = models.add_meta(final, final_loss=loss, wall_s=round(wall_s, 1))
     return FinetuneResult(checkpoint=str(final), task=task, model=model, train_examples=n_train,
-                          epochs=cfg.epochs, steps=meta["steps"],
-                          final_loss=float(result.metrics.get("loss", float("nan"))), wall_s=time.time() - start)
+                          epochs=cfg.epochs, steps=meta["steps"], final_loss=loss, wall_s=wall_s)

@@ -13,6 +13,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel)
 
+from pipelines.io import write_json_atomic
+
 DEFAULT_MODEL = "minilm-l6"
 META_FILE = "plmq_meta.json"
 
@@ -92,6 +94,15 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, path: str | Path, meta: d
     tokenizer.save_pretrained(str(path))
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def add_meta(path: str | Path, **fields) -> dict:
+    """Add fields (e.g. the training wall time, known only after the export) to a checkpoint's metadata,
+    so that a later run reusing the checkpoint reports them instead of zeros."""
+    meta_path = Path(path) / META_FILE
+    meta = {**json.loads(meta_path.read_text()), **fields}
+    write_json_atomic(meta_path, meta)
+    return meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object, dict]:

@@ -383,9 +383,10 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
     out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}"
     if force:
         shutil.rmtree(out, ignore_errors=True)
-    if _done(out / "model", key, models.META_FILE, "config_key"):  # run_loop writes config_key
+    done = _done(out / "model", key, models.META_FILE, "config_key")  # run_loop writes config_key
+    if done:
         print(f"[prequant-finetune {task}] {out / 'model'} is up to date (key {key}); skipping")
-        train_s = 0.0
+        train_s = done.get("train_s", 0.0)  # the reused result's own training time
     else:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ensure_ray()
@@ -398,6 +399,7 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
         t0 = time.time()
         fit_to_dir(train_loop, loop_cfg, ft, out, f"prequant-{method}-{task}-{key}")
         train_s = time.time() - t0
+        models.add_meta(out / "model", train_s=round(train_s, 1))
     qmodel, tokenizer, manifest = load_prequant_checkpoint(out / "model")
     result = evaluate_model(qmodel, tokenizer, task, data, eval_cfg, model_bytes=manifest["bytes"])
     return PrequantResult(task, method, qname, str(out / "model"), str(artefact), manifest["bytes"],

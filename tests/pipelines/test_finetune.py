@@ -6,7 +6,9 @@ import json
 import mlflow
 import pytest
 
+from pipelines import finetune as ft
 from pipelines.config import load_config
+from pipelines.cluster import resolve_resources
 from pipelines.run import run
 
 @pytest.fixture
@@ -21,7 +23,7 @@ def separable_cfg(tmp_path, cache_dir, separable_glue):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow_uri, separable_cfg):
+def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow_uri, separable_cfg, monkeypatch):
     summary = run(separable_cfg)
     (row,) = summary.rows
     assert row["task"] == "sst2" and row["metric"] == "accuracy"
@@ -49,3 +51,10 @@ def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow
     child_runs = mlflow.search_runs([exp.experiment_id], output_format="list",
                                     filter_string=f"tags.mlflow.parentRunId = '{again.parent_run_id}'")
     assert child_runs == []
+
+    # Called again directly, the stage reports the reused model's own training time and loss, not zeros.
+    monkeypatch.setattr(ft, "fit_to_dir", lambda *a, **k: pytest.fail("same inputs were fine-tuned again"))
+    cfg = resolve_resources(separable_cfg)  # as run() fine-tuned it
+    reused = ft.finetune("sst2", cfg.model, cfg.data, cfg.finetune, f"{summary.output_dir}/sst2/finetune")
+    meta = json.loads(open(f"{reused.checkpoint}/plmq_meta.json").read())
+    assert reused.wall_s == meta["wall_s"] > 0 and reused.final_loss == meta["final_loss"] > 0

@@ -136,12 +136,13 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
     again = pq.prequant_finetune("sst2", "tiny-bert", "w4", "prequant", cfg.data, cfg.finetune, cfg.prequant,
                                  cfg.evaluate, pq.artefact_root(cfg.prequant, cfg.output_dir),
                                  tmp_path / "out" / "sst2" / "prequant")
-    assert again.train_s == 0.0 and round(100 * again.eval.main, 2) == row["value"]
+    assert round(100 * again.eval.main, 2) == row["value"]
     assert row["method"] == "prequant-w4a16" and 0.0 <= row["value"] <= 100.0 and row2["task"] == "rte"
 
     export = tmp_path / "out" / "sst2" / "prequant"
     (model_dir,) = [d / "model" for d in export.iterdir() if d.is_dir()]
     meta = json.loads((model_dir / "plmq_meta.json").read_text())
+    assert again.train_s == meta["train_s"] > 0  # the reused result reports its own training time
     trainable = set(meta["trainable_names"])
     # only outlier columns and the fresh head are trained, and only they have optimizer state
     assert trainable and all(n.endswith(".outlier") or n.startswith("classifier.") for n in trainable)
