@@ -58,6 +58,12 @@ def from_unsigned(u: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
     return u - 2 ** (spec.bits - 1) if spec.symmetric else u
 
 
+def unpack_codes(packed: torch.Tensor, spec: TensorQuant, shape, legacy: bool = False) -> torch.Tensor:
+    """Signed codes of `shape` from a packed tensor; legacy: a format-v1 file (codes in legacy_width bits)."""
+    width = legacy_width(spec.bits) if legacy else None
+    return from_unsigned(unpack(packed, spec.bits, shape, width), spec)
+
+
 def _export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     tensors, modules, drop = {}, {}, set()
     for name, m in quant_modules(model):
@@ -156,8 +162,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             continue
         dev, dt = m.weight.device, m.weight.dtype
         packed = tensors.pop(f"{name}.weight.packed")
-        width = legacy_width(info["bits"]) if meta["legacy"] else None
-        q = from_unsigned(unpack(packed, info["bits"], info["shape"], width), m.weight_q.spec).to(dev)
+        q = unpack_codes(packed, m.weight_q.spec, info["shape"], meta["legacy"]).to(dev)
         params = {k: tensors.pop(f"{name}.weight.{k}").to(dev, dt) for k in _STATE if f"{name}.weight.{k}" in tensors}
         w = m.weight_q.decode(q, params)
         m.weight_q.set_params(params["step"], params.get("zero_point"), params.get("threshold"))

@@ -41,9 +41,9 @@ from torch import Tensor, nn
 
 from .config import QuantConfig
 from .convert import HEADS, find_targets
-from .export import from_unsigned, to_unsigned
+from .export import to_unsigned, unpack_codes
 from .modules import Quantizer
-from .pack import is_legacy_format, legacy_width, pack, unpack
+from .pack import is_legacy_format, pack
 
 WEIGHTS_FILE = "prequant.safetensors"  # not model.safetensors: HF from_pretrained must not half-load it
 MANIFEST_FILE = "prequant.json"
@@ -264,8 +264,7 @@ class OutlierLinear(nn.Linear):
         params = {k: tensors[f"weight.{k}"].to(dev) for k in ("step", "zero_point", "threshold")
                   if f"weight.{k}" in tensors}
         self.weight_q.set_params(params["step"], params.get("zero_point"), params.get("threshold"))
-        width = legacy_width(spec.bits) if legacy else None
-        codes = from_unsigned(unpack(tensors["weight.packed"], spec.bits, self.weight.shape, width), spec).to(dev)
+        codes = unpack_codes(tensors["weight.packed"], spec, self.weight.shape, legacy).to(dev)
         self._set_codes(codes, params)
 
     def extra_repr(self) -> str:
