@@ -126,9 +126,11 @@ def measure_memory(task: str, args) -> dict:
 
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
     caches = sorted(Path(cfg.mrem.cache_dir).glob(f"{task}-*/meta.json"), key=lambda p: p.stat().st_mtime)
-    multi = [c.parent for c in caches if json.loads(c.read_text())["boundaries"] > 1]
-    if not multi:
-        raise SystemExit(f"no MREM activation cache for {task} in {cfg.mrem.cache_dir}: run bench/mrem.py first")
+    metas = {c.parent: json.loads(c.read_text()) for c in caches}
+    multi = [d for d, m in metas.items() if m["boundaries"] > 1 and m["num_samples"] == cfg.mrem.calib_samples]
+    if not multi:  # the recorded runs' calibration set, not a pilot's (e.g. mrem.calib_samples=3668)
+        raise SystemExit(f"no MREM activation cache of {cfg.mrem.calib_samples} samples for {task} in "
+                         f"{cfg.mrem.cache_dir}: run bench/mrem.py first (or --set mrem.calib_samples=N)")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_single_process_peak,
