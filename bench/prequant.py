@@ -54,13 +54,11 @@ def fp_baseline(cfg, task: str, out: Path) -> tuple[float, str, dict]:
     """(metric, FP checkpoint, details): fp_reference.json's model when it was fine-tuned with this config's
     data and finetune settings (same epochs as the PEFT methods), else fine-tune FP here."""
     from pipelines.finetune import stage_key
-    from pipelines.models import META_FILE
+    from pipelines.models import finished_meta
     from pipelines.run import run_evaluate_stage, run_finetune_stage
 
     ref = json.loads(FP.read_text()).get(task) if FP.exists() and cfg.model == "minilm-l6" else None
-    meta = ROOT / ref["checkpoint"] / META_FILE if ref else None
-    if meta and meta.is_file() and json.loads(meta.read_text()).get("config_key") == stage_key(
-            task, cfg.model, cfg.data, cfg.finetune):
+    if ref and finished_meta(ROOT / ref["checkpoint"], stage_key(task, cfg.model, cfg.data, cfg.finetune)):
         metric = ref[check_task(task).main_metric]
         return metric, str(ROOT / ref["checkpoint"]), {"source": str(FP.relative_to(ROOT)), "train_s": ref["wall_s"]}
     ft = run_finetune_stage(cfg, task, out)

@@ -179,13 +179,6 @@ def stage_key(task: str, model: str, data: DataConfig, cfg: FinetuneConfig) -> s
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _finished(final: Path, key: str) -> dict | None:
-    meta = final / models.META_FILE
-    if meta.exists() and json.loads(meta.read_text()).get("config_key") == key:
-        return json.loads(meta.read_text())
-    return None
-
-
 def fit_to_dir(loop, loop_cfg: dict, cfg: FinetuneConfig, output_dir: Path, name: str):
     """Run `loop` on Ray Train workers; its final checkpoint becomes output_dir/model atomically."""
     res = worker_resources(cfg.use_gpu, cfg.cpus_per_worker)
@@ -213,7 +206,7 @@ def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, outpu
     data.validate()
     output_dir = Path(output_dir).resolve()
     final, key = output_dir / "model", stage_key(task, model, data, cfg)
-    done = _finished(final, key)
+    done = models.finished_meta(final, key)
     if done:  # same inputs already fine-tuned: nothing to redo
         print(f"[finetune {task}] {final} is up to date (key {key}); skipping")
         return FinetuneResult(str(final), task, model, done["train_examples"], cfg.epochs, done["steps"],

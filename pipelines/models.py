@@ -96,6 +96,16 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, path: str | Path, meta: d
     return path
 
 
+def finished_meta(directory: str | Path, key: str, manifest_file: str = META_FILE,
+                  field: str = "config_key") -> dict | None:
+    """The metadata of a finished result made from the same inputs (its `field` equals `key`), else None."""
+    path = Path(directory) / manifest_file
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    return meta if meta.get(field) == key else None
+
+
 def add_meta(path: str | Path, **fields) -> dict:
     """Add fields (e.g. the training wall time, known only after the export) to a checkpoint's metadata,
     so that a later run reusing the checkpoint reports them instead of zeros."""

@@ -144,14 +144,6 @@ def _activation_stats(model, tokenizer, spec: ArtefactSpec, names: list[str]) ->
     return ol.activation_absmax(model, names, batches)
 
 
-def _done(directory: Path, key: str, manifest_file: str, field: str = "key") -> dict | None:
-    """The manifest of a finished result with the same inputs, else None."""
-    path = directory / manifest_file
-    if path.is_file() and json.loads(path.read_text()).get(field) == key:
-        return json.loads(path.read_text())
-    return None
-
-
 def _quantize_result(directory: Path, manifest: dict, reused: bool, wall_s: float) -> QuantizeResult:
     m = manifest
     return QuantizeResult(str(directory), m["key"], m["quant"], m["criterion"], reused, m["outlier_params"],
@@ -164,7 +156,7 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
     pcfg.validate()
     spec = artefact_spec(model, quant, pcfg, method)
     directory = spec.directory(root)
-    done = _done(directory, spec.key, ol.MANIFEST_FILE)
+    done = models.finished_meta(directory, spec.key, ol.MANIFEST_FILE, "key")
     if done:
         print(f"[prequant-quantize] {directory} is up to date; reusing it")
         return _quantize_result(directory, done, True, 0.0)
@@ -199,7 +191,7 @@ def require_artefact(model: str, quant: str, pcfg: PrequantConfig, root: str | P
     """The stored model `method` needs, or a FileNotFoundError that says how to make it."""
     spec = artefact_spec(model, quant, pcfg, method)
     directory = spec.directory(root)
-    if not _done(directory, spec.key, ol.MANIFEST_FILE):
+    if not models.finished_meta(directory, spec.key, ol.MANIFEST_FILE, "key"):
         raise FileNotFoundError(
             f"no pre-quantized model for model={model} quant={spec.quant} criterion={spec.criterion or 'plain'} "
             f"budget={spec.budget_pct}% (expected {directory}); run `plmq prequant-quantize` with the same "
@@ -383,7 +375,7 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
     out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}"
     if force:
         shutil.rmtree(out, ignore_errors=True)
-    done = _done(out / "model", key, models.META_FILE, "config_key")  # run_loop writes config_key
+    done = models.finished_meta(out / "model", key)  # run_loop writes config_key
     if done:
         print(f"[prequant-finetune {task}] {out / 'model'} is up to date (key {key}); skipping")
         train_s = done.get("train_s", 0.0)  # the reused result's own training time
