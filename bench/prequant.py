@@ -60,11 +60,17 @@ def fp_baseline(cfg, task: str, out: Path) -> tuple[float, str, dict]:
     ref = json.loads(FP.read_text()).get(task) if FP.exists() and cfg.model == "minilm-l6" else None
     if ref and finished_meta(ROOT / ref["checkpoint"], stage_key(task, cfg.model, cfg.data, cfg.finetune)):
         metric = ref[check_task(task).main_metric]
-        return metric, str(ROOT / ref["checkpoint"]), {"source": str(FP.relative_to(ROOT)), "train_s": ref["wall_s"]}
+        return metric, str(ROOT / ref["checkpoint"]), {"source": str(FP.relative_to(ROOT)), "train_s": ref["wall_s"],
+                                                       **schedule(cfg.finetune.lr, cfg)}
     ft = run_finetune_stage(cfg, task, out)
     result, _ = run_evaluate_stage(cfg, task, ft.checkpoint, "fp")
     return points(result), ft.checkpoint, {"source": "run", "train_s": round(ft.wall_s, 1),
-                                           "bytes": result.model_bytes, "epochs": cfg.finetune.epochs}
+                                           "bytes": result.model_bytes, **schedule(cfg.finetune.lr, cfg)}
+
+
+def schedule(lr: float, cfg) -> dict:
+    """What a figure was trained with: its learning rate, epochs and batch size (same epochs for all)."""
+    return {"lr": lr, "epochs": cfg.finetune.epochs, "batch_size": cfg.finetune.batch_size}
 
 
 def fp_details(checkpoint: str, details: dict) -> dict:
@@ -93,8 +99,8 @@ def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: P
                             "wall_s": round(r.wall_s, 1), "trainable_pct": 0.0}
 
 
-def peft_details(r, q) -> dict:
-    return {"quant": r.quant_config, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
+def peft_details(r, q, cfg) -> dict:
+    return {**schedule(cfg.prequant.lr, cfg), "quant": r.quant_config, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
@@ -120,7 +126,7 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, criterion=crit)) if crit else cfg
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
-                row[key], details[key] = points(r.eval), peft_details(r, q)
+                row[key], details[key] = points(r.eval), peft_details(r, q, cfg)
             print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
         if "prequant_w4" in details:  # else keep the recorded one (runs with --only merge into it)
             row["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
@@ -153,7 +159,8 @@ def write(results: dict, path: Path) -> None:
                     "trainable_params": d.get("trainable_params"),
                     "optimizer_state_MB": round(d["optimizer_state_bytes"] / 2**20, 3)
                     if d.get("optimizer_state_bytes") is not None else None,
-                    "peak_rss_MB": d.get("peak_rss_mb"), "train_s": d.get("train_s"),
+                    "peak_rss_MB": d.get("peak_rss_mb"), "train_s": d.get("train_s"), "lr": d.get("lr"),
+                    "epochs": d.get("epochs"),
                     "model_MB": round(d["bytes"] / 2**20, 2) if d.get("bytes") else None, "source": d.get("source")}
                    for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
@@ -161,7 +168,8 @@ def write(results: dict, path: Path) -> None:
           "", markdown_table(rows, cols), "", "## Targets", "",
           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
-                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "model_MB", "source"]), "",
+                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "epochs", "model_MB",
+                                       "source"]), "",
           "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is analytic.",
           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
           "", f"Config: `{results['config_file']}` with {results['overrides']}"]

@@ -36,10 +36,11 @@ def test_the_reference_stands_in_when_trained_like_the_bench(reference, tmp_path
     cfg, ran = reference
     metric, checkpoint, info = prequant.fp_baseline(cfg, "mrpc", tmp_path)
     assert (metric, ran) == (86.38, []) and info["source"] != "run"
+    assert (info["lr"], info["epochs"]) == (cfg.finetune.lr, 3)  # each figure says how it was trained
 
 
 def test_more_epochs_fine_tune_fp_here(reference, tmp_path):
     cfg, ran = reference
     cfg.finetune.epochs = 6
     metric, checkpoint, info = prequant.fp_baseline(cfg, "mrpc", tmp_path)
-    assert (metric, checkpoint, ran, info["source"]) == (80.0, "here", [6], "run")
+    assert (metric, checkpoint, ran, info["source"], info["epochs"]) == (80.0, "here", [6], "run", 6)
