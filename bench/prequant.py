@@ -4,9 +4,9 @@
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
-lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, trainable_pct}}, main dev metric in points;
-prequant_w4a8 adds 8-bit activations; prequant_act_w4 uses the activation-outlier criterion instead
-of the weight one; per-method trainable %, optimizer-state bytes, peak memory, fine-tuning wall time
+lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, trainable_pct}}, main dev metric in
+points; prequant_w4a8 adds 8-bit activations; prequant_act_w4/_w3 use the activation-outlier criterion
+instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory, fine-tuning wall time
 and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. FP numbers come from bench/results/fp_reference.json and RTN
 from bench/results/rtn.json when they hold the task (and, for RTN, the same QuantConfig);
@@ -42,7 +42,7 @@ RTN = ROOT / "bench" / "results" / "rtn.json"
 PLAN = [("fp_full", "fp", None), ("rtn_w4", "rtn", "w4"), ("prequant_w4", "prequant", "w4"),
         ("prequant_w4a8", "prequant", "w4a8"), ("prequant_w3", "prequant", "w3"), ("lora_w4", "lora", "w4"),
         ("bitfit_w4", "bitfit", "w4"), ("random_cols_w4", "random", "w4"),
-        ("prequant_act_w4", "prequant-activation", "w4")]
+        ("prequant_act_w4", "prequant-activation", "w4"), ("prequant_act_w3", "prequant-activation", "w3")]
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
 
@@ -100,7 +100,7 @@ def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: P
 
 
 def peft_details(r, q, cfg) -> dict:
-    return {**schedule(cfg.prequant.lr, cfg), "quant": r.quant_config, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
+    return {**schedule(cfg.prequant.lr, cfg), "quant": r.quant_config, "criterion": cfg.prequant.criterion, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
@@ -126,7 +126,7 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, criterion=crit)) if crit else cfg
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
-                row[key], details[key] = points(r.eval), peft_details(r, q, cfg)
+                row[key], details[key] = points(r.eval), peft_details(r, q, run_cfg)
             print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
         if "prequant_w4" in details:  # else keep the recorded one (runs with --only merge into it)
             row["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
@@ -139,7 +139,8 @@ def check_targets(results: dict) -> list[dict]:
     for t in results.get("tasks", []):
         r = results[t]
         fp = r.get("fp_full")
-        for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0)):
+        for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0),
+                       ("prequant_act_w3", 2.0)):
             rows += target_row(t, f"{key} >= fp_full - {d}", r.get(key), None if fp is None else fp - d)
         for key in ("prequant_w4", "prequant_act_w4"):  # the two outlier criteria
             rows += target_row(t, f"{key} >= lora_w4", r.get(key), r.get("lora_w4"))
