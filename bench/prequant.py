@@ -8,7 +8,9 @@ lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, trainable_
 points; prequant_w4a8 adds 8-bit activations; prequant_act_w4/_w3 use the activation-outlier criterion
 instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory, fine-tuning wall time
 and the command that produced the figure under "details") and prequant.md,
-merging tasks into what is there. FP numbers come from bench/results/fp_reference.json and RTN
+merging tasks into what is there. Learning-rate search: run a method again with another
+`--set prequant.lr=...` (or finetune.lr for fp_full) and the best dev score of the lrs tried stands for
+it, every lr's score kept under details["lr_search"] (give every method the same lrs). FP numbers come from bench/results/fp_reference.json and RTN
 from bench/results/rtn.json when they hold the task (and, for RTN, the same QuantConfig);
 otherwise they are run here. --smoke writes under runs/prequant_smoke/ instead.
 """
@@ -128,9 +130,37 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 row[key], details[key] = points(r.eval), peft_details(r, q, run_cfg)
             print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
-        if "prequant_w4" in details:  # else keep the recorded one (runs with --only merge into it)
-            row["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
+
+
+def merge_figure(old: tuple[float, dict] | None, new: tuple[float, dict]) -> tuple[float, dict]:
+    """The learning-rate search: a figure re-run at another lr joins the earlier ones and the best
+    dev score stands for the method (each lr's run stays in details["lr_runs"], its score in
+    "lr_search"); a re-run at the same lr replaces that lr's run; figures without an lr (RTN) replace."""
+    metric, detail = new
+    if old is None or old[0] is None or "lr" not in old[1] or "lr" not in detail:
+        return new
+    runs = dict(old[1].get("lr_runs") or {str(old[1]["lr"]): {**old[1], "metric": old[0]}})
+    runs[str(detail["lr"])] = {**detail, "metric": metric}
+    best = max(runs, key=lambda lr: runs[lr]["metric"])
+    chosen = {k: v for k, v in runs[best].items() if k != "metric"}
+    return runs[best]["metric"], {**chosen, "lr_search": {lr: r["metric"] for lr, r in runs.items()}, "lr_runs": runs}
+
+
+def merge_task(results: dict, task: str, row: dict, info: dict) -> None:
+    """One bench invocation's figures into the results (others stay as recorded)."""
+    figures = dict(results.get(task, {}))
+    details = dict(results["details"].get(task, {}).get("details", {}))
+    for key, metric in row.items():
+        if key in info["details"]:
+            figures[key], details[key] = merge_figure(
+                (figures.get(key), details[key]) if key in details else None, (metric, info["details"][key]))
+        else:  # trainable_pct
+            figures[key] = metric
+    if "prequant_w4" in details:
+        figures["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
+    results[task] = figures
+    results["details"][task] = {**info, "details": details}
 
 
 def check_targets(results: dict) -> list[dict]:
@@ -161,15 +191,18 @@ def write(results: dict, path: Path) -> None:
                     "optimizer_state_MB": round(d["optimizer_state_bytes"] / 2**20, 3)
                     if d.get("optimizer_state_bytes") is not None else None,
                     "peak_rss_MB": d.get("peak_rss_mb"), "train_s": d.get("train_s"), "lr": d.get("lr"),
+                    "lr_search": ", ".join(f"{lr}: {m}" for lr, m in d.get("lr_search", {}).items()) or None,
                     "epochs": d.get("epochs"),
                     "model_MB": round(d["bytes"] / 2**20, 2) if d.get("bytes") else None, "source": d.get("source")}
                    for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
-          "Main dev metric in points (MRPC: F1). trainable_pct: prequant_w4's trainable parameters, % of the model.",
+          "Main dev metric in points (MRPC: F1); a method run at several learning rates shows its best (all in "
+          "lr_search below). trainable_pct: prequant_w4's trainable parameters, % of the model.",
           "", markdown_table(rows, cols), "", "## Targets", "",
           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
-                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "epochs", "model_MB",
+                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
+                                       "model_MB",
                                        "source"]), "",
           "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is analytic.",
           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
@@ -220,10 +253,8 @@ def main() -> None:
         row, info = run_task(task, args)
         for d in info["details"].values():
             d["command"] = command  # several invocations fill one table: each figure keeps its own
-        results[task] = {**results.get(task, {}), **row}
-        old = results["details"].get(task, {"details": {}})
-        results["details"][task] = {**info, "details": {**old.get("details", {}), **info["details"]},
-                                    "bench_wall_s": round(time.time() - start, 1)}
+        merge_task(results, task, row, info)
+        results["details"][task]["bench_wall_s"] = round(time.time() - start, 1)
         results["tasks"] = sorted(set(results.get("tasks", [])) | {task})
         write(results, path)
     print(json.dumps({t: results[t] for t in results["tasks"]}, indent=2))

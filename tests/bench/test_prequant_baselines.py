@@ -44,3 +44,26 @@ def test_more_epochs_fine_tune_fp_here(reference, tmp_path):
     cfg.finetune.epochs = 6
     metric, checkpoint, info = prequant.fp_baseline(cfg, "mrpc", tmp_path)
     assert (metric, checkpoint, ran, info["source"], info["epochs"]) == (80.0, "here", [6], "run", 6)
+
+
+def _merge(results, key, metric, lr):
+    prequant.merge_task(results, "mrpc", {key: metric}, {"details": {key: {"lr": lr, "train_s": lr}}})
+    return results["mrpc"][key], results["details"]["mrpc"]["details"][key]
+
+
+def test_lr_search_keeps_the_best_lr_and_every_score():
+    results = {"details": {}}
+    _merge(results, "lora_w4", 84.0, 2e-3)
+    metric, detail = _merge(results, "lora_w4", 79.0, 5e-3)  # worse: the earlier lr stands
+    assert (metric, detail["lr"], detail["train_s"]) == (84.0, 2e-3, 2e-3)
+    metric, detail = _merge(results, "lora_w4", 85.0, 1e-3)  # better: it takes over, details included
+    assert (metric, detail["lr"], detail["train_s"]) == (85.0, 1e-3, 1e-3)
+    assert detail["lr_search"] == {"0.002": 84.0, "0.005": 79.0, "0.001": 85.0}
+
+
+def test_a_rerun_at_the_same_lr_replaces_its_score():
+    results = {"details": {}}
+    _merge(results, "prequant_w4", 84.0, 2e-3)
+    _merge(results, "prequant_w4", 86.0, 5e-3)
+    metric, detail = _merge(results, "prequant_w4", 83.0, 5e-3)
+    assert (metric, detail["lr"], detail["lr_search"]) == (84.0, 2e-3, {"0.002": 84.0, "0.005": 83.0})
