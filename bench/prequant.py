@@ -4,8 +4,9 @@
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
-lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, trainable_pct}}, main dev metric in
-points; prequant_w4a8 adds 8-bit activations; prequant_act_w4/_w3 use the activation-outlier criterion
+lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3,
+prequant_act_w4a8, trainable_pct}}, main dev metric in
+points; prequant_w4a8 adds 8-bit activations; prequant_act_* use the activation-outlier criterion
 instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory, fine-tuning wall time
 and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
@@ -44,7 +45,8 @@ RTN = ROOT / "bench" / "results" / "rtn.json"
 PLAN = [("fp_full", "fp", None), ("rtn_w4", "rtn", "w4"), ("prequant_w4", "prequant", "w4"),
         ("prequant_w4a8", "prequant", "w4a8"), ("prequant_w3", "prequant", "w3"), ("lora_w4", "lora", "w4"),
         ("bitfit_w4", "bitfit", "w4"), ("random_cols_w4", "random", "w4"),
-        ("prequant_act_w4", "prequant-activation", "w4"), ("prequant_act_w3", "prequant-activation", "w3")]
+        ("prequant_act_w4", "prequant-activation", "w4"), ("prequant_act_w3", "prequant-activation", "w3"),
+        ("prequant_act_w4a8", "prequant-activation", "w4a8")]
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
 
@@ -170,7 +172,7 @@ def check_targets(results: dict) -> list[dict]:
         r = results[t]
         fp = r.get("fp_full")
         for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0),
-                       ("prequant_act_w3", 2.0)):
+                       ("prequant_act_w3", 2.0), ("prequant_act_w4a8", 1.0)):
             rows += target_row(t, f"{key} >= fp_full - {d}", r.get(key), None if fp is None else fp - d)
         for key in ("prequant_w4", "prequant_act_w4"):  # the two outlier criteria
             rows += target_row(t, f"{key} >= lora_w4", r.get(key), r.get("lora_w4"))
