@@ -78,11 +78,19 @@ def schedule(lr: float, cfg) -> dict:
 
 
 def fp_details(checkpoint: str, details: dict) -> dict:
-    """Full fine-tuning trains everything: AdamW keeps two fp32 moments per parameter (analytic)."""
+    """Full fine-tuning trains everything. Optimizer state and peak memory as the worker measured them
+    (models fine-tuned before finetune recorded them: 2 fp32 AdamW moments per parameter, analytic)."""
     from safetensors import safe_open
+
+    from pipelines.models import META_FILE
 
     with safe_open(str(Path(checkpoint) / "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    meta_path = Path(checkpoint) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "optimizer_state_bytes" in meta:
+        return {**details, "trainable_pct": 100.0, "trainable_params": params,
+                "optimizer_state_bytes": meta["optimizer_state_bytes"], "peak_rss_mb": meta.get("peak_rss_mb")}
     return {**details, "trainable_pct": 100.0, "trainable_params": params, "optimizer_state_bytes": 8 * params,
             "optimizer_state_note": "analytic: 2 fp32 AdamW moments per parameter", "peak_rss_mb": None}
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -168,8 +169,18 @@ def run_loop(cfg: dict, setup, save) -> None:
             _report(step, loss_avg, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "step": step})
     meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
-            "train_examples": len(loader.dataset), "config_key": cfg["key"]}
+            "train_examples": len(loader.dataset), "config_key": cfg["key"], **memory_stats(optimizer)}
     _report(step, loss_avg, None, lambda d: save(inner, tokenizer, d, meta, optimizer))
+
+
+def memory_stats(optimizer: torch.optim.Optimizer) -> dict:
+    """This worker's optimizer state and peak memory (process RSS; CUDA when on a GPU)."""
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t))
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"optimizer_state_bytes": state_bytes,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+            "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
 
 
 def stage_key(task: str, model: str, data: DataConfig, cfg: FinetuneConfig) -> str:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ from pipelines import models
 from pipelines.cluster import ensure_ray
 from pipelines.config import ConfigError, DataConfig, EvaluateConfig, FinetuneConfig, PrequantConfig
 from pipelines.data import check_task, tokenized_split
-from pipelines.finetune import fit_to_dir, make_loader, make_optimizer, run_loop
+from pipelines.finetune import fit_to_dir, make_loader, make_optimizer, memory_stats, run_loop
 from quant import QuantConfig, calibrate
 from quant import outliers as ol
 
@@ -272,14 +271,9 @@ def train_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".outlier") and "lora_" not in n)
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t))
-    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"trainable_params": n_trainable, "model_params": base, "trainable_pct": 100.0 * n_trainable / base,
             "trainable_names": trainable, "optimizer_state_names": sorted(names[id(p)] for p in optimizer.state),
-            "optimizer_state_bytes": state_bytes,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
-            "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
+            **memory_stats(optimizer)}
 
 
 def calibrate_inputs(model: torch.nn.Module, loader, batches: int) -> None:

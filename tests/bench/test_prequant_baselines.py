@@ -67,3 +67,15 @@ def test_a_rerun_at_the_same_lr_replaces_its_score():
     _merge(results, "prequant_w4", 86.0, 5e-3)
     metric, detail = _merge(results, "prequant_w4", 83.0, 5e-3)
     assert (metric, detail["lr"], detail["lr_search"]) == (84.0, 2e-3, {"0.002": 84.0, "0.005": 83.0})
+
+
+def test_fp_memory_comes_from_the_workers_measurement(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(10, 3)}, str(tmp_path / "model.safetensors"))
+    analytic = prequant.fp_details(str(tmp_path), {})
+    assert (analytic["optimizer_state_bytes"], analytic["peak_rss_mb"]) == (8 * 30, None)
+    (tmp_path / "plmq_meta.json").write_text(json.dumps({"optimizer_state_bytes": 250, "peak_rss_mb": 900.5}))
+    measured = prequant.fp_details(str(tmp_path), {})
+    assert (measured["optimizer_state_bytes"], measured["peak_rss_mb"], measured["trainable_params"]) == (250, 900.5, 30)

@@ -7,6 +7,7 @@ import mlflow
 import pytest
 
 from pipelines import finetune as ft
+from pipelines.models import load_checkpoint
 from pipelines.config import load_config
 from pipelines.cluster import resolve_resources
 from pipelines.run import run
@@ -58,3 +59,6 @@ def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow
     reused = ft.finetune("sst2", cfg.model, cfg.data, cfg.finetune, f"{summary.output_dir}/sst2/finetune")
     meta = json.loads(open(f"{reused.checkpoint}/plmq_meta.json").read())
     assert reused.wall_s == meta["wall_s"] > 0 and reused.final_loss == meta["final_loss"] > 0
+    # The worker measured its memory: full fine-tuning keeps two AdamW moments per parameter.
+    n_params = sum(p.numel() for p in load_checkpoint(reused.checkpoint)[0].parameters())
+    assert meta["optimizer_state_bytes"] >= 8 * n_params and meta["peak_rss_mb"] > 100
