@@ -172,6 +172,10 @@ class PrequantConfig:
     head_modules: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["prequant"])  # any of METHODS
     lr: float = 2e-3                 # of prequant/random/lora/bitfit (5e-4 learnt too slowly on MiniLM)
+    # The task head's lr (classifier + head_modules; None = lr). The FP outlier columns sit on the
+    # largest inputs, so a step moves the output by lr * |x_j|: they may want a smaller lr than a
+    # freshly initialised head (bench/results/prequant.md, RTE).
+    head_lr: float | None = None
     lora_scaling: float = 2.0        # LoRA alpha / r
     calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation: bundled corpus or a file
     calib_samples: int = 256         # sentences
@@ -193,6 +197,8 @@ class PrequantConfig:
                 raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
         if not 0 < self.lr < 1 or self.lora_scaling <= 0:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
+        if self.head_lr is not None and not 0 < self.head_lr < 1:
+            raise ConfigError(f"prequant.head_lr={self.head_lr}: must be in (0, 1), or null to use prequant.lr")
         if not all(isinstance(p, str) and p for p in self.head_modules):
             raise ConfigError(f"prequant.head_modules={self.head_modules!r}: expected module-name patterns, "
                               "e.g. ['*pooler*']")

@@ -15,6 +15,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,13 +108,17 @@ def _setup(cfg: dict, ft: FinetuneConfig):
     return tokenizer, model, loader, optimizer, scheduler, total
 
 
-def make_optimizer(model: torch.nn.Module, ft: FinetuneConfig, total: int):
-    """AdamW over the parameters that require grad (weight decay on matrices only), linear warmup/decay."""
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ft.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=ft.lr)
+def make_optimizer(model: torch.nn.Module, ft: FinetuneConfig, total: int,
+                   lr_of: Callable[[str], float | None] = lambda name: None):
+    """AdamW over the parameters that require grad (weight decay on matrices only), linear warmup/decay.
+    `lr_of(name)` gives a parameter its own lr (None: ft.lr), e.g. a task head's."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # frozen ones get no optimizer state
+            lr = lr_of(name.removeprefix("module.")) or ft.lr  # DDP's wrapper prefix
+            groups.setdefault((lr, p.ndim >= 2), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": ft.weight_decay if decay else 0.0}
+                                   for (lr, decay), ps in groups.items()], lr=ft.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(ft.warmup_ratio * total), total)
     return optimizer, scheduler
 

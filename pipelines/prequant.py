@@ -295,7 +295,9 @@ def _setup(cfg: dict, ft: FinetuneConfig):
     loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
     model = prepare_model(model)
     total = max(1, math.ceil(ft.epochs * len(loader)))
-    optimizer, scheduler = make_optimizer(model, ft, total)
+    head = head_module_param(pcfg.head_modules)
+    optimizer, scheduler = make_optimizer(model, ft, total,
+                                          lambda n: pcfg.head_lr if ol.is_head(n) or head(n) else None)
     return tokenizer, model, loader, optimizer, scheduler, total
 
 
@@ -344,6 +346,8 @@ def finetune_key(task: str, artefact_key: str, method: str, data: DataConfig, ft
              "finetune": {k: v for k, v in asdict(ft).items() if k != "log_every"},
              "prequant": {"train_norms": pcfg.train_norms, "budget_pct": pcfg.budget_pct,
                           "lora_scaling": pcfg.lora_scaling}}
+    if pcfg.head_lr is not None:  # keys of runs from before head_lr existed stay valid
+        ident["prequant"]["head_lr"] = pcfg.head_lr
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

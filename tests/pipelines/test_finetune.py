@@ -62,3 +62,16 @@ def test_finetune_reaches_high_accuracy_and_logs_nested_runs(ray_session, mlflow
     # The worker measured its memory: full fine-tuning keeps two AdamW moments per parameter.
     n_params = sum(p.numel() for p in load_checkpoint(reused.checkpoint)[0].parameters())
     assert meta["optimizer_state_bytes"] >= 8 * n_params and meta["peak_rss_mb"] > 100
+
+
+def test_optimizer_gives_named_parameters_their_own_lr_and_skips_frozen_ones():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    cfg = ft.FinetuneConfig(lr=1e-3, weight_decay=0.01, warmup_ratio=0.0)
+    optimizer, scheduler = ft.make_optimizer(model, cfg, total=10, lr_of=lambda n: 5e-2 if n.startswith("1.") else None)
+    groups = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+    assert groups == {(1e-3, 0.0): 4, (5e-2, 0.01): 8, (5e-2, 0.0): 2}  # model[0].weight: no group, no state
+    scheduler.step()
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([9e-4, 4.5e-2, 4.5e-2])  # both decay

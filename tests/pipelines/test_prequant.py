@@ -56,6 +56,7 @@ def tiny_cfg(tmp_path, glue, cache_dir, *extra):
     (["prequant.methods=[qat]"], "prequant.methods: 'qat'"),
     (["prequant.criterion=gradient"], "prequant.criterion='gradient'"),
     (["prequant.quantizer=gptq"], "prequant.quantizer='gptq'"),
+    (["prequant.head_lr=2"], "prequant.head_lr=2.0: must be in (0, 1)"),
 ])
 def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
