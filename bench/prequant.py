@@ -4,14 +4,14 @@
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
-lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3,
-prequant_act_w4a8, trainable_pct}}, main dev metric in
-points; prequant_w4a8 adds 8-bit activations; prequant_act_* use the activation-outlier criterion
-instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory, fine-tuning wall time
-and the command that produced the figure under "details") and prequant.md,
+lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, trainable_pct}},
+main dev metric in points; prequant_w4a8 adds 8-bit activations; prequant_act_* use the activation-outlier
+criterion instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory,
+fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
 `--set prequant.lr=...` (or finetune.lr for fp_full) and the best dev score of the lrs tried stands for
-it, every lr's score kept under details["lr_search"] (give every method the same lrs). FP numbers come from bench/results/fp_reference.json and RTN
+it, every lr's score kept under details["lr_search"] (give every method the same lrs).
+FP numbers come from bench/results/fp_reference.json and RTN
 from bench/results/rtn.json when they hold the task (and, for RTN, the same QuantConfig);
 otherwise they are run here. --smoke writes under runs/prequant_smoke/ instead.
 """
@@ -88,11 +88,11 @@ def fp_details(checkpoint: str, details: dict) -> dict:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     meta_path = Path(checkpoint) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if "optimizer_state_bytes" in meta:
-        return {**details, "trainable_pct": 100.0, "trainable_params": params,
-                "optimizer_state_bytes": meta["optimizer_state_bytes"], "peak_rss_mb": meta.get("peak_rss_mb")}
-    return {**details, "trainable_pct": 100.0, "trainable_params": params, "optimizer_state_bytes": 8 * params,
-            "optimizer_state_note": "analytic: 2 fp32 AdamW moments per parameter", "peak_rss_mb": None}
+    memory = {"optimizer_state_bytes": meta.get("optimizer_state_bytes"), "peak_rss_mb": meta.get("peak_rss_mb")}
+    if memory["optimizer_state_bytes"] is None:
+        memory.update(optimizer_state_bytes=8 * params,
+                      optimizer_state_note="analytic: 2 fp32 AdamW moments per parameter")
+    return {**details, "trainable_pct": 100.0, "trainable_params": params, **memory}
 
 
 def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: Path,
@@ -162,12 +162,9 @@ def merge_task(results: dict, task: str, row: dict, info: dict) -> None:
     """One bench invocation's figures into the results (others stay as recorded)."""
     figures = dict(results.get(task, {}))
     details = dict(results["details"].get(task, {}).get("details", {}))
-    for key, metric in row.items():
-        if key in info["details"]:
-            figures[key], details[key] = merge_figure(
-                (figures.get(key), details[key]) if key in details else None, (metric, info["details"][key]))
-        else:  # trainable_pct
-            figures[key] = metric
+    for key, metric in row.items():  # run_task gives each figure its details
+        figures[key], details[key] = merge_figure(
+            (figures.get(key), details[key]) if key in details else None, (metric, info["details"][key]))
     if "prequant_w4" in details:
         figures["trainable_pct"] = details["prequant_w4"].get("trainable_pct")
     results[task] = figures
@@ -213,9 +210,9 @@ def write(results: dict, path: Path) -> None:
           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
                                        "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
-                                       "model_MB",
-                                       "source"]), "",
-          "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is analytic.",
+                                       "model_MB", "source"]), "",
+          "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is measured "
+          "when its checkpoint recorded it, else analytic (optimizer_state_note in the JSON).",
           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
           "", f"Config: `{results['config_file']}` with {results['overrides']}"]
     if results.get("notes"):
