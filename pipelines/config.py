@@ -162,6 +162,10 @@ class PrequantConfig:
     METHODS: typing.ClassVar[tuple[str, ...]] = ("fp", "rtn", "prequant", "random", "lora", "bitfit")
     quant: list[str] = field(default_factory=list)  # weight-quantized QuantConfigs, e.g. [w4, w3]; empty = skip
     quantizer: str = "row"           # row | row-mse | minmax | mse | config (quant.outliers.WEIGHT_QUANTIZERS)
+    # GPTQ rounding onto the quantizer's grid (quant/gptq.py): each column's rounding error goes to
+    # the columns not yet rounded and to the FP outlier columns, weighted by the input Hessian on
+    # the calib_* text; every method's base (lora/bitfit too). False: round to nearest.
+    gptq: bool = False
     criterion: str = "weight"        # outlier column score: weight | activation | random (quant.outliers.CRITERIA)
     budget_pct: float = 0.5          # trainable outlier columns (+ biases/LayerNorm), % of the model's parameters
     train_norms: bool = False        # also train biases and LayerNorm (counted in the budget)
@@ -177,7 +181,7 @@ class PrequantConfig:
     # freshly initialised head (bench/results/prequant.md, RTE).
     head_lr: float | None = None
     lora_scaling: float = 2.0        # LoRA alpha / r
-    calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation: bundled corpus or a file
+    calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation and gptq: bundled corpus or a file
     calib_samples: int = 256         # sentences
     calib_max_length: int = 128
     dir: str | None = None           # pre-quantized models, shared by all tasks; default <output_dir>/prequant
@@ -209,6 +213,9 @@ class PrequantConfig:
             if cfg.embedding is not None or cfg.output is not None:
                 raise ConfigError(f"prequant.quant[{i}]={q!r}: PreQuant quantizes Linear weights and inputs "
                                   "only; drop the -e/-o part")
+            if self.gptq and cfg.weight.scheme != "uniform":
+                raise ConfigError(f"prequant.quant[{i}]={q!r}: GPTQ rounds onto uniform grids, not "
+                                  f"{cfg.weight.scheme} weights; use 3..8 bits or w2g<N>, or prequant.gptq=false")
 
 
 @dataclass

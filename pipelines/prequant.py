@@ -2,8 +2,9 @@
 
 prequant-quantize (task-agnostic, once per model x QuantConfig x criterion x budget): every
 Linear weight of the *pre-trained* model is quantized (quantizer: per-row or per-tensor,
-min-max or MSE clipping) except r input columns per matrix chosen by an outlier criterion
-(quant.outliers.CRITERIA) and kept FP; r follows from the budget. The result (packed
+min-max or MSE clipping; rounding: nearest or GPTQ on unlabelled text) except r input columns
+per matrix chosen by an outlier criterion (quant.outliers.CRITERIA) and kept FP; r follows
+from the budget. The result (packed
 low-bit weights + FP outlier columns + indices, safetensors, manifest) is stored under
 `prequant.dir` keyed by those inputs and reused by every task.
 
@@ -63,10 +64,14 @@ class ArtefactSpec:
     seed: int
     calib: tuple | None           # (corpus, samples, max_length) for criterion=activation
     head_modules: tuple = ()      # Linears kept FP: trained per task as part of the head
+    gptq: bool = False            # GPTQ rounding (calib: its text) instead of round-to-nearest
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        ident = asdict(self)
+        if not self.gptq:  # keys of models stored before gptq existed stay valid
+            del ident["gptq"]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def directory(self, root: str | Path) -> Path:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model).strip("-")[-60:]
@@ -79,12 +84,12 @@ def artefact_spec(model: str, quant: str, pcfg: PrequantConfig, method: str = "p
     columns, or (lora/bitfit) plain low-bit weights."""
     qcfg = str(ol.with_quantizer(quant, pcfg.quantizer))
     head = tuple(pcfg.head_modules)
+    text = (pcfg.calib_corpus, pcfg.calib_samples, pcfg.calib_max_length)
     if method in ("lora", "bitfit"):
-        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, None, head)
+        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, text if pcfg.gptq else None, head, pcfg.gptq)
     criterion = "random" if method == "random" else pcfg.criterion
-    calib = ((pcfg.calib_corpus, pcfg.calib_samples, pcfg.calib_max_length)
-             if ol.CRITERIA[criterion].needs_activations else None)
-    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head)
+    calib = text if pcfg.gptq or ol.CRITERIA[criterion].needs_activations else None
+    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head, pcfg.gptq)
 
 
 def head_module_param(patterns: list[str] | tuple) -> Callable[[str], bool]:
@@ -135,12 +140,13 @@ def calibration_sentences(corpus: str, n: int) -> list[str]:
     return out
 
 
-def _activation_stats(model, tokenizer, spec: ArtefactSpec, names: list[str]) -> dict:
+def _input_stats(model, tokenizer, spec: ArtefactSpec, names: list[str]) -> dict:
+    """Per Linear its input's max |x_j| (criterion=activation) and, for GPTQ, X^T X."""
     corpus, n, max_length = spec.calib
     # One sentence per batch: no padding tokens in the statistics.
     batches = (tokenizer(s, truncation=True, max_length=max_length, return_tensors="pt")
                for s in calibration_sentences(corpus, n))
-    return ol.activation_absmax(model, names, batches)
+    return ol.input_stats(model, names, batches, hessian=spec.gptq)
 
 
 def _quantize_result(directory: Path, manifest: dict, reused: bool, wall_s: float) -> QuantizeResult:
@@ -167,10 +173,12 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
     check_head_modules(clf, spec.head_modules)
     ocfg = ol.OutlierConfig(spec.quant, spec.criterion, (spec.budget_pct or 0) / 100, reserved, spec.seed,
                             skip=list(spec.head_modules))
-    act = _activation_stats(clf, tokenizer, spec, ol.targets(clf, ocfg)) if spec.calib else None
-    report = ol.prequantize(clf, ocfg, act)
+    stats = _input_stats(clf, tokenizer, spec, ol.targets(clf, ocfg)) if spec.calib else {}
+    report = ol.prequantize(clf, ocfg, {n: s["absmax"] for n, s in stats.items()},
+                            {n: s["hessian"] for n, s in stats.items()} if spec.gptq else None)
     used = report.outlier_params + reserved
     meta = {"key": spec.key, "spec": asdict(spec), "model": model, "quant": spec.quant, "criterion": spec.criterion,
+            "gptq": spec.gptq,
             "budget_pct": spec.budget_pct, "train_norms": spec.train_norms, "outlier_params": report.outlier_params,
             "reserved_params": reserved, "body_params": report.body_params, "budget_params": used,
             "budget_pct_used": 100.0 * used / report.body_params if spec.criterion else 0.0}
@@ -181,7 +189,8 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
-    print(f"[prequant-quantize] {spec.quant} {spec.criterion or 'plain'}: {report.outlier_params} outlier params "
+    print(f"[prequant-quantize] {spec.quant}{' gptq' if spec.gptq else ''} {spec.criterion or 'plain'}: "
+          f"{report.outlier_params} outlier params "
           f"({meta['budget_pct_used']:.3f}% with reserved) -> {directory}")
     return _quantize_result(directory, ol.read_manifest(directory), False, time.time() - start)
 

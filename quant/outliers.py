@@ -4,11 +4,12 @@ PreQuant (Gong et al., Findings of ACL 2023) quantizes a *pre-trained* model onc
 fine-tunes only a tiny set of weights kept in higher precision. Here that set is r whole
 input columns per Linear weight, chosen by a scoring criterion:
 
-    y = x @ Wq^T + x[..., idx] @ O^T + b
+    y = Qa(x with x[..., idx] = 0) @ Wq^T + x[..., idx] @ O^T + b
 
 Wq is the low-bit weight (frozen; its columns idx are zero and, for per-row and per-tensor
 grids, left out when the grid is fitted), O = W[:, idx] the FP outlier columns [out, r]
-(trainable).
+(trainable), Qa the input quantizer of aN configs: the outlier features bypass it in FP
+(LLM.int8()-style), so its range comes from the other features.
 
 Column scores (`CRITERIA`; add your own with `register_criterion`), higher = kept in FP:
   weight      max_i |W[i, j]| / std(W): columns holding the matrix's extreme values
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from .config import QuantConfig
 from .convert import HEADS, find_targets
 from .export import to_unsigned, unpack_codes
+from .gptq import gptq_round
 from .modules import Quantizer
 from .pack import is_legacy_format, pack
 
@@ -124,14 +126,19 @@ def column_scores(criterion: str, weight: Tensor, act: Tensor | None = None,
 
 
 @torch.no_grad()
-def activation_absmax(model: nn.Module, names: list[str], batches: Iterable[dict]) -> dict[str, Tensor]:
-    """max |x_j| over all tokens of each named layer's input (pass unpadded batches)."""
-    stats: dict[str, Tensor] = {}
+def input_stats(model: nn.Module, names: list[str], batches: Iterable[dict],
+                hessian: bool = False) -> dict[str, dict[str, Tensor]]:
+    """Per named layer, over all tokens of its input: "absmax", max |x_j| (the activation
+    criterion), and with hessian=True "hessian", X^T X (GPTQ). Pass unpadded batches."""
+    stats: dict[str, dict[str, Tensor]] = {}
 
     def hook(name):
         def fn(module, args):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
-            stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            s = stats.setdefault(name, {"absmax": torch.zeros(x.shape[1])})
+            s["absmax"] = torch.maximum(s["absmax"], x.abs().amax(0).cpu())
+            if hessian:
+                s["hessian"] = s.get("hessian", 0) + (x.T @ x).cpu()
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -143,6 +150,11 @@ def activation_absmax(model: nn.Module, names: list[str], batches: Iterable[dict
         for h in handles:
             h.remove()
     return stats
+
+
+def activation_absmax(model: nn.Module, names: list[str], batches: Iterable[dict]) -> dict[str, Tensor]:
+    """max |x_j| over all tokens of each named layer's input (pass unpadded batches)."""
+    return {n: s["absmax"] for n, s in input_stats(model, names, batches).items()}
 
 # ---------------------------------------------------------------- budget
 
@@ -202,8 +214,10 @@ class OutlierLinear(nn.Linear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, weight: Tensor, bias: Tensor | None, config: QuantConfig | str,
-                    idx: Tensor) -> "OutlierLinear":
-        """Quantize `weight` [out, in] except the columns `idx`, which stay FP."""
+                    idx: Tensor, hessian: Tensor | None = None) -> "OutlierLinear":
+        """Quantize `weight` [out, in] except the columns `idx`, which stay FP. hessian: the
+        layer's input X^T X: GPTQ rounding (the FP columns take the rounding error) instead of
+        round-to-nearest."""
         out_f, in_f = weight.shape
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         m = cls(in_f, out_f, bias is not None, config, len(idx)).to(weight.device)
@@ -214,6 +228,10 @@ class OutlierLinear(nn.Linear):
         keep[idx] = False
         # The grid comes from the non-outlier columns only: that is what keeping outliers buys.
         m.weight_q.init_from(w[:, keep] if _keeps_row_grid(m.weight_q) and keep.any() else rest)
+        if hessian is not None:  # same grid, GPTQ's rounding; the FP columns absorb its error
+            w = gptq_round(w, hessian, m.weight_q, keep_fp=idx)
+            rest = w.clone()
+            rest[:, idx] = 0.0
         m.outlier_idx.copy_(idx)  # before _set_codes, which zeroes these columns
         m.outlier.copy_(w[:, idx])
         codes, params = m.weight_q.codes(rest)
@@ -237,11 +255,15 @@ class OutlierLinear(nn.Linear):
         return self.weight.index_copy(1, self.outlier_idx, self.outlier)
 
     def forward(self, x: Tensor) -> Tensor:
+        x_out = x.index_select(-1, self.outlier_idx) if self.num_outliers else None
         if self.act_q is not None:
-            x = self.act_q(x)
+            # LLM.int8()-style split: the outlier features reach only their FP columns, so they
+            # skip the low-bit input (zeroed, their weight columns are 0); left in, the largest of
+            # them would set the input grid of every other feature.
+            x = self.act_q(x.index_fill(-1, self.outlier_idx, 0.0) if self.num_outliers else x)
         y = F.linear(x, self.weight, self.bias)
-        if self.num_outliers:  # a small FP matmul on the outlier features only
-            y = y + F.linear(x.index_select(-1, self.outlier_idx), self.outlier)
+        if x_out is not None:  # a small FP matmul on the FP outlier features only
+            y = y + F.linear(x_out, self.outlier)
         return y
 
     @torch.no_grad()
@@ -348,8 +370,10 @@ def plan_outliers(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor
     return {n: ranked[n].indices[:r[n]].cpu() for n in names}
 
 
-def prequantize(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] | None = None) -> OutlierReport:
-    """Select outlier columns and replace every target Linear by an OutlierLinear, in place."""
+def prequantize(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] | None = None,
+                hessians: dict[str, Tensor] | None = None) -> OutlierReport:
+    """Select outlier columns and replace every target Linear by an OutlierLinear, in place.
+    hessians: per Linear its input X^T X (input_stats): GPTQ rounding instead of nearest."""
     qcfg = QuantConfig.parse(config.quant)
     if qcfg.weight is None:
         raise ValueError(f"{qcfg}: PreQuant needs quantized weights (e.g. w4)")
@@ -357,7 +381,8 @@ def prequantize(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] 
     plan = plan_outliers(model, config, act)
     for name, idx in plan.items():
         old = model.get_submodule(name)
-        _replace(model, name, OutlierLinear.from_linear(linear_weight(old), old.bias, qcfg, idx))
+        h = None if hessians is None else hessians[name]
+        _replace(model, name, OutlierLinear.from_linear(linear_weight(old), old.bias, qcfg, idx, h))
     outliers = sum(m.outlier.numel() for _, m in outlier_modules(model))
     target = int(config.budget * total) - config.reserved if config.criterion else 0
     return OutlierReport({n: len(i) for n, i in plan.items()}, outliers, total, target)

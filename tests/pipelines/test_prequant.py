@@ -57,6 +57,8 @@ def tiny_cfg(tmp_path, glue, cache_dir, *extra):
     (["prequant.criterion=gradient"], "prequant.criterion='gradient'"),
     (["prequant.quantizer=gptq"], "prequant.quantizer='gptq'"),
     (["prequant.head_lr=2"], "prequant.head_lr=2.0: must be in (0, 1)"),
+    (["prequant.gptq=maybe"], "prequant.gptq: expected bool, got str 'maybe'"),
+    (["prequant.gptq=true", "prequant.quant=[w4,w2]"], "prequant.quant[1]='w2': GPTQ rounds onto uniform grids"),
 ])
 def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -101,6 +103,28 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
     other = load_config(None, ["prequant.budget_pct=1.0"]).prequant  # a different key is a different model
     assert pq.artefact_spec("tiny-bert", "w4", other).directory(tmp_path) != pq.artefact_spec(
         "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
+
+
+def test_gptq_is_its_own_stored_model_for_every_method(tmp_path):
+    plain = load_config(None, ["prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8"])
+    gptq = load_config(None, ["prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8",
+                              "prequant.gptq=true"])
+    for method in ("prequant", "lora"):  # LoRA/BitFit start from the same GPTQ base
+        spec = pq.artefact_spec("tiny-bert", "w4", gptq.prequant, method)
+        assert spec.gptq and spec.calib == ("wikitext2", 8, 128)
+        assert spec.key != pq.artefact_spec("tiny-bert", "w4", plain.prequant, method).key
+    # models stored before the gptq option keep their key (asdict without it)
+    old = dataclasses.asdict(pq.artefact_spec("tiny-bert", "w4", plain.prequant))
+    del old["gptq"]
+    assert pq.artefact_spec("tiny-bert", "w4", plain.prequant).key == \
+        __import__("hashlib").sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    results = {name: pq.prequant_quantize("tiny-bert", "w4", c.prequant, tmp_path) for name, c in
+               (("nearest", plain), ("gptq", gptq))}
+    assert ol.read_manifest(results["gptq"].directory)["gptq"] is True
+    a, b = (load_file(f"{r.directory}/{ol.WEIGHTS_FILE}") for r in results.values())
+    packed = [k for k in a if k.endswith(".weight.packed")]
+    assert packed and any(not torch.equal(a[k], b[k]) for k in packed)  # other rounding, same grid
+    assert all(torch.equal(a[k.replace("packed", "step")], b[k.replace("packed", "step")]) for k in packed)
 
 
 def test_head_modules_that_match_no_linear_are_rejected(tmp_path):

@@ -242,3 +242,24 @@ def test_mark_trainable_groups(model_factory):
     names = set(ol.mark_trainable(model))
     assert all(n.endswith(".outlier") or n.startswith("classifier.") for n in names)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == names
+
+
+def test_a8_outlier_features_bypass_the_input_quantizer():
+    """LLM.int8()-style: the features whose weight columns stay FP reach them in FP and leave the
+    8-bit input grid to the others, instead of stretching it 60x."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g)
+    idx = torch.tensor([3, 40])
+    x[:, idx] *= 60  # LayerNorm-style activation outlier dimensions
+    m = ol.OutlierLinear.from_linear(w, None, "w8a8", idx)
+    with calibrate(m):
+        m(x)
+    keep = torch.ones(64, dtype=torch.bool).index_fill(0, idx, False)
+    assert m.act_q.step.item() == pytest.approx(x[:, keep].abs().max().item() / 127)
+    exact = F.linear(x, m.effective_weight())
+    one_grid = Quantizer(QuantConfig.parse("w8a8").act, kind="act")
+    one_grid.init_from(x)
+    assert (m(x) - exact).norm() < 0.1 * (F.linear(one_grid(x), m.effective_weight()) - exact).norm()
+    x.requires_grad_(True)
+    m(x).sum().backward()  # the FP path passes gradients to the outlier features
+    assert x.grad[:, idx].abs().sum() > 0
