@@ -4,9 +4,11 @@
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
-lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, trainable_pct}},
-main dev metric in points; prequant_w4a8 adds 8-bit activations; prequant_act_* use the activation-outlier
-criterion instead of the configured one; per-method trainable %, optimizer-state bytes, peak memory,
+lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, prequant_gptq_w4,
+prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, trainable_pct}}, main dev metric in points; *_w4a8 add
+8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
+*_gptq_* GPTQ rounding onto per-row MSE grids (prequant_gptq_*: with the activation criterion; lora_gptq_w4:
+LoRA on that base); per-method trainable %, optimizer-state bytes, peak memory,
 fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
 `--set prequant.lr=...` (or finetune.lr for fp_full) and the best dev score of the lrs tried stands for
@@ -41,12 +43,18 @@ from quant.outliers import with_quantizer  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "prequant.json"
 FP = ROOT / "bench" / "results" / "fp_reference.json"
 RTN = ROOT / "bench" / "results" / "rtn.json"
-# (result key, method, QuantConfig)
-PLAN = [("fp_full", "fp", None), ("rtn_w4", "rtn", "w4"), ("prequant_w4", "prequant", "w4"),
-        ("prequant_w4a8", "prequant", "w4a8"), ("prequant_w3", "prequant", "w3"), ("lora_w4", "lora", "w4"),
-        ("bitfit_w4", "bitfit", "w4"), ("random_cols_w4", "random", "w4"),
-        ("prequant_act_w4", "prequant-activation", "w4"), ("prequant_act_w3", "prequant-activation", "w3"),
-        ("prequant_act_w4a8", "prequant-activation", "w4a8")]
+# (result key, method, QuantConfig, prequant overrides)
+ACT = {"criterion": "activation"}
+# GPTQ rounding onto per-row MSE-clipped grids, activation criterion; LoRA on the same base.
+GPTQ_BASE = {"quantizer": "row-mse", "gptq": True}
+GPTQ = {**ACT, **GPTQ_BASE}
+PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4", "prequant", "w4", {}),
+        ("prequant_w4a8", "prequant", "w4a8", {}), ("prequant_w3", "prequant", "w3", {}),
+        ("lora_w4", "lora", "w4", {}), ("bitfit_w4", "bitfit", "w4", {}), ("random_cols_w4", "random", "w4", {}),
+        ("prequant_act_w4", "prequant", "w4", ACT), ("prequant_act_w3", "prequant", "w3", ACT),
+        ("prequant_act_w4a8", "prequant", "w4a8", ACT), ("prequant_gptq_w4", "prequant", "w4", GPTQ),
+        ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
+        ("lora_gptq_w4", "lora", "w4", GPTQ_BASE)]
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
 
@@ -113,7 +121,8 @@ def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: P
 
 def peft_details(r, q, cfg) -> dict:
     return {**schedule(cfg.prequant.lr, cfg), "head_lr": cfg.prequant.head_lr, "quant": r.quant_config,
-            "criterion": cfg.prequant.criterion, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
+            "criterion": cfg.prequant.criterion, "quantizer": cfg.prequant.quantizer, "gptq": cfg.prequant.gptq,
+            "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
@@ -123,20 +132,20 @@ def run_task(task: str, args) -> tuple[dict, dict]:
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
     out = Path(cfg.output_dir).resolve()
     row, details = {}, {}
+    plan = [p for p in PLAN if not args.only or p[0] in args.only]
     with tracking.parent_run(cfg.experiment_name, f"bench-prequant-{task}", to_dict(cfg)):
-        fp, checkpoint, fp_info = fp_baseline(cfg, task, out)
-        for key, method, quant in PLAN:
-            if args.only and key not in args.only:
-                continue
+        # Only fp_full and RTN need the FP model: a PEFT-only run does not fine-tune it.
+        if any(method in ("fp", "rtn") for _, method, _, _ in plan):
+            fp, checkpoint, fp_info = fp_baseline(cfg, task, out)
+        for key, method, quant, overrides in plan:
             if method == "fp":
                 row[key], details[key] = fp, fp_details(checkpoint, fp_info)
             elif method == "rtn":
                 full = str(with_quantizer(quant, cfg.prequant.quantizer))
                 reference = fp_info["source"] != "run"
                 row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out, reference)
-            else:  # "prequant-activation": the activation criterion instead of the configured one
-                method, crit = method.partition("-")[::2]
-                run_cfg = replace(cfg, prequant=replace(cfg.prequant, criterion=crit)) if crit else cfg
+            else:
+                run_cfg = replace(cfg, prequant=replace(cfg.prequant, **overrides))
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 row[key], details[key] = points(r.eval), peft_details(r, q, run_cfg)
@@ -177,11 +186,13 @@ def check_targets(results: dict) -> list[dict]:
     for t in results.get("tasks", []):
         r = results[t]
         fp = r.get("fp_full")
-        for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_w3", 2.0),
-                       ("prequant_act_w3", 2.0), ("prequant_act_w4a8", 1.0)):
+        for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_gptq_w4", 1.0),
+                       ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0), ("prequant_gptq_w4a8", 1.0),
+                       ("prequant_w3", 2.0), ("prequant_act_w3", 2.0), ("prequant_gptq_w3", 2.0)):
             rows += target_row(t, f"{key} >= fp_full - {d}", r.get(key), None if fp is None else fp - d)
-        for key in ("prequant_w4", "prequant_act_w4"):  # the two outlier criteria
-            rows += target_row(t, f"{key} >= lora_w4", r.get(key), r.get("lora_w4"))
+        for key in ("prequant_w4", "prequant_act_w4", "prequant_gptq_w4"):  # criteria and roundings
+            lora = "lora_gptq_w4" if "gptq" in key else "lora_w4"  # LoRA on the same low-bit base
+            rows += target_row(t, f"{key} >= {lora}", r.get(key), r.get(lora))
             rows += target_row(t, f"{key} >= random_cols_w4", r.get(key), r.get("random_cols_w4"))
         if r.get("trainable_pct") is not None:
             rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",

@@ -79,3 +79,24 @@ def test_fp_memory_comes_from_the_workers_measurement(tmp_path):
     (tmp_path / "plmq_meta.json").write_text(json.dumps({"optimizer_state_bytes": 250, "peak_rss_mb": 900.5}))
     measured = prequant.fp_details(str(tmp_path), {})
     assert (measured["optimizer_state_bytes"], measured["peak_rss_mb"], measured["trainable_params"]) == (250, 900.5, 30)
+
+
+def test_a_peft_only_run_does_not_fine_tune_fp(monkeypatch):
+    import contextlib
+
+    def no_fp(*a):
+        raise AssertionError("fp_baseline ran for a PEFT-only run")
+
+    monkeypatch.setattr(prequant, "fp_baseline", no_fp)
+    monkeypatch.setattr(prequant.tracking, "parent_run", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(prequant, "run_prequant_quantize_stage", lambda c, q, m: SimpleNamespace(wall_s=1.0, reused=True))
+    result = SimpleNamespace(eval=SimpleNamespace(main=0.85), quant_config="w4a8", trainable_pct=0.95,
+                             trainable_params=1, optimizer_state_bytes=8, peak_rss_mb=1.0, train_s=2.0,
+                             packed_bytes=3, steps=4)
+    seen = []
+    monkeypatch.setattr(prequant, "run_prequant_finetune_stage",
+                        lambda c, t, q, m: seen.append((m, q, c.prequant.criterion)) or result)
+    args = SimpleNamespace(config="configs/prequant.yaml", set=[], only=["prequant_act_w4a8"])
+    row, info = prequant.run_task("mrpc", args)
+    assert row == {"prequant_act_w4a8": 85.0} and seen == [("prequant", "w4a8", "activation")]
+    assert info["details"]["prequant_act_w4a8"]["criterion"] == "activation"
