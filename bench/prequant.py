@@ -200,6 +200,13 @@ def check_targets(results: dict) -> list[dict]:
     return rows
 
 
+def quantizer_label(detail: dict) -> str | None:
+    """The weight grid and rounding a PEFT figure's base used (recorded since GPTQ: row-mse+gptq)."""
+    if not detail.get("quantizer"):
+        return None
+    return detail["quantizer"] + ("+gptq" if detail.get("gptq") else "")
+
+
 def write(results: dict, path: Path) -> None:
     write_json_atomic(path, results)
     tasks = results.get("tasks", [])
@@ -211,7 +218,7 @@ def write(results: dict, path: Path) -> None:
                     if d.get("optimizer_state_bytes") is not None else None,
                     "peak_rss_MB": d.get("peak_rss_mb"), "train_s": d.get("train_s"), "lr": d.get("lr"),
                     "lr_search": ", ".join(f"{lr}: {m}" for lr, m in d.get("lr_search", {}).items()) or None,
-                    "epochs": d.get("epochs"),
+                    "epochs": d.get("epochs"), "quantizer": quantizer_label(d),
                     "model_MB": round(d["bytes"] / 2**20, 2) if d.get("bytes") else None, "source": d.get("source")}
                    for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
@@ -221,7 +228,7 @@ def write(results: dict, path: Path) -> None:
           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
                                        "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
-                                       "model_MB", "source"]), "",
+                                       "quantizer", "model_MB", "source"]), "",
           "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is measured "
           "when its checkpoint recorded it, else analytic (optimizer_state_note in the JSON).",
           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",

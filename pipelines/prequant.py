@@ -4,9 +4,9 @@ prequant-quantize (task-agnostic, once per model x QuantConfig x criterion x bud
 Linear weight of the *pre-trained* model is quantized (quantizer: per-row or per-tensor,
 min-max or MSE clipping; rounding: nearest or GPTQ on unlabelled text) except r input columns
 per matrix chosen by an outlier criterion (quant.outliers.CRITERIA) and kept FP; r follows
-from the budget. The result (packed
-low-bit weights + FP outlier columns + indices, safetensors, manifest) is stored under
-`prequant.dir` keyed by those inputs and reused by every task.
+from the budget. The result (packed low-bit weights + FP outlier columns + indices,
+safetensors, manifest) is stored under `prequant.dir` keyed by those inputs and reused by
+every task.
 
 prequant-finetune (per task, Ray Train through finetune.run_loop): loads the stored model,
 adds a fresh task head and trains only the method's parameters; the quantized weights are
@@ -62,7 +62,7 @@ class ArtefactSpec:
     budget_pct: float | None
     train_norms: bool
     seed: int
-    calib: tuple | None           # (corpus, samples, max_length) for criterion=activation
+    calib: tuple | None           # (corpus, samples, max_length) for criterion=activation and gptq
     head_modules: tuple = ()      # Linears kept FP: trained per task as part of the head
     gptq: bool = False            # GPTQ rounding (calib: its text) instead of round-to-nearest
 

@@ -96,7 +96,10 @@ def test_a_peft_only_run_does_not_fine_tune_fp(monkeypatch):
     seen = []
     monkeypatch.setattr(prequant, "run_prequant_finetune_stage",
                         lambda c, t, q, m: seen.append((m, q, c.prequant.criterion)) or result)
-    args = SimpleNamespace(config="configs/prequant.yaml", set=[], only=["prequant_act_w4a8"])
+    args = SimpleNamespace(config="configs/prequant.yaml", set=[], only=["prequant_act_w4a8", "lora_gptq_w4"])
     row, info = prequant.run_task("mrpc", args)
-    assert row == {"prequant_act_w4a8": 85.0} and seen == [("prequant", "w4a8", "activation")]
-    assert info["details"]["prequant_act_w4a8"]["criterion"] == "activation"
+    assert row == {"prequant_act_w4a8": 85.0, "lora_gptq_w4": 85.0}
+    assert seen == [("prequant", "w4a8", "activation"), ("lora", "w4", "weight")]
+    details = info["details"]
+    assert details["prequant_act_w4a8"]["criterion"] == "activation"  # each key's overrides, and only its own
+    assert [prequant.quantizer_label(details[k]) for k in row] == ["row", "row-mse+gptq"]
