@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -117,7 +118,7 @@ def test_gptq_is_its_own_stored_model_for_every_method(tmp_path):
     old = dataclasses.asdict(pq.artefact_spec("tiny-bert", "w4", plain.prequant))
     del old["gptq"]
     assert pq.artefact_spec("tiny-bert", "w4", plain.prequant).key == \
-        __import__("hashlib").sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+        hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     results = {name: pq.prequant_quantize("tiny-bert", "w4", c.prequant, tmp_path) for name, c in
                (("nearest", plain), ("gptq", gptq))}
     assert ol.read_manifest(results["gptq"].directory)["gptq"] is True
