@@ -55,6 +55,9 @@ PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4"
         ("prequant_act_w4a8", "prequant", "w4a8", ACT), ("prequant_gptq_w4", "prequant", "w4", GPTQ),
         ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
         ("lora_gptq_w4", "lora", "w4", GPTQ_BASE)]
+# finetune.pooling=mean runs every method with a mean-pooled head: its figures are kept apart, under
+# "<key>_mean", and judged against fp_full_mean.
+POOLING_SUFFIX = {"cls": "", "mean": "_mean"}
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
 
@@ -130,7 +133,9 @@ def peft_details(r, q, cfg) -> dict:
 
 def run_task(task: str, args) -> tuple[dict, dict]:
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
-    out = Path(cfg.output_dir).resolve()
+    suffix = POOLING_SUFFIX[cfg.finetune.pooling]
+    out = Path(cfg.output_dir + suffix).resolve()  # a head's models never overwrite the other's
+    cfg = replace(cfg, output_dir=str(out))
     row, details = {}, {}
     plan = [p for p in PLAN if not args.only or p[0] in args.only]
     with tracking.parent_run(cfg.experiment_name, f"bench-prequant-{task}", to_dict(cfg)):
@@ -149,7 +154,9 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 row[key], details[key] = points(r.eval), peft_details(r, q, run_cfg)
-            print(f"[bench prequant] {task} {key}: {row[key]}", flush=True)
+            details[key]["pooling"] = cfg.finetune.pooling
+            row[key + suffix], details[key + suffix] = row.pop(key), details.pop(key)
+            print(f"[bench prequant] {task} {key + suffix}: {row[key + suffix]}", flush=True)
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
 
 
@@ -185,18 +192,25 @@ def check_targets(results: dict) -> list[dict]:
     rows = []
     for t in results.get("tasks", []):
         r = results[t]
-        fp = r.get("fp_full")
-        for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_gptq_w4", 1.0),
-                       ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0), ("prequant_gptq_w4a8", 1.0),
-                       ("prequant_w3", 2.0), ("prequant_act_w3", 2.0), ("prequant_gptq_w3", 2.0)):
-            rows += target_row(t, f"{key} >= fp_full - {d}", r.get(key), None if fp is None else fp - d)
-        for key in ("prequant_w4", "prequant_act_w4", "prequant_gptq_w4"):  # criteria and roundings
-            lora = "lora_gptq_w4" if "gptq" in key else "lora_w4"  # LoRA on the same low-bit base
-            rows += target_row(t, f"{key} >= {lora}", r.get(key), r.get(lora))
-            rows += target_row(t, f"{key} >= random_cols_w4", r.get(key), r.get("random_cols_w4"))
+        for sfx in POOLING_SUFFIX.values():  # each head judged against its own FP model
+            rows += _bars(t, r, sfx)
         if r.get("trainable_pct") is not None:
             rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",
                          "met": r["trainable_pct"] <= 1.0})
+    return rows
+
+
+def _bars(t: str, r: dict, sfx: str) -> list[dict]:
+    """The bars of one head's figures (sfx: "" for [CLS], "_mean" for the mean-pooled head)."""
+    rows, fp = [], r.get("fp_full" + sfx)
+    for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_gptq_w4", 1.0),
+                   ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0), ("prequant_gptq_w4a8", 1.0),
+                   ("prequant_w3", 2.0), ("prequant_act_w3", 2.0), ("prequant_gptq_w3", 2.0)):
+        rows += target_row(t, f"{key + sfx} >= fp_full{sfx} - {d}", r.get(key + sfx), None if fp is None else fp - d)
+    for key in ("prequant_w4", "prequant_act_w4", "prequant_gptq_w4"):  # criteria and roundings
+        lora = ("lora_gptq_w4" if "gptq" in key else "lora_w4") + sfx  # LoRA on the same low-bit base
+        rows += target_row(t, f"{key + sfx} >= {lora}", r.get(key + sfx), r.get(lora))
+        rows += target_row(t, f"{key + sfx} >= random_cols_w4{sfx}", r.get(key + sfx), r.get("random_cols_w4" + sfx))
     return rows
 
 
@@ -212,6 +226,7 @@ def write(results: dict, path: Path) -> None:
     tasks = results.get("tasks", [])
     cols = ["task"] + [p[0] for p in PLAN] + ["trainable_pct"]
     rows = [{"task": t, **results[t]} for t in tasks]
+    mean_cols = [p[0] + "_mean" for p in PLAN if any(p[0] + "_mean" in results[t] for t in tasks)]
     detail_rows = [{"task": t, "method": k, "metric": results[t].get(k), "trainable_pct": d.get("trainable_pct"),
                     "trainable_params": d.get("trainable_params"),
                     "optimizer_state_MB": round(d["optimizer_state_bytes"] / 2**20, 3)
@@ -224,15 +239,19 @@ def write(results: dict, path: Path) -> None:
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
           "Main dev metric in points (MRPC: F1); a method run at several learning rates shows its best (all in "
           "lr_search below). trainable_pct: prequant_w4's trainable parameters, % of the model.",
-          "", markdown_table(rows, cols), "", "## Targets", "",
-          markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
-          markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
-                                       "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
-                                       "quantizer", "model_MB", "source"]), "",
-          "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is measured "
-          "when its checkpoint recorded it, else analytic (optimizer_state_note in the JSON).",
-          "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
-          "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+          "", markdown_table(rows, cols), ""]
+    if mean_cols:
+        md += ["## Mean-pooled head (finetune.pooling=mean, every method and its FP reference)", "",
+               markdown_table(rows, ["task"] + mean_cols), ""]
+    md += ["## Targets", "",
+           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
+           markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
+                                        "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
+                                        "quantizer", "model_MB", "source"]), "",
+           "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is measured "
+           "when its checkpoint recorded it, else analytic (optimizer_state_note in the JSON).",
+           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
+           "", f"Config: `{results['config_file']}` with {results['overrides']}"]
     if results.get("notes"):
         md += ["", "## Notes (written after the runs above)", ""] + [f"- {n}" for n in results["notes"]]
     write_text_atomic(path.with_suffix(".md"), "\n".join(md) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -59,6 +59,9 @@ class FinetuneConfig:
     use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_worker: int = 1
     log_every: int = 20
+    # What the classifier head reads: cls ([CLS] token, HF default) | mean (masked mean of the last
+    # hidden states through the pooler; BERT family). all-MiniLM-L6-v2 was trained to mean-pool.
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         self.use_gpu = gpu_flag(self.use_gpu)
@@ -72,6 +75,13 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.lr={self.lr}: expected a small positive number such as 5e-5")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"finetune.use_gpu={self.use_gpu!r}: use auto, true or false")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"finetune.pooling={self.pooling!r}: use cls or mean")
+
+    def key_fields(self) -> dict:
+        """The settings that change a trained model (cls pooling left out: keys from before it existed hold)."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "log_every" and not (k == "pooling" and v == "cls")}
 
 
 @dataclass

@@ -100,7 +100,7 @@ def _set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
 
 def _setup(cfg: dict, ft: FinetuneConfig):
     tokenizer = models.load_tokenizer(cfg["model"])
-    model = models.load_classifier(cfg["model"], cfg["num_labels"], seed=ft.seed)
+    model = models.load_classifier(cfg["model"], cfg["num_labels"], seed=ft.seed, pooling=ft.pooling)
     loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
     model = prepare_model(model)
     total = max(1, math.ceil(ft.epochs * len(loader)))
@@ -191,7 +191,7 @@ def memory_stats(optimizer: torch.optim.Optimizer) -> dict:
 def stage_key(task: str, model: str, data: DataConfig, cfg: FinetuneConfig) -> str:
     """Identifies a fine-tuning run by everything that changes its result."""
     ident = {"task": task, "model": model, "data": asdict(data),
-             "finetune": {k: v for k, v in asdict(cfg).items() if k != "log_every"}}
+             "finetune": cfg.key_fields()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -220,6 +220,7 @@ def finetune(task: str, model: str, data: DataConfig, cfg: FinetuneConfig, outpu
     spec = check_task(task)
     cfg.validate()
     data.validate()
+    models.check_pooling(model, cfg.pooling)
     output_dir = Path(output_dir).resolve()
     final, key = output_dir / "model", stage_key(task, model, data, cfg)
     done = models.finished_meta(final, key)

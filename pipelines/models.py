@@ -13,6 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel)
 
+from pipelines.config import ConfigError
 from pipelines.io import write_json_atomic
 
 DEFAULT_MODEL = "minilm-l6"
@@ -69,14 +70,89 @@ def _label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
     return kwargs
 
 
-def load_classifier(name: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
+POOLINGS = ("cls", "mean")
+POOLING_FAMILIES = ("bert",)  # model types whose classifier reads `<body>.pooler`
+
+
+class MeanPooler(torch.nn.Module):
+    """BERT's pooler (dense + tanh) on the masked mean of the last hidden states instead of [CLS].
+
+    Sentence-embedding checkpoints (all-MiniLM-L6-v2) were trained to mean-pool: their [CLS]
+    state carries less of the sentence. Keeps the pooler's parameter names, so checkpoints,
+    quantized exports and MREM partitions are unchanged; the mask comes from the body's call
+    (a forward pre-hook, see set_pooling) or explicitly (partition heads).
+    """
+
+    def __init__(self, pooler: torch.nn.Module):
+        super().__init__()
+        self.dense, self.activation = pooler.dense, pooler.activation
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = attention_mask if attention_mask is not None else self.mask
+        if mask is None:
+            pooled = hidden.mean(1)
+        else:
+            w = mask[:, :hidden.shape[1], None].to(hidden.dtype)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+        return self.activation(self.dense(pooled))
+
+
+def _capture_mask(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    if isinstance(body.pooler, MeanPooler):
+        body.pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def _release_mask(body: torch.nn.Module, args: tuple, output) -> None:
+    if isinstance(body.pooler, MeanPooler):
+        body.pooler.mask = None
+
+
+def check_pooling(name: str, pooling: str) -> None:
+    """Before any work: `pooling` is known and `name`'s family supports it."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"finetune.pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
+    kind = model_config(name).model_type
+    if pooling == "mean" and kind not in POOLING_FAMILIES:
+        raise ConfigError(f"finetune.pooling=mean: model {name} ({kind}) has no pooler to feed; "
+                         f"mean pooling supports {', '.join(POOLING_FAMILIES)} models: set finetune.pooling=cls")
+
+
+def set_pooling(model: PreTrainedModel, pooling: str | None = None) -> PreTrainedModel:
+    """How the classifier reads the sequence: `pooling` (recorded in the HF config, so every later
+    load of a saved model gets it back) or, when None, what the model's config says."""
+    pooling = pooling or getattr(model.config, "plmq_pooling", "cls")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
+    if pooling == "cls" and not hasattr(model.config, "plmq_pooling"):
+        return model  # configs written before pooling existed stay byte-identical
+    model.config.plmq_pooling = pooling
+    body = model.base_model
+    if pooling == "mean" and not isinstance(getattr(body, "pooler", None), MeanPooler):
+        if getattr(body, "pooler", None) is None:
+            raise ValueError(f"{type(model).__name__} has no pooler: mean pooling supports "
+                             f"{', '.join(POOLING_FAMILIES)} models; use pooling=cls")
+        body.pooler = MeanPooler(body.pooler)
+        body.register_forward_pre_hook(_capture_mask, with_kwargs=True)
+        body.register_forward_hook(_release_mask)
+    return model
+
+
+def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "cls") -> PreTrainedModel:
     """A model for sequence classification with a fresh head of `num_labels` outputs."""
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
     tok = load_tokenizer(name)
     kwargs = _label_kwargs(num_labels, tok.pad_token_id)
     if name in TINY_PRESETS:
-        return AutoModelForSequenceClassification.from_config(_tiny_config(name, len(tok), **kwargs))
-    return AutoModelForSequenceClassification.from_pretrained(resolve(name), **kwargs)
+        model = AutoModelForSequenceClassification.from_config(_tiny_config(name, len(tok), **kwargs))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), **kwargs)
+    return set_pooling(model, pooling)
+
+
+def classifier_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """An (untrained) classifier skeleton of a saved model's config, with the config's pooling."""
+    return set_pooling(AutoModelForSequenceClassification.from_config(config))
 
 
 def load_causal_lm(name: str, vocab_size: int | None = None) -> PreTrainedModel:
@@ -120,7 +196,7 @@ def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object, dict]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a plmq checkpoint (no config.json); run `plmq finetune` first")
-    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    model = set_pooling(AutoModelForSequenceClassification.from_pretrained(str(path)))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
     return model, tokenizer, meta

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from pipelines.models import MeanPooler
+
 
 @dataclass(frozen=True)
 class PartSpec:
@@ -107,7 +109,11 @@ def _layer_mask(fam: _Family, h: torch.Tensor, attention_mask: torch.Tensor):
 def _head(fam: _Family, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     model = fam.model
     if fam.kind == "bert":
-        pooled = fam.body.pooler(h) if fam.body.pooler is not None else h[:, 0]
+        pooler = fam.body.pooler
+        if isinstance(pooler, MeanPooler):  # not called through the body: no hook hands it the mask
+            pooled = pooler(h, attention_mask)
+        else:
+            pooled = pooler(h) if pooler is not None else h[:, 0]
         return model.classifier(model.dropout(pooled))
     h = fam.body.ln_f(h)
     last = attention_mask.sum(1) - 1  # right padding: the last real token classifies

@@ -239,17 +239,18 @@ def set_trainable(model: torch.nn.Module, method: str, train_norms: bool, head_m
     return ol.mark_trainable(model, outliers=True, biases=train_norms, norms=train_norms, extra=head)
 
 
-def _skeleton(directory: Path, **hf_kwargs) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _skeleton(directory: Path, pooling: str | None = None, **hf_kwargs) -> torch.nn.Module:
+    from transformers import AutoConfig
 
-    return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(directory), **hf_kwargs))
+    model = models.classifier_from_config(AutoConfig.from_pretrained(str(directory), **hf_kwargs))
+    return models.set_pooling(model, pooling) if pooling else model
 
 
 def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: PrequantConfig, seed: int,
-                pad_token_id: int | None) -> torch.nn.Module:
-    """The stored low-bit model with a fresh task head, set up for `method`."""
+                pad_token_id: int | None, pooling: str = "cls") -> torch.nn.Module:
+    """The stored low-bit model with a fresh task head (reading the sequence by `pooling`), set up for `method`."""
     torch.manual_seed(seed)  # the head's initialisation
-    model = _skeleton(Path(artefact), **models._label_kwargs(num_labels, pad_token_id))
+    model = _skeleton(Path(artefact), pooling, **models._label_kwargs(num_labels, pad_token_id))
     manifest = ol.to_skeleton(model, artefact)
     if method == "lora":
         apply_lora(model, lora_ranks(manifest, pcfg.budget_pct), pcfg.lora_scaling)
@@ -297,7 +298,8 @@ def calibrate_inputs(model: torch.nn.Module, loader, batches: int) -> None:
 def _setup(cfg: dict, ft: FinetuneConfig):
     pcfg = PrequantConfig(**cfg["prequant"])
     tokenizer = models.load_tokenizer(cfg["model"])
-    model = build_model(cfg["artefact"], cfg["num_labels"], cfg["method"], pcfg, ft.seed, tokenizer.pad_token_id)
+    model = build_model(cfg["artefact"], cfg["num_labels"], cfg["method"], pcfg, ft.seed, tokenizer.pad_token_id,
+                        ft.pooling)
     if QuantConfig.parse(cfg["quant"]).act is not None:
         calibrate_inputs(model, make_loader(cfg["train_path"], tokenizer, ft.batch_size, False, ft.seed),
                          cfg["act_calib_batches"])
@@ -352,7 +354,7 @@ class PrequantResult:
 def finetune_key(task: str, artefact_key: str, method: str, data: DataConfig, ft: FinetuneConfig,
                  pcfg: PrequantConfig) -> str:
     ident = {"task": task, "artefact": artefact_key, "method": method, "data": asdict(data),
-             "finetune": {k: v for k, v in asdict(ft).items() if k != "log_every"},
+             "finetune": ft.key_fields(),
              "prequant": {"train_norms": pcfg.train_norms, "budget_pct": pcfg.budget_pct,
                           "lora_scaling": pcfg.lora_scaling}}
     if pcfg.head_lr is not None:  # keys of runs from before head_lr existed stay valid
@@ -373,6 +375,7 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
         section.validate()
     if method not in PEFT_METHODS:
         raise ConfigError(f"method {method!r}: prequant-finetune trains one of {', '.join(PEFT_METHODS)}")
+    models.check_pooling(model, ft.pooling)
     artefact = require_artefact(model, quant, pcfg, root, method)  # before any work
     start = time.time()
     akey = ol.read_manifest(artefact)["key"]

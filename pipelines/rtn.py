@@ -72,9 +72,9 @@ def save_packed_checkpoint(model, tokenizer, directory: Path, meta: dict) -> int
 
 def load_packed_checkpoint(directory: str | Path):
     """A packed checkpoint back as a quantized model (same outputs as before export)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    skeleton = AutoModelForSequenceClassification.from_config(models.model_config(directory))
+    skeleton = models.classifier_from_config(models.model_config(directory))
     return load_quantized(skeleton, directory), AutoTokenizer.from_pretrained(str(directory))
 
 

@@ -36,6 +36,7 @@ def test_defaults_and_overrides(tmp_path):
     (["tasks=[sst3]"], "unknown GLUE task 'sst3'"),
     (["data.source=web"], "data.source='web'"),
     (["finetune.use_gpu=maybe"], "finetune.use_gpu"),
+    (["finetune.pooling=max"], "finetune.pooling='max': use cls or mean"),
     (["data.source=dir"], "data.dir must be set"),
     (["finetune"], "expected key=value"),
     (["colour=red"], "unknown config key 'colour'"),

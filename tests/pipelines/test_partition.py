@@ -23,11 +23,11 @@ def test_bad_module_count_is_rejected(k):
         split_layers(6, k)
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("name,pooling", [("tiny-bert", "cls"), ("tiny-gpt2", "cls"), ("tiny-bert", "mean")])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_chained_modules_equal_the_full_model(name, k):
+def test_chained_modules_equal_the_full_model(name, pooling, k):
     tok = models.load_tokenizer(name)
-    model = models.load_classifier(name, 2, seed=0).eval()
+    model = models.load_classifier(name, 2, seed=0, pooling=pooling).eval()
     batch = tok(["a short one", "a somewhat longer sentence than that"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = model(**batch).logits

@@ -198,14 +198,16 @@ ALLOWED = {"lora": lambda n: "lora_" in n, "bitfit": lambda n: n.endswith(".bias
            "random": lambda n: n.endswith(".outlier"), "prequant": lambda n: n.endswith(".outlier")}
 
 
-@pytest.mark.parametrize("method,quant,pooler", [("lora", "w4", False), ("bitfit", "w4", False), ("random", "w4", False),
-                                                 ("prequant", "w3a8", False), ("prequant", "w4", True),
-                                                 ("lora", "w4", True)])
+@pytest.mark.parametrize("method,quant,pooler,pooling", [
+    ("lora", "w4", False, "cls"), ("bitfit", "w4", False, "cls"), ("random", "w4", False, "cls"),
+    ("prequant", "w3a8", False, "cls"), ("prequant", "w4", True, "cls"), ("lora", "w4", True, "cls"),
+    ("prequant", "w4", True, "mean")])
 def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_path, separable_glue, cache_dir,
-                                                                             method, quant, pooler):
+                                                                             method, quant, pooler, pooling):
     """The worker's pieces (build_model, calibrate_inputs, make_optimizer, export_finetuned) without Ray's
     start-up cost; the Ray path they run in is the same for every method (test above, bench --smoke).
-    pooler: prequant.head_modules puts the pooler in the head (FP in the artefact, trained by every method)."""
+    pooler: prequant.head_modules puts the pooler in the head (FP in the artefact, trained by every method);
+    pooling: what the head reads (finetune.pooling), kept by the export."""
     head = ["prequant.head_modules=['*pooler*']"] if pooler else []
     cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, f"prequant.quant=[{quant}]", *head)
     artefact = pq.prequant_quantize("tiny-bert", quant, cfg.prequant, tmp_path / "models", method).directory
@@ -213,7 +215,8 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
     assert ("bert.pooler.dense.weight" in stored) == pooler  # FP, not packed
     assert ("bert.pooler.dense.weight.packed" in stored) == (not pooler)
     tok = models.load_tokenizer("tiny-bert")
-    model = pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
+    model = pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id,
+                           pooling=pooling)
     loader = make_loader(str(tokenized_split("sst2", "train", tok, cfg.data)), tok, 32, True, 0)
     if "a8" in quant:  # inputs quantized too: ranges from this task's data before training
         pq.calibrate_inputs(model, loader, 2)
@@ -237,14 +240,15 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
     assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= trainable if pooler else True
     assert set(meta["optimizer_state_names"]) == trainable
     assert _frozen_tensors_equal(artefact, str(out), trainable) == []
-    fresh = dict(pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id)
-                 .named_parameters())
+    fresh = dict(pq.build_model(artefact, 2, method, cfg.prequant, seed=0, pad_token_id=tok.pad_token_id,
+                                pooling=pooling).named_parameters())
     trained = dict(model.named_parameters())
     assert all(not torch.equal(fresh[n], trained[n]) for n in trainable if ALLOWED[method](n))  # all of them moved
     if method == "lora":
         head_pct = 100 * sum(p.numel() for n, p in trained.items() if n.startswith("bert.pooler.")) / meta["model_params"]
         assert abs(meta["trainable_pct"] - 0.5 - (head_pct if pooler else 0)) <= 0.05  # adapters: the same budget
     loaded, _, _ = pq.load_prequant_checkpoint(out)  # with its adapters
+    assert isinstance(loaded.bert.pooler, models.MeanPooler) == (pooling == "mean")
     batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model.eval()(**batch).logits)

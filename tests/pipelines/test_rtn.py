@@ -66,3 +66,18 @@ def test_evaluate_loads_a_packed_export_not_random_weights(tiny_checkpoint, sepa
     assert again.metrics == result.eval.metrics and again.model_bytes == result.packed_bytes
     model, _, _ = load_any(result.checkpoint)
     assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
+
+
+def test_packed_export_keeps_mean_pooling(separable_glue, cache_dir, tmp_path):
+    tok = models.load_tokenizer("tiny-bert")
+    fp = models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=3, pooling="mean"), tok,
+                                tmp_path / "fp", {"task": "sst2"})
+    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
+    result = rtn(fp, "sst2", "w8a8", data, RtnConfig(calib_samples=32), EvaluateConfig(), tmp_path / "rtn")
+    model, _, _ = models.load_checkpoint(fp)
+    quantize_rtn(model, QuantConfig.parse("w8a8"), calibration_batches("sst2", tok, data, 32, 32))
+    loaded, _ = load_packed_checkpoint(result.checkpoint)
+    assert isinstance(loaded.bert.pooler, models.MeanPooler)
+    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
