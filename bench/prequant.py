@@ -8,7 +8,9 @@ lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_a
 prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, trainable_pct}}, main dev metric in points; *_w4a8 add
 8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
 *_gptq_* GPTQ rounding onto per-row MSE grids (prequant_gptq_*: with the activation criterion; lora_gptq_w4:
-LoRA on that base); per-method trainable %, optimizer-state bytes, peak memory,
+LoRA on that base); `--set finetune.pooling=mean` runs the methods (FP included) with a mean-pooled head
+and records them as <key>_mean, judged against fp_full_mean (models under <output_dir>_mean); per-method
+trainable %, optimizer-state bytes, peak memory,
 fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
 `--set prequant.lr=...` (or finetune.lr for fp_full) and the best dev score of the lrs tried stands for

@@ -81,25 +81,49 @@ def test_fp_memory_comes_from_the_workers_measurement(tmp_path):
     assert (measured["optimizer_state_bytes"], measured["peak_rss_mb"], measured["trainable_params"]) == (250, 900.5, 30)
 
 
-def test_a_peft_only_run_does_not_fine_tune_fp(monkeypatch):
+def _fake_peft(monkeypatch, seen: list) -> None:
     import contextlib
 
-    def no_fp(*a):
-        raise AssertionError("fp_baseline ran for a PEFT-only run")
-
-    monkeypatch.setattr(prequant, "fp_baseline", no_fp)
     monkeypatch.setattr(prequant.tracking, "parent_run", lambda *a: contextlib.nullcontext())
     monkeypatch.setattr(prequant, "run_prequant_quantize_stage", lambda c, q, m: SimpleNamespace(wall_s=1.0, reused=True))
     result = SimpleNamespace(eval=SimpleNamespace(main=0.85), quant_config="w4a8", trainable_pct=0.95,
                              trainable_params=1, optimizer_state_bytes=8, peak_rss_mb=1.0, train_s=2.0,
                              packed_bytes=3, steps=4)
-    seen = []
     monkeypatch.setattr(prequant, "run_prequant_finetune_stage",
-                        lambda c, t, q, m: seen.append((m, q, c.prequant.criterion)) or result)
+                        lambda c, t, q, m: seen.append((m, q, c.prequant.criterion, c.output_dir)) or result)
+
+
+def test_mean_pooled_runs_are_kept_apart_and_judged_against_their_own_fp(monkeypatch):
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (
+        86.0, "ckpt", {"source": "run", "pooling": cfg.finetune.pooling, "out": str(out)}))
+    monkeypatch.setattr(prequant, "fp_details", lambda ckpt, info: dict(info))
+    args = SimpleNamespace(config="configs/prequant.yaml", set=["finetune.pooling=mean"],
+                           only=["fp_full", "prequant_act_w4"])
+    row, info = prequant.run_task("mrpc", args)
+    assert row == {"fp_full_mean": 86.0, "prequant_act_w4_mean": 85.0}  # not the [CLS] head's keys
+    assert info["details"]["fp_full_mean"]["pooling"] == "mean"
+    assert info["details"]["prequant_act_w4_mean"]["pooling"] == "mean"
+    assert info["details"]["fp_full_mean"]["out"].endswith("runs/prequant_mean")  # its own models
+    assert seen[0][3].endswith("runs/prequant_mean")
+    r = {"fp_full": 90.0, "prequant_act_w4": 85.0, **row, "lora_w4_mean": 85.5}
+    met = {x["target"]: x["met"] for x in prequant.check_targets({"tasks": ["mrpc"], "mrpc": r})}
+    assert met == {"prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_mean >= fp_full_mean - 1.0": True,
+                   "prequant_act_w4_mean >= lora_w4_mean": False}
+
+
+def test_a_peft_only_run_does_not_fine_tune_fp(monkeypatch):
+    def no_fp(*a):
+        raise AssertionError("fp_baseline ran for a PEFT-only run")
+
+    monkeypatch.setattr(prequant, "fp_baseline", no_fp)
+    seen = []
+    _fake_peft(monkeypatch, seen)
     args = SimpleNamespace(config="configs/prequant.yaml", set=[], only=["prequant_act_w4a8", "lora_gptq_w4"])
     row, info = prequant.run_task("mrpc", args)
     assert row == {"prequant_act_w4a8": 85.0, "lora_gptq_w4": 85.0}
-    assert seen == [("prequant", "w4a8", "activation"), ("lora", "w4", "weight")]
+    assert [x[:3] for x in seen] == [("prequant", "w4a8", "activation"), ("lora", "w4", "weight")]
     details = info["details"]
     assert details["prequant_act_w4a8"]["criterion"] == "activation"  # each key's overrides, and only its own
     assert [prequant.quantizer_label(details[k]) for k in row] == ["row", "row-mse+gptq"]
