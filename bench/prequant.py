@@ -2,6 +2,7 @@
 
     python bench/prequant.py --tasks sst2 rte mrpc            # MiniLM, configs/prequant.yaml
     python bench/prequant.py --smoke                          # tiny-bert, a few steps: checks the script
+    python bench/prequant.py --tasks mrpc --only prequant_act_w4 --seed 1 --set prequant.lr=5e-3  # a replicate
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
 lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, prequant_gptq_w4,
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -136,7 +138,8 @@ def peft_details(r, q, cfg) -> dict:
 def run_task(task: str, args) -> tuple[dict, dict]:
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
     suffix = POOLING_SUFFIX[cfg.finetune.pooling]
-    out = Path(cfg.output_dir + suffix).resolve()  # a head's models never overwrite the other's
+    replicate = f"_seed{args.seed}" if getattr(args, "seed", None) is not None else ""
+    out = Path(cfg.output_dir + suffix + replicate).resolve()  # never overwrites another head's or seed's models
     cfg = replace(cfg, output_dir=str(out))
     row, details = {}, {}
     plan = [p for p in PLAN if not args.only or p[0] in args.only]
@@ -189,13 +192,43 @@ def merge_task(results: dict, task: str, row: dict, info: dict) -> None:
     results["details"][task] = {**info, "details": details}
 
 
+def add_replicate(results: dict, task: str, key: str, seed: int, metric: float, detail: dict) -> None:
+    """A --seed run of a figure, kept beside the main one; a re-run at the same seed and lr replaces it."""
+    reps = results.setdefault("replicates", {}).setdefault(task, {}).setdefault(key, [])
+    reps[:] = [r for r in reps if (r["seed"], r["lr"]) != (seed, detail.get("lr"))]
+    reps.append({"seed": seed, "metric": metric,
+                 **{k: detail.get(k) for k in ("lr", "epochs", "batch_size", "train_s", "command")}})
+    reps.sort(key=lambda r: (r["seed"], r["lr"] or 0))
+
+
+def seed_stats(results: dict, task: str) -> dict:
+    """Per figure with replicates: the main figure and the replicates trained like it (same lr, epochs and
+    batch size), their mean and sample std."""
+    stats = {}
+    details = results.get("details", {}).get(task, {}).get("details", {})
+    for key, reps in results.get("replicates", {}).get(task, {}).items():
+        d = details.get(key)
+        if d is None or results[task].get(key) is None:
+            continue
+        how = (d.get("lr"), d.get("epochs"), d.get("batch_size"))
+        values = [results[task][key]] + [r["metric"] for r in reps if (r["lr"], r["epochs"], r["batch_size"]) == how]
+        if len(values) >= 2:
+            stats[key] = {"values": values, "mean": round(statistics.mean(values), 2),
+                          "std": round(statistics.stdev(values), 2)}
+    return stats
+
+
 def check_targets(results: dict) -> list[dict]:
-    """The issue's bars per task: (target, measured, met)."""
+    """The issue's bars per task: (target, measured, met); replicated figures are judged by their seed mean."""
     rows = []
     for t in results.get("tasks", []):
-        r = results[t]
-        for sfx in POOLING_SUFFIX.values():  # each head judged against its own FP model
-            rows += _bars(t, r, sfx)
+        means = seed_stats(results, t)
+        r = {**results[t], **{k: v["mean"] for k, v in means.items()}}
+        task_rows = [row for sfx in POOLING_SUFFIX.values() for row in _bars(t, r, sfx)]  # each head vs its FP
+        for row in task_rows:
+            if any(k in means for k in row["target"].split()):
+                row["target"] += " (seed mean)"
+        rows += task_rows
         if r.get("trainable_pct") is not None:
             rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",
                          "met": r["trainable_pct"] <= 1.0})
@@ -252,8 +285,14 @@ def write(results: dict, path: Path) -> None:
                                         "quantizer", "model_MB", "source"]), "",
            "peak_rss_MB: peak resident memory of the Ray Train worker process. fp_full optimizer state is measured "
            "when its checkpoint recorded it, else analytic (optimizer_state_note in the JSON).",
-           "", f"Last command: `{results['command']}` (each figure's own command: `details` in the JSON)",
-           "", f"Config: `{results['config_file']}` with {results['overrides']}"]
+           "", f"Last command: `{results.get('command')}` (each figure's own command: `details` in the JSON)",
+           "", f"Config: `{results.get('config_file')}` with {results.get('overrides')}"]
+    reps = [{"task": t, "figure": k, "values": ", ".join(map(str, v["values"])), "mean": v["mean"], "std": v["std"]}
+            for t in tasks for k, v in seed_stats(results, t).items()]
+    if reps:
+        md += ["", "## Replicates (`--seed`)", "",
+               "The main figure first, then the `--seed` runs trained like it; the Targets table judges these "
+               "figures by their mean.", "", markdown_table(reps, ["task", "figure", "values", "mean", "std"])]
     if results.get("notes"):
         md += ["", "## Notes (written after the runs above)", ""] + [f"- {n}" for n in results["notes"]]
     write_text_atomic(path.with_suffix(".md"), "\n".join(md) + "\n")
@@ -277,11 +316,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny-bert, a few steps, results under runs/")
     parser.add_argument("--log-only", action="store_true", help="only log the recorded figures to MLflow")
     parser.add_argument("--out", default=None, help="results file (default bench/results/prequant.json); for pilots")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="a replicate with this finetune.seed, recorded beside the main figures")
     args = parser.parse_args()
     torch_threads()
     args.config = args.config or ("configs/prequant_tiny.yaml" if args.smoke else "configs/prequant.yaml")
     if args.smoke:
         args.set = SMOKE + ["output_dir=runs/prequant_smoke", *args.set]
+    if args.seed is not None:
+        args.set = [*args.set, f"finetune.seed={args.seed}"]
     path = ROOT / "runs" / "prequant_smoke" / "prequant.json" if args.smoke else RESULTS
     path = Path(args.out).resolve() if args.out else path
     cfg = load_config(ROOT / args.config, args.set)
@@ -292,19 +335,24 @@ def main() -> None:
         return
     results.setdefault("details", {})
     command = "python " + " ".join(sys.argv)
-    results.update(command=command, config_file=args.config, overrides=args.set,
-                   model=cfg.model,
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    if args.seed is None:  # a replicate records its command beside its figure
+        results.update(command=command, config_file=args.config, overrides=args.set)
+    results.update(model=cfg.model, machine=f"{platform.machine()}, {os.cpu_count()} cores")
     for task in tasks:
         start = time.time()
         row, info = run_task(task, args)
         for d in info["details"].values():
             d["command"] = command  # several invocations fill one table: each figure keeps its own
+        if args.seed is not None:
+            for key, metric in row.items():
+                add_replicate(results, task, key, args.seed, metric, info["details"][key])
+            write(results, path)
+            continue
         merge_task(results, task, row, info)
         results["details"][task]["bench_wall_s"] = round(time.time() - start, 1)
         results["tasks"] = sorted(set(results.get("tasks", [])) | {task})
         write(results, path)
-    print(json.dumps({t: results[t] for t in results["tasks"]}, indent=2))
+    print(json.dumps({t: results[t] for t in results.get("tasks", [])}, indent=2))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     if path == RESULTS:  # the recorded figures, not a pilot's (--out) or a smoke run's
         print(f"MLflow run {log_to_mlflow(results, path, experiment)} ({experiment})")
