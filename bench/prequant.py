@@ -149,19 +149,19 @@ def run_task(task: str, args) -> tuple[dict, dict]:
             fp, checkpoint, fp_info = fp_baseline(cfg, task, out)
         for key, method, quant, overrides in plan:
             if method == "fp":
-                row[key], details[key] = fp, fp_details(checkpoint, fp_info)
+                metric, detail = fp, fp_details(checkpoint, fp_info)
             elif method == "rtn":
                 full = str(with_quantizer(quant, cfg.prequant.quantizer))
                 reference = fp_info["source"] != "run"
-                row[key], details[key] = rtn_baseline(cfg, task, full, quant, checkpoint, out, reference)
+                metric, detail = rtn_baseline(cfg, task, full, quant, checkpoint, out, reference)
             else:
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, **overrides))
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
-                row[key], details[key] = points(r.eval), peft_details(r, q, run_cfg)
-            details[key]["pooling"] = cfg.finetune.pooling
-            row[key + suffix], details[key + suffix] = row.pop(key), details.pop(key)
-            print(f"[bench prequant] {task} {key + suffix}: {row[key + suffix]}", flush=True)
+                metric, detail = points(r.eval), peft_details(r, q, run_cfg)
+            name = key + suffix  # a mean-pooled head's figures are kept apart from [CLS]'s
+            row[name], details[name] = metric, {**detail, "pooling": cfg.finetune.pooling}
+            print(f"[bench prequant] {task} {name}: {metric}", flush=True)
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
 
 

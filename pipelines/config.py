@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
 
+POOLINGS = ("cls", "mean")  # finetune.pooling: what a classifier's head reads (pipelines.models.set_pooling)
+
+
 def gpu_flag(value: str | bool) -> str:
     """`use_gpu` as auto/true/false; YAML and --set give booleans for true/false."""
     return ("true" if value else "false") if isinstance(value, bool) else value
@@ -75,8 +78,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.lr={self.lr}: expected a small positive number such as 5e-5")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"finetune.use_gpu={self.use_gpu!r}: use auto, true or false")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"finetune.pooling={self.pooling!r}: use cls or mean")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"finetune.pooling={self.pooling!r}: use {' or '.join(POOLINGS)}")
 
     def key_fields(self) -> dict:
         """The settings that change a trained model (cls pooling left out: keys from before it existed hold)."""

@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel)
 
-from pipelines.config import ConfigError
+from pipelines.config import POOLINGS, ConfigError
 from pipelines.io import write_json_atomic
 
 DEFAULT_MODEL = "minilm-l6"
@@ -70,7 +70,6 @@ def _label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
     return kwargs
 
 
-POOLINGS = ("cls", "mean")
 POOLING_FAMILIES = ("bert",)  # model types whose classifier reads `<body>.pooler`
 
 
@@ -150,9 +149,9 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
     return set_pooling(model, pooling)
 
 
-def classifier_from_config(config: PretrainedConfig) -> PreTrainedModel:
-    """An (untrained) classifier skeleton of a saved model's config, with the config's pooling."""
-    return set_pooling(AutoModelForSequenceClassification.from_config(config))
+def classifier_from_config(config: PretrainedConfig, pooling: str | None = None) -> PreTrainedModel:
+    """An (untrained) classifier skeleton of a saved model's config, with `pooling` (None: the config's)."""
+    return set_pooling(AutoModelForSequenceClassification.from_config(config), pooling)
 
 
 def load_causal_lm(name: str, vocab_size: int | None = None) -> PreTrainedModel:

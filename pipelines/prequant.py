@@ -242,8 +242,7 @@ def set_trainable(model: torch.nn.Module, method: str, train_norms: bool, head_m
 def _skeleton(directory: Path, pooling: str | None = None, **hf_kwargs) -> torch.nn.Module:
     from transformers import AutoConfig
 
-    model = models.classifier_from_config(AutoConfig.from_pretrained(str(directory), **hf_kwargs))
-    return models.set_pooling(model, pooling) if pooling else model
+    return models.classifier_from_config(AutoConfig.from_pretrained(str(directory), **hf_kwargs), pooling)
 
 
 def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: PrequantConfig, seed: int,
