@@ -10,7 +10,8 @@ prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, trainable_pct}}, main dev me
 8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
 *_gptq_* GPTQ rounding onto per-row MSE grids (prequant_gptq_*: with the activation criterion; lora_gptq_w4:
 LoRA on that base); `--set finetune.pooling=mean` runs the methods (FP included) with a mean-pooled head
-and records them as <key>_mean, judged against fp_full_mean (models under <output_dir>_mean); per-method
+and records them as <key>_mean, judged against fp_full_mean (models under <output_dir>_mean), and likewise
+`--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6); per-method
 trainable %, optimizer-state bytes, peak memory,
 fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
@@ -59,8 +60,9 @@ PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4"
         ("prequant_act_w4a8", "prequant", "w4a8", ACT), ("prequant_gptq_w4", "prequant", "w4", GPTQ),
         ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
         ("lora_gptq_w4", "lora", "w4", GPTQ_BASE)]
-# finetune.pooling=mean runs every method with a mean-pooled head: its figures are kept apart, under
-# "<key>_mean", and judged against fp_full_mean.
+# A recipe other than the config file's (finetune.pooling=mean, other finetune.epochs) runs every method
+# with it: its figures are kept apart, under "<key><suffix>" ("_mean", "_e6", "_mean_e6"), judged against
+# fp_full<suffix>, with their models under <output_dir><suffix>.
 POOLING_SUFFIX = {"cls": "", "mean": "_mean"}
 SMOKE = ["data.train_examples=64", "data.eval_examples=64", "finetune.epochs=1", "finetune.log_every=1"]
 
@@ -135,9 +137,31 @@ def peft_details(r, q, cfg) -> dict:
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
 
 
+def recipe_suffix(finetune, base_epochs: float) -> str:
+    """"" for the config file's recipe, else what differs: "_mean" (mean-pooled head), "_e6" (6 epochs)."""
+    return POOLING_SUFFIX[finetune.pooling] + (f"_e{finetune.epochs:g}" if finetune.epochs != base_epochs else "")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """A figure's key as (PLAN key, recipe suffix), e.g. "prequant_w4a8_mean_e6" -> ("prequant_w4a8",
+    "_mean_e6"); None for other keys (trainable_pct)."""
+    bases = [p[0] for p in PLAN if key == p[0] or key.startswith(p[0] + "_")]
+    if not bases:
+        return None
+    base = max(bases, key=len)
+    return base, key[len(base):]
+
+
+def recipe_title(sfx: str) -> str:
+    parts = ["mean-pooled head (finetune.pooling=mean)" if p == "mean" else f"{p[1:]} epochs (finetune.epochs={p[1:]})"
+             for p in sfx.strip("_").split("_")]
+    return ", ".join(parts)
+
+
 def run_task(task: str, args) -> tuple[dict, dict]:
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
-    suffix = POOLING_SUFFIX[cfg.finetune.pooling]
+    base = load_config(ROOT / args.config, getattr(args, "base_set", []))  # the recipe of the main table
+    suffix = recipe_suffix(cfg.finetune, base.finetune.epochs)
     replicate = f"_seed{args.seed}" if getattr(args, "seed", None) is not None else ""
     out = Path(cfg.output_dir + suffix + replicate).resolve()  # never overwrites another head's or seed's models
     cfg = replace(cfg, output_dir=str(out))
@@ -159,7 +183,7 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
                 r = run_prequant_finetune_stage(run_cfg, task, quant, method)
                 metric, detail = points(r.eval), peft_details(r, q, run_cfg)
-            name = key + suffix  # a mean-pooled head's figures are kept apart from [CLS]'s
+            name = key + suffix  # another recipe's figures are kept apart from the main table's
             row[name], details[name] = metric, {**detail, "pooling": cfg.finetune.pooling}
             print(f"[bench prequant] {task} {name}: {metric}", flush=True)
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
@@ -224,7 +248,7 @@ def check_targets(results: dict) -> list[dict]:
     for t in results.get("tasks", []):
         means = seed_stats(results, t)
         r = {**results[t], **{k: v["mean"] for k, v in means.items()}}
-        task_rows = [row for sfx in POOLING_SUFFIX.values() for row in _bars(t, r, sfx)]  # each head vs its FP
+        task_rows = [row for sfx in recipes(r) for row in _bars(t, r, sfx)]  # each recipe vs its own FP
         for row in task_rows:
             if any(k in means for k in row["target"].split()):
                 row["target"] += " (seed mean)"
@@ -235,8 +259,13 @@ def check_targets(results: dict) -> list[dict]:
     return rows
 
 
+def recipes(figures: dict) -> list[str]:
+    """The recipe suffixes among a task's figures, the main recipe ("") first."""
+    return sorted({s[1] for s in map(split_key, figures) if s} | {""}, key=lambda sfx: (sfx != "", sfx))
+
+
 def _bars(t: str, r: dict, sfx: str) -> list[dict]:
-    """The bars of one head's figures (sfx: "" for [CLS], "_mean" for the mean-pooled head)."""
+    """The bars of one recipe's figures (sfx: "" for the config file's, "_mean", "_e6", ...)."""
     rows, fp = [], r.get("fp_full" + sfx)
     for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_gptq_w4", 1.0),
                    ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0), ("prequant_gptq_w4a8", 1.0),
@@ -261,7 +290,7 @@ def write(results: dict, path: Path) -> None:
     tasks = results.get("tasks", [])
     cols = ["task"] + [p[0] for p in PLAN] + ["trainable_pct"]
     rows = [{"task": t, **results[t]} for t in tasks]
-    mean_cols = [p[0] + "_mean" for p in PLAN if any(p[0] + "_mean" in results[t] for t in tasks)]
+    other = sorted({sfx for t in tasks for sfx in recipes(results[t])} - {""})
     detail_rows = [{"task": t, "method": k, "metric": results[t].get(k), "trainable_pct": d.get("trainable_pct"),
                     "trainable_params": d.get("trainable_params"),
                     "optimizer_state_MB": round(d["optimizer_state_bytes"] / 2**20, 3)
@@ -275,9 +304,10 @@ def write(results: dict, path: Path) -> None:
           "Main dev metric in points (MRPC: F1); a method run at several learning rates shows its best (all in "
           "lr_search below). trainable_pct: prequant_w4's trainable parameters, % of the model.",
           "", markdown_table(rows, cols), ""]
-    if mean_cols:
-        md += ["## Mean-pooled head (finetune.pooling=mean, every method and its FP reference)", "",
-               markdown_table(rows, ["task"] + mean_cols), ""]
+    for sfx in other:
+        sfx_cols = [p[0] + sfx for p in PLAN if any(p[0] + sfx in results[t] for t in tasks)]
+        md += [f"## Recipe {sfx}: {recipe_title(sfx)}, every method and its FP reference", "",
+               markdown_table(rows, ["task"] + sfx_cols), ""]
     md += ["## Targets", "",
            markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
            markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
@@ -321,6 +351,7 @@ def main() -> None:
     args = parser.parse_args()
     torch_threads()
     args.config = args.config or ("configs/prequant_tiny.yaml" if args.smoke else "configs/prequant.yaml")
+    args.base_set = SMOKE if args.smoke else []  # the main table's recipe
     if args.smoke:
         args.set = SMOKE + ["output_dir=runs/prequant_smoke", *args.set]
     if args.seed is not None:

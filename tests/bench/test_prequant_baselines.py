@@ -113,6 +113,41 @@ def test_mean_pooled_runs_are_kept_apart_and_judged_against_their_own_fp(monkeyp
                    "prequant_act_w4_mean >= lora_w4_mean": False}
 
 
+def test_more_epochs_are_a_recipe_of_their_own(monkeypatch):
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (
+        86.0, "ckpt", {"source": "run", "epochs": cfg.finetune.epochs, "out": str(out)}))
+    monkeypatch.setattr(prequant, "fp_details", lambda ckpt, info: dict(info))
+    args = SimpleNamespace(config="configs/prequant.yaml", set=["finetune.epochs=6", "finetune.pooling=mean"],
+                           only=["fp_full", "prequant_act_w4"])
+    row, info = prequant.run_task("mrpc", args)
+    assert row == {"fp_full_mean_e6": 86.0, "prequant_act_w4_mean_e6": 85.0}
+    assert info["details"]["fp_full_mean_e6"]["out"].endswith("runs/prequant_mean_e6")  # its own models
+    assert seen[0][3].endswith("runs/prequant_mean_e6") and info["details"]["fp_full_mean_e6"]["epochs"] == 6
+    r = {"fp_full": 90.0, "prequant_act_w4": 85.0, "fp_full_e6": 84.0, "prequant_act_w4_e6": 83.5, **row}
+    assert prequant.recipes(r) == ["", "_e6", "_mean_e6"]
+    met = {x["target"]: x["met"] for x in prequant.check_targets({"tasks": ["mrpc"], "mrpc": r})}
+    assert met == {"prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_e6 >= fp_full_e6 - 1.0": True,
+                   "prequant_act_w4_mean_e6 >= fp_full_mean_e6 - 1.0": True}
+
+
+def test_the_smoke_recipe_is_its_own_main_table(monkeypatch):
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    args = SimpleNamespace(config="configs/prequant_tiny.yaml", set=[*prequant.SMOKE, "output_dir=runs/x"],
+                           base_set=prequant.SMOKE, only=["prequant_w4"])
+    row, _ = prequant.run_task("mrpc", args)
+    assert list(row) == ["prequant_w4"] and seen[0][3].endswith("runs/x")
+
+
+def test_keys_split_into_method_and_recipe():
+    assert prequant.split_key("prequant_w4a8_mean_e6") == ("prequant_w4a8", "_mean_e6")
+    assert prequant.split_key("prequant_w4") == ("prequant_w4", "")
+    assert prequant.split_key("trainable_pct") is None
+    assert prequant.recipe_title("_mean_e6") == "mean-pooled head (finetune.pooling=mean), 6 epochs (finetune.epochs=6)"
+
+
 def test_a_peft_only_run_does_not_fine_tune_fp(monkeypatch):
     def no_fp(*a):
         raise AssertionError("fp_baseline ran for a PEFT-only run")
