@@ -93,43 +93,42 @@ def _fake_peft(monkeypatch, seen: list) -> None:
                         lambda c, t, q, m: seen.append((m, q, c.prequant.criterion, c.output_dir)) or result)
 
 
-def test_mean_pooled_runs_are_kept_apart_and_judged_against_their_own_fp(monkeypatch):
+def _recipe_run(monkeypatch, overrides: list[str]) -> tuple[dict, dict, list[str]]:
+    """run_task for fp_full and prequant_act_w4, both faked: (figures, details, the PEFT run's output dir)."""
     seen = []
     _fake_peft(monkeypatch, seen)
-    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (
-        86.0, "ckpt", {"source": "run", "pooling": cfg.finetune.pooling, "out": str(out)}))
+    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (86.0, "ckpt", {
+        "source": "run", "pooling": cfg.finetune.pooling, "epochs": cfg.finetune.epochs, "out": str(out)}))
     monkeypatch.setattr(prequant, "fp_details", lambda ckpt, info: dict(info))
-    args = SimpleNamespace(config="configs/prequant.yaml", set=["finetune.pooling=mean"],
-                           only=["fp_full", "prequant_act_w4"])
+    args = SimpleNamespace(config="configs/prequant.yaml", set=overrides, only=["fp_full", "prequant_act_w4"])
     row, info = prequant.run_task("mrpc", args)
+    return row, info["details"], [x[3] for x in seen]
+
+
+def _met(figures: dict) -> dict:
+    return {x["target"]: x["met"] for x in prequant.check_targets({"tasks": ["mrpc"], "mrpc": figures})}
+
+
+def test_mean_pooled_runs_are_kept_apart_and_judged_against_their_own_fp(monkeypatch):
+    row, details, outs = _recipe_run(monkeypatch, ["finetune.pooling=mean"])
     assert row == {"fp_full_mean": 86.0, "prequant_act_w4_mean": 85.0}  # not the [CLS] head's keys
-    assert info["details"]["fp_full_mean"]["pooling"] == "mean"
-    assert info["details"]["prequant_act_w4_mean"]["pooling"] == "mean"
-    assert info["details"]["fp_full_mean"]["out"].endswith("runs/prequant_mean")  # its own models
-    assert seen[0][3].endswith("runs/prequant_mean")
-    r = {"fp_full": 90.0, "prequant_act_w4": 85.0, **row, "lora_w4_mean": 85.5}
-    met = {x["target"]: x["met"] for x in prequant.check_targets({"tasks": ["mrpc"], "mrpc": r})}
-    assert met == {"prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_mean >= fp_full_mean - 1.0": True,
-                   "prequant_act_w4_mean >= lora_w4_mean": False}
+    assert details["fp_full_mean"]["pooling"] == details["prequant_act_w4_mean"]["pooling"] == "mean"
+    assert details["fp_full_mean"]["out"].endswith("runs/prequant_mean")  # its own models
+    assert outs[0].endswith("runs/prequant_mean")
+    assert _met({"fp_full": 90.0, "prequant_act_w4": 85.0, **row, "lora_w4_mean": 85.5}) == {
+        "prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_mean >= fp_full_mean - 1.0": True,
+        "prequant_act_w4_mean >= lora_w4_mean": False}
 
 
 def test_more_epochs_are_a_recipe_of_their_own(monkeypatch):
-    seen = []
-    _fake_peft(monkeypatch, seen)
-    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (
-        86.0, "ckpt", {"source": "run", "epochs": cfg.finetune.epochs, "out": str(out)}))
-    monkeypatch.setattr(prequant, "fp_details", lambda ckpt, info: dict(info))
-    args = SimpleNamespace(config="configs/prequant.yaml", set=["finetune.epochs=6", "finetune.pooling=mean"],
-                           only=["fp_full", "prequant_act_w4"])
-    row, info = prequant.run_task("mrpc", args)
+    row, details, outs = _recipe_run(monkeypatch, ["finetune.epochs=6", "finetune.pooling=mean"])
     assert row == {"fp_full_mean_e6": 86.0, "prequant_act_w4_mean_e6": 85.0}
-    assert info["details"]["fp_full_mean_e6"]["out"].endswith("runs/prequant_mean_e6")  # its own models
-    assert seen[0][3].endswith("runs/prequant_mean_e6") and info["details"]["fp_full_mean_e6"]["epochs"] == 6
+    assert details["fp_full_mean_e6"]["out"].endswith("runs/prequant_mean_e6")  # its own models
+    assert outs[0].endswith("runs/prequant_mean_e6") and details["fp_full_mean_e6"]["epochs"] == 6
     r = {"fp_full": 90.0, "prequant_act_w4": 85.0, "fp_full_e6": 84.0, "prequant_act_w4_e6": 83.5, **row}
     assert prequant.recipes(r) == ["", "_e6", "_mean_e6"]
-    met = {x["target"]: x["met"] for x in prequant.check_targets({"tasks": ["mrpc"], "mrpc": r})}
-    assert met == {"prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_e6 >= fp_full_e6 - 1.0": True,
-                   "prequant_act_w4_mean_e6 >= fp_full_mean_e6 - 1.0": True}
+    assert _met(r) == {"prequant_act_w4 >= fp_full - 1.0": False, "prequant_act_w4_e6 >= fp_full_e6 - 1.0": True,
+                       "prequant_act_w4_mean_e6 >= fp_full_mean_e6 - 1.0": True}
 
 
 def test_the_smoke_recipe_is_its_own_main_table(monkeypatch):
