@@ -307,7 +307,7 @@ def write(results: dict, path: Path) -> None:
     for sfx in other:
         sfx_cols = [p[0] + sfx for p in PLAN if any(p[0] + sfx in results[t] for t in tasks)]
         md += [f"## Recipe {sfx}: {recipe_title(sfx)}, every method and its FP reference", "",
-               markdown_table(rows, ["task"] + sfx_cols), ""]
+               markdown_table([r for r in rows if any(c in r for c in sfx_cols)], ["task"] + sfx_cols), ""]
     md += ["## Targets", "",
            markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
            markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
