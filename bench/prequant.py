@@ -6,11 +6,14 @@
 
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
 lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, prequant_gptq_w4,
-prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, trainable_pct}}, main dev metric in points; *_w4a8 add
+prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, rtn_g128_w4, prequant_g128_w4, prequant_g128_w3,
+lora_g128_w4, random_cols_g128_w4, trainable_pct}}, main dev metric in points; *_w4a8 add
 8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
 *_gptq_* GPTQ rounding onto per-row MSE grids (prequant_gptq_*: with the activation criterion; lora_gptq_w4:
-LoRA on that base); `--set finetune.pooling=mean` runs the methods (FP included) with a mean-pooled head
-and records them as <key>_mean, judged against fp_full_mean (models under <output_dir>_mean), and likewise
+LoRA on that base); *_g128_* per-group grids (128 weights of a row, MSE clipping; RTN to nearest, the
+others with GPTQ, the same base for PreQuant, LoRA and random columns); `--set finetune.pooling=mean`
+runs the methods (FP included) with a mean-pooled head and records them as <key>_mean, judged against
+fp_full_mean (models under <output_dir>_mean), and likewise
 `--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6); per-method
 trainable %, optimizer-state bytes, peak memory,
 fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
@@ -53,13 +56,23 @@ ACT = {"criterion": "activation"}
 # GPTQ rounding onto per-row MSE-clipped grids, activation criterion; LoRA on the same base.
 GPTQ_BASE = {"quantizer": "row-mse", "gptq": True}
 GPTQ = {**ACT, **GPTQ_BASE}
+# The same with groups of 128 weights per row (per-group MSE grids): RTN of the FP model, PreQuant
+# (activation criterion), LoRA and random columns on that base.
+G128_BASE = {"quantizer": "group-mse", "gptq": True}
+G128 = {**ACT, **G128_BASE}
 PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4", "prequant", "w4", {}),
         ("prequant_w4a8", "prequant", "w4a8", {}), ("prequant_w3", "prequant", "w3", {}),
         ("lora_w4", "lora", "w4", {}), ("bitfit_w4", "bitfit", "w4", {}), ("random_cols_w4", "random", "w4", {}),
         ("prequant_act_w4", "prequant", "w4", ACT), ("prequant_act_w3", "prequant", "w3", ACT),
         ("prequant_act_w4a8", "prequant", "w4a8", ACT), ("prequant_gptq_w4", "prequant", "w4", GPTQ),
         ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
-        ("lora_gptq_w4", "lora", "w4", GPTQ_BASE)]
+        ("lora_gptq_w4", "lora", "w4", GPTQ_BASE), ("rtn_g128_w4", "rtn", "w4", {"quantizer": "group-mse"}),
+        ("prequant_g128_w4", "prequant", "w4", G128), ("prequant_g128_w3", "prequant", "w3", G128),
+        ("lora_g128_w4", "lora", "w4", G128_BASE),
+        ("random_cols_g128_w4", "random", "w4", G128_BASE)]
+# The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
+SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
+             "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4")}
 # A recipe other than the config file's (finetune.pooling=mean, other finetune.epochs) runs every method
 # with it: its figures are kept apart, under "<key><suffix>" ("_mean", "_e6", "_mean_e6"), judged against
 # fp_full<suffix>, with their models under <output_dir><suffix>.
@@ -175,9 +188,11 @@ def run_task(task: str, args) -> tuple[dict, dict]:
             if method == "fp":
                 metric, detail = fp, fp_details(checkpoint, fp_info)
             elif method == "rtn":
-                full = str(with_quantizer(quant, cfg.prequant.quantizer))
+                grid = overrides.get("quantizer", cfg.prequant.quantizer)
+                full = str(with_quantizer(quant, grid))
                 reference = fp_info["source"] != "run"
-                metric, detail = rtn_baseline(cfg, task, full, quant, checkpoint, out, reference)
+                alias = quant if grid == cfg.prequant.quantizer else full  # rtn.json's "w4" is the config's grid
+                metric, detail = rtn_baseline(cfg, task, full, alias, checkpoint, out, reference)
             else:
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, **overrides))
                 q = run_prequant_quantize_stage(run_cfg, quant, method)
@@ -268,13 +283,13 @@ def _bars(t: str, r: dict, sfx: str) -> list[dict]:
     """The bars of one recipe's figures (sfx: "" for the config file's, "_mean", "_e6", ...)."""
     rows, fp = [], r.get("fp_full" + sfx)
     for key, d in (("prequant_w4", 1.0), ("prequant_act_w4", 1.0), ("prequant_gptq_w4", 1.0),
-                   ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0), ("prequant_gptq_w4a8", 1.0),
-                   ("prequant_w3", 2.0), ("prequant_act_w3", 2.0), ("prequant_gptq_w3", 2.0)):
+                   ("prequant_g128_w4", 1.0), ("prequant_w4a8", 1.0), ("prequant_act_w4a8", 1.0),
+                   ("prequant_gptq_w4a8", 1.0), ("prequant_w3", 2.0), ("prequant_act_w3", 2.0),
+                   ("prequant_gptq_w3", 2.0), ("prequant_g128_w3", 2.0)):
         rows += target_row(t, f"{key + sfx} >= fp_full{sfx} - {d}", r.get(key + sfx), None if fp is None else fp - d)
-    for key in ("prequant_w4", "prequant_act_w4", "prequant_gptq_w4"):  # criteria and roundings
-        lora = ("lora_gptq_w4" if "gptq" in key else "lora_w4") + sfx  # LoRA on the same low-bit base
-        rows += target_row(t, f"{key + sfx} >= {lora}", r.get(key + sfx), r.get(lora))
-        rows += target_row(t, f"{key + sfx} >= random_cols_w4{sfx}", r.get(key + sfx), r.get("random_cols_w4" + sfx))
+    for key in ("prequant_w4", "prequant_act_w4", "prequant_gptq_w4", "prequant_g128_w4"):  # criteria, grids
+        for other in SAME_BASE.get(key, ("lora_w4", "random_cols_w4")):  # on the same low-bit base
+            rows += target_row(t, f"{key + sfx} >= {other + sfx}", r.get(key + sfx), r.get(other + sfx))
     return rows
 
 

@@ -59,6 +59,8 @@ LEGACY_FORMAT = "plmq-prequant-v1"  # still read
 WEIGHT_QUANTIZERS: dict[str, dict] = {
     "row": {"granularity": "channel", "axis": 0, "init": "minmax"},      # per-row (per output channel) min-max
     "row-mse": {"granularity": "channel", "axis": 0, "init": "mse"},     # per-row MSE clipping
+    # per group of 128 input weights in a row, MSE clipping (+16 bits of scale per 128 weights)
+    "group-mse": {"granularity": "group", "group_size": 128, "init": "mse"},
     "minmax": {"granularity": "tensor", "init": "minmax"},               # per-tensor min-max
     "mse": {"granularity": "tensor", "init": "mse"},                     # per-tensor MSE clipping
     "config": {},

@@ -173,3 +173,24 @@ def test_each_recipe_gets_a_table_of_the_tasks_it_ran(tmp_path):
     assert "| task | fp_full_e6 | prequant_act_w4_e6 |" in table and "| mrpc | 87 | 85 |" in table
     assert "sst2" not in table
     assert "prequant_act_w4_e6 >= fp_full_e6 - 1.0 | 85.0 vs 86.0 | False" in md  # against its own FP
+
+
+def test_the_g128_figures_use_their_grid_and_are_judged_against_the_same_base(monkeypatch):
+    seen, rtn = [], []
+    _fake_peft(monkeypatch, seen)
+    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (86.0, "ckpt", {"source": "reference"}))
+    monkeypatch.setattr(prequant, "rtn_baseline", lambda cfg, task, full, alias, *a: rtn.append((full, alias)) or (
+        86.5, {"source": "run"}))
+    args = SimpleNamespace(config="configs/prequant.yaml", set=[],
+                           only=["rtn_w4", "rtn_g128_w4", "prequant_g128_w4", "lora_g128_w4"])
+    row, info = prequant.run_task("mrpc", args)
+    assert rtn[0] == ("w4a16", "w4")  # the config's grid: rtn.json's "w4" stands in
+    assert rtn[1] == ("w4g128a16:weight.init=mse",) * 2  # its own grid, never rtn.json's "w4"
+    labels = {k: prequant.quantizer_label(info["details"][k]) for k in ("prequant_g128_w4", "lora_g128_w4")}
+    assert labels == {"prequant_g128_w4": "group-mse+gptq", "lora_g128_w4": "group-mse+gptq"}
+    assert [x[:3] for x in seen] == [("prequant", "w4", "activation"), ("lora", "w4", "weight")]
+    met = _met({"fp_full": 86.0, "prequant_g128_w4": 85.5, "lora_g128_w4": 85.0, "lora_w4": 86.0,
+                "random_cols_g128_w4": 85.6, "random_cols_w4": 80.0, "prequant_g128_w3": 83.9})
+    assert met == {"prequant_g128_w4 >= fp_full - 1.0": True, "prequant_g128_w3 >= fp_full - 2.0": False,
+                   "prequant_g128_w4 >= lora_g128_w4": True,
+                   "prequant_g128_w4 >= random_cols_g128_w4": False}

@@ -224,6 +224,8 @@ def test_with_quantizer_selects_the_weight_quantizer():
     assert ol.with_quantizer("w4", "mse").weight.init == "mse"
     assert ol.with_quantizer("w4", "row").weight.granularity == "channel"
     assert ol.with_quantizer("w4g64", "config").weight.granularity == "group"
+    grouped = ol.with_quantizer("w4", "group-mse").weight
+    assert (grouped.granularity, grouped.group_size, grouped.init) == ("group", 128, "mse")
     with pytest.raises(ValueError, match="needs quantized weights"):
         ol.with_quantizer("w16a8", "row")
     with pytest.raises(ValueError, match="quantizer='gptq'"):
@@ -231,6 +233,11 @@ def test_with_quantizer_selects_the_weight_quantizer():
     per_tensor = ol.OutlierLinear.from_linear(planted_weight(), None, ol.with_quantizer("w4", "minmax"), [5])
     per_row = ol.OutlierLinear.from_linear(planted_weight(), None, ol.with_quantizer("w4", "row"), [5])
     assert per_tensor.weight_q.step.numel() == 1 and per_row.weight_q.step.numel() == 64
+    w = torch.cat([planted_weight(), planted_weight(1) * 4], 1)  # [64, 256]: two groups of 128 per row
+    per_group = ol.OutlierLinear.from_linear(w, None, ol.with_quantizer("w4", "group-mse"), [5])
+    row = ol.OutlierLinear.from_linear(w, None, ol.with_quantizer("w4", "row"), [5])
+    assert per_group.weight_q.step.numel() == 128
+    assert (per_group.effective_weight() - w).norm() < (row.effective_weight() - w).norm()
 
 
 def test_mark_trainable_groups(model_factory):
