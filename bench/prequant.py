@@ -61,6 +61,7 @@ GPTQ = {**ACT, **GPTQ_BASE}
 # (activation criterion), LoRA and random columns on that base.
 G128_BASE = {"quantizer": "group-mse", "gptq": True}
 G128 = {**ACT, **G128_BASE}
+G128_ASYM = {**G128, "quantizer": "group-mse-asym"}  # zero point per group: 8 levels at W3, not 7
 PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4", "prequant", "w4", {}),
         ("prequant_w4a8", "prequant", "w4a8", {}), ("prequant_w3", "prequant", "w3", {}),
         ("lora_w4", "lora", "w4", {}), ("bitfit_w4", "bitfit", "w4", {}), ("random_cols_w4", "random", "w4", {}),
@@ -69,6 +70,7 @@ PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4"
         ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
         ("lora_gptq_w4", "lora", "w4", GPTQ_BASE), ("rtn_g128_w4", "rtn", "w4", {"quantizer": "group-mse"}),
         ("prequant_g128_w4", "prequant", "w4", G128), ("prequant_g128_w3", "prequant", "w3", G128),
+        ("prequant_g128_w4a8", "prequant", "w4a8", G128), ("prequant_g128asym_w3", "prequant", "w3", G128_ASYM),
         ("lora_g128_w4", "lora", "w4", G128_BASE),
         ("random_cols_g128_w4", "random", "w4", G128_BASE)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).

@@ -61,6 +61,9 @@ WEIGHT_QUANTIZERS: dict[str, dict] = {
     "row-mse": {"granularity": "channel", "axis": 0, "init": "mse"},     # per-row MSE clipping
     # per group of 128 input weights in a row, MSE clipping (+16 bits of scale per 128 weights)
     "group-mse": {"granularity": "group", "group_size": 128, "init": "mse"},
+    # the same with a zero point per group: all 2^b levels (W3: 8 instead of 7), ~23% less weight error
+    # on MiniLM at W3 and W4 (+16 bits of zero point per 128 weights)
+    "group-mse-asym": {"granularity": "group", "group_size": 128, "init": "mse", "symmetric": False},
     "minmax": {"granularity": "tensor", "init": "minmax"},               # per-tensor min-max
     "mse": {"granularity": "tensor", "init": "mse"},                     # per-tensor MSE clipping
     "config": {},

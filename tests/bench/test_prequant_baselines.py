@@ -194,3 +194,15 @@ def test_the_g128_figures_use_their_grid_and_are_judged_against_the_same_base(mo
     assert met == {"prequant_g128_w4 >= fp_full - 1.0": True, "prequant_g128_w3 >= fp_full - 2.0": False,
                    "prequant_g128_w4 >= lora_g128_w4": True,
                    "prequant_g128_w4 >= random_cols_g128_w4": False}
+
+
+def test_the_g128_a8_and_asymmetric_w3_figures(monkeypatch):
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    args = SimpleNamespace(config="configs/prequant.yaml", set=[], only=["prequant_g128_w4a8", "prequant_g128asym_w3"])
+    row, info = prequant.run_task("mrpc", args)
+    assert [x[:3] for x in seen] == [("prequant", "w4a8", "activation"), ("prequant", "w3", "activation")]
+    labels = [prequant.quantizer_label(info["details"][k]) for k in row]
+    assert labels == ["group-mse+gptq", "group-mse-asym+gptq"]
+    met = _met({"fp_full": 86.0, "prequant_g128_w4a8": 85.2, "prequant_g128asym_w3": 83.9})
+    assert met == {"prequant_g128_w4a8 >= fp_full - 1.0": True, "prequant_g128asym_w3 >= fp_full - 2.0": False}

@@ -240,6 +240,25 @@ def test_with_quantizer_selects_the_weight_quantizer():
     assert (per_group.effective_weight() - w).norm() < (row.effective_weight() - w).norm()
 
 
+def test_asymmetric_group_grid_uses_every_level_and_packs():
+    """group-mse-asym: a zero point per group, 8 levels at W3 (the symmetric grid has 7), lower
+    error than group-mse; it packs and loads back bit-identically, outlier columns included."""
+    w = torch.cat([planted_weight(), planted_weight(1).abs() * 4], 1)  # [64, 256], one one-sided group
+    cfg = ol.with_quantizer("w3", "group-mse-asym")
+    assert not cfg.weight.symmetric and cfg.weight.group_size == 128
+    asym = ol.OutlierLinear.from_linear(w, None, cfg, [5])
+    sym = ol.OutlierLinear.from_linear(w, None, ol.with_quantizer("w3", "group-mse"), [5])
+    assert asym.weight_q.zero_point.shape == asym.weight_q.step.shape
+    codes, _ = asym.weight_q.codes(asym.weight)
+    assert codes.unique().numel() == 8
+    assert (asym.effective_weight() - w).norm() < (sym.effective_weight() - w).norm()
+    state = asym.packed_state()
+    loaded = ol.OutlierLinear(256, 64, False, cfg, 1)
+    loaded.outlier_idx.copy_(asym.outlier_idx)
+    loaded.load_packed(state)
+    assert torch.equal(loaded.weight, asym.weight)
+
+
 def test_mark_trainable_groups(model_factory):
     model = model_factory["bert"]()
     ol.prequantize(model, ol.OutlierConfig("w4", "weight", budget=0.05))
