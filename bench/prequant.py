@@ -52,23 +52,26 @@ from quant.outliers import with_quantizer  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "prequant.json"
 FP = ROOT / "bench" / "results" / "fp_reference.json"
 RTN = ROOT / "bench" / "results" / "rtn.json"
-# (result key, method, QuantConfig, prequant overrides)
-ACT = {"criterion": "activation"}
+# (result key, method, QuantConfig, prequant overrides). Every key pins its base (grid, criterion, rounding),
+# so that its recorded figures keep their meaning whatever configs/prequant.yaml recommends: the main
+# table's keys were recorded on per-row min-max grids, weight criterion, round-to-nearest.
+ROW = {"quantizer": "row", "criterion": "weight", "gptq": False}
+ACT = {**ROW, "criterion": "activation"}
 # GPTQ rounding onto per-row MSE-clipped grids, activation criterion; LoRA on the same base.
-GPTQ_BASE = {"quantizer": "row-mse", "gptq": True}
-GPTQ = {**ACT, **GPTQ_BASE}
+GPTQ_BASE = {**ROW, "quantizer": "row-mse", "gptq": True}
+GPTQ = {**GPTQ_BASE, "criterion": "activation"}
 # The same with groups of 128 weights per row (per-group MSE grids): RTN of the FP model, PreQuant
 # (activation criterion), LoRA and random columns on that base.
-G128_BASE = {"quantizer": "group-mse", "gptq": True}
-G128 = {**ACT, **G128_BASE}
+G128_BASE = {**ROW, "quantizer": "group-mse", "gptq": True}
+G128 = {**G128_BASE, "criterion": "activation"}
 G128_ASYM = {**G128, "quantizer": "group-mse-asym"}  # zero point per group: 8 levels at W3, not 7
-PLAN = [("fp_full", "fp", None, {}), ("rtn_w4", "rtn", "w4", {}), ("prequant_w4", "prequant", "w4", {}),
-        ("prequant_w4a8", "prequant", "w4a8", {}), ("prequant_w3", "prequant", "w3", {}),
-        ("lora_w4", "lora", "w4", {}), ("bitfit_w4", "bitfit", "w4", {}), ("random_cols_w4", "random", "w4", {}),
+PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w4", "prequant", "w4", ROW),
+        ("prequant_w4a8", "prequant", "w4a8", ROW), ("prequant_w3", "prequant", "w3", ROW),
+        ("lora_w4", "lora", "w4", ROW), ("bitfit_w4", "bitfit", "w4", ROW), ("random_cols_w4", "random", "w4", ROW),
         ("prequant_act_w4", "prequant", "w4", ACT), ("prequant_act_w3", "prequant", "w3", ACT),
         ("prequant_act_w4a8", "prequant", "w4a8", ACT), ("prequant_gptq_w4", "prequant", "w4", GPTQ),
         ("prequant_gptq_w3", "prequant", "w3", GPTQ), ("prequant_gptq_w4a8", "prequant", "w4a8", GPTQ),
-        ("lora_gptq_w4", "lora", "w4", GPTQ_BASE), ("rtn_g128_w4", "rtn", "w4", {"quantizer": "group-mse"}),
+        ("lora_gptq_w4", "lora", "w4", GPTQ_BASE), ("rtn_g128_w4", "rtn", "w4", {**ROW, "quantizer": "group-mse"}),
         ("prequant_g128_w4", "prequant", "w4", G128), ("prequant_g128_w3", "prequant", "w3", G128),
         ("prequant_g128_w4a8", "prequant", "w4a8", G128), ("prequant_g128asym_w3", "prequant", "w3", G128_ASYM),
         ("lora_g128_w4", "lora", "w4", G128_BASE),
@@ -194,7 +197,7 @@ def run_task(task: str, args) -> tuple[dict, dict]:
                 grid = overrides.get("quantizer", cfg.prequant.quantizer)
                 full = str(with_quantizer(quant, grid))
                 reference = fp_info["source"] != "run"
-                alias = quant if grid == cfg.prequant.quantizer else full  # rtn.json's "w4" is the config's grid
+                alias = quant if full == str(QuantConfig.parse(quant)) else full  # rtn.json's "w4": the default grid
                 metric, detail = rtn_baseline(cfg, task, full, alias, checkpoint, out, reference)
             else:
                 run_cfg = replace(cfg, prequant=replace(cfg.prequant, **overrides))

@@ -206,3 +206,16 @@ def test_the_g128_a8_and_asymmetric_w3_figures(monkeypatch):
     assert labels == ["group-mse+gptq", "group-mse-asym+gptq"]
     met = _met({"fp_full": 86.0, "prequant_g128_w4a8": 85.2, "prequant_g128asym_w3": 83.9})
     assert met == {"prequant_g128_w4a8 >= fp_full - 1.0": True, "prequant_g128asym_w3 >= fp_full - 2.0": False}
+
+
+def test_each_key_keeps_its_recorded_base_whatever_the_config_recommends(monkeypatch):
+    """configs/prequant.yaml recommends the g128 base; the main table's keys were recorded on the per-row
+    min-max, weight-criterion, round-to-nearest base and must stay on it, under any config."""
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    for overrides in ([], ["prequant.quantizer=row-mse", "prequant.criterion=random", "prequant.gptq=false"]):
+        args = SimpleNamespace(config="configs/prequant.yaml", set=overrides, only=["prequant_w4", "prequant_g128_w4"])
+        _, info = prequant.run_task("mrpc", args)
+        d = info["details"]
+        assert [(d[k]["quantizer"], d[k]["criterion"], d[k]["gptq"]) for k in ("prequant_w4", "prequant_g128_w4")] == [
+            ("row", "weight", False), ("group-mse", "activation", True)]
