@@ -194,7 +194,7 @@ def run_task(task: str, args) -> tuple[dict, dict]:
             if method == "fp":
                 metric, detail = fp, fp_details(checkpoint, fp_info)
             elif method == "rtn":
-                grid = overrides.get("quantizer", cfg.prequant.quantizer)
+                grid = overrides["quantizer"]  # every PLAN key pins its grid
                 full = str(with_quantizer(quant, grid))
                 reference = fp_info["source"] != "run"
                 alias = quant if full == str(QuantConfig.parse(quant)) else full  # rtn.json's "w4": the default grid

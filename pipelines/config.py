@@ -174,7 +174,8 @@ class PrequantConfig:
     """PreQuant (issue #5, pipelines/prequant.py): quantize the pre-trained model once, fine-tune outliers."""
     METHODS: typing.ClassVar[tuple[str, ...]] = ("fp", "rtn", "prequant", "random", "lora", "bitfit")
     quant: list[str] = field(default_factory=list)  # weight-quantized QuantConfigs, e.g. [w4, w3]; empty = skip
-    quantizer: str = "row"           # row | row-mse | group-mse | group-mse-asym | minmax | mse | config (quant.outliers.WEIGHT_QUANTIZERS)
+    # row | row-mse | group-mse | group-mse-asym | minmax | mse | config (quant.outliers.WEIGHT_QUANTIZERS)
+    quantizer: str = "row"
     # GPTQ rounding onto the quantizer's grid (quant/gptq.py): each column's rounding error goes to
     # the columns not yet rounded and to the FP outlier columns, weighted by the input Hessian on
     # the calib_* text; every method's base (lora/bitfit too). False: round to nearest.
