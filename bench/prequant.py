@@ -7,11 +7,12 @@
 Writes bench/results/prequant.json ({task: {fp_full, rtn_w4, prequant_w4, prequant_w4a8, prequant_w3,
 lora_w4, bitfit_w4, random_cols_w4, prequant_act_w4, prequant_act_w3, prequant_act_w4a8, prequant_gptq_w4,
 prequant_gptq_w3, prequant_gptq_w4a8, lora_gptq_w4, rtn_g128_w4, prequant_g128_w4, prequant_g128_w3,
-lora_g128_w4, random_cols_g128_w4, trainable_pct}}, main dev metric in points; *_w4a8 add
-8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
+lora_g128_w4, random_cols_g128_w4, ..., trainable_pct}}, every key of PLAN below), main dev metric in points;
+*_w4a8 add 8-bit activations; prequant_act_* use the activation-outlier criterion instead of the configured one;
 *_gptq_* GPTQ rounding onto per-row MSE grids (prequant_gptq_*: with the activation criterion; lora_gptq_w4:
 LoRA on that base); *_g128_* per-group grids (128 weights of a row, MSE clipping; RTN to nearest, the
-others with GPTQ, the same base for PreQuant, LoRA and random columns); `--set finetune.pooling=mean`
+others with GPTQ, the same base for PreQuant, LoRA and random columns; *_g128scaled_*: each FP column's steps
+scaled down by its input RMS, prequant.scale_outlier_lr); `--set finetune.pooling=mean`
 runs the methods (FP included) with a mean-pooled head and records them as <key>_mean, judged against
 fp_full_mean (models under <output_dir>_mean), and likewise
 `--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6); per-method
@@ -55,7 +56,7 @@ RTN = ROOT / "bench" / "results" / "rtn.json"
 # (result key, method, QuantConfig, prequant overrides). Every key pins its base (grid, criterion, rounding),
 # so that its recorded figures keep their meaning whatever configs/prequant.yaml recommends: the main
 # table's keys were recorded on per-row min-max grids, weight criterion, round-to-nearest.
-ROW = {"quantizer": "row", "criterion": "weight", "gptq": False}
+ROW = {"quantizer": "row", "criterion": "weight", "gptq": False, "scale_outlier_lr": False}
 ACT = {**ROW, "criterion": "activation"}
 # GPTQ rounding onto per-row MSE-clipped grids, activation criterion; LoRA on the same base.
 GPTQ_BASE = {**ROW, "quantizer": "row-mse", "gptq": True}
@@ -65,6 +66,9 @@ GPTQ = {**GPTQ_BASE, "criterion": "activation"}
 G128_BASE = {**ROW, "quantizer": "group-mse", "gptq": True}
 G128 = {**G128_BASE, "criterion": "activation"}
 G128_ASYM = {**G128, "quantizer": "group-mse-asym"}  # zero point per group: 8 levels at W3, not 7
+# The g128 base with each FP column's steps scaled by min(1, median input RMS / its input RMS)
+# (prequant.scale_outlier_lr), for PreQuant and for its random-columns ablation.
+G128_SCALED = {**G128, "scale_outlier_lr": True}
 PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w4", "prequant", "w4", ROW),
         ("prequant_w4a8", "prequant", "w4a8", ROW), ("prequant_w3", "prequant", "w3", ROW),
         ("lora_w4", "lora", "w4", ROW), ("bitfit_w4", "bitfit", "w4", ROW), ("random_cols_w4", "random", "w4", ROW),
@@ -75,10 +79,14 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("prequant_g128_w4", "prequant", "w4", G128), ("prequant_g128_w3", "prequant", "w3", G128),
         ("prequant_g128_w4a8", "prequant", "w4a8", G128), ("prequant_g128asym_w3", "prequant", "w3", G128_ASYM),
         ("lora_g128_w4", "lora", "w4", G128_BASE),
-        ("random_cols_g128_w4", "random", "w4", G128_BASE)]
+        ("random_cols_g128_w4", "random", "w4", G128_BASE),
+        ("prequant_g128scaled_w4", "prequant", "w4", G128_SCALED),
+        ("prequant_g128scaled_w3", "prequant", "w3", G128_SCALED),
+        ("random_cols_g128scaled_w4", "random", "w4", {**G128_BASE, "scale_outlier_lr": True})]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
 SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
-             "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4")}
+             "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4"),
+             "prequant_g128scaled_w4": ("lora_g128_w4", "random_cols_g128scaled_w4")}
 # A recipe other than the config file's (finetune.pooling=mean, other finetune.epochs) runs every method
 # with it: its figures are kept apart, under "<key><suffix>" ("_mean", "_e6", "_mean_e6"), judged against
 # fp_full<suffix>, with their models under <output_dir><suffix>.
@@ -150,6 +158,7 @@ def rtn_baseline(cfg, task: str, quant: str, alias: str, checkpoint: str, out: P
 def peft_details(r, q, cfg) -> dict:
     return {**schedule(cfg.prequant.lr, cfg), "head_lr": cfg.prequant.head_lr, "quant": r.quant_config,
             "criterion": cfg.prequant.criterion, "quantizer": cfg.prequant.quantizer, "gptq": cfg.prequant.gptq,
+            "scale_outlier_lr": cfg.prequant.scale_outlier_lr,
             "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,

@@ -194,6 +194,10 @@ class PrequantConfig:
     # largest inputs, so a step moves the output by lr * |x_j|: they may want a smaller lr than a
     # freshly initialised head (bench/results/prequant.md, RTE).
     head_lr: float | None = None
+    # Scale each FP outlier column's steps by min(1, median input RMS / its input RMS), measured on
+    # the task's first batches (quant.outliers.set_outlier_lr): every column then moves the
+    # layer's output by about the same amount per step (prequant/random; no effect on lora/bitfit).
+    scale_outlier_lr: bool = False
     lora_scaling: float = 2.0        # LoRA alpha / r
     calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation and gptq: bundled corpus or a file
     calib_samples: int = 256         # sentences

@@ -285,12 +285,17 @@ def train_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
             **memory_stats(optimizer)}
 
 
+def unlabelled(loader, batches: int):
+    """The first `batches` of `loader` without their labels."""
+    for _, batch in zip(range(batches), loader):
+        yield {k: v for k, v in batch.items() if k != "labels"}
+
+
 def calibrate_inputs(model: torch.nn.Module, loader, batches: int) -> None:
     """Input ranges of the quantized layers (QuantConfigs with aN) on this task's data, fixed
     before training: the stored model is task-agnostic, activation ranges are not."""
     with calibrate(model):
-        for _, batch in zip(range(batches), loader):
-            batch.pop("labels")
+        for batch in unlabelled(loader, batches):
             model(**batch)
 
 
@@ -299,15 +304,20 @@ def _setup(cfg: dict, ft: FinetuneConfig):
     tokenizer = models.load_tokenizer(cfg["model"])
     model = build_model(cfg["artefact"], cfg["num_labels"], cfg["method"], pcfg, ft.seed, tokenizer.pad_token_id,
                         ft.pooling)
+    calib_loader = make_loader(cfg["train_path"], tokenizer, ft.batch_size, False, ft.seed)
     if QuantConfig.parse(cfg["quant"]).act is not None:
-        calibrate_inputs(model, make_loader(cfg["train_path"], tokenizer, ft.batch_size, False, ft.seed),
-                         cfg["act_calib_batches"])
+        calibrate_inputs(model, calib_loader, cfg["act_calib_batches"])
+    if pcfg.scale_outlier_lr:
+        factors = ol.set_outlier_lr(model, unlabelled(calib_loader, cfg["act_calib_batches"])).values()
+        print(f"[prequant-finetune] scale_outlier_lr: {sum(int((f < 1).sum()) for f in factors)} of "
+              f"{sum(f.numel() for f in factors)} FP columns take smaller steps")
     loader = prepare_data_loader(make_loader(cfg["train_path"], tokenizer, ft.batch_size, True, ft.seed))
     model = prepare_model(model)
     total = max(1, math.ceil(ft.epochs * len(loader)))
     head = head_module_param(pcfg.head_modules)
     optimizer, scheduler = make_optimizer(model, ft, total,
                                           lambda n: pcfg.head_lr if ol.is_head(n) or head(n) else None)
+    ol.scale_outlier_steps(optimizer, model)  # a no-op unless set_outlier_lr set factors below 1
     return tokenizer, model, loader, optimizer, scheduler, total
 
 
@@ -356,8 +366,9 @@ def finetune_key(task: str, artefact_key: str, method: str, data: DataConfig, ft
              "finetune": ft.key_fields(),
              "prequant": {"train_norms": pcfg.train_norms, "budget_pct": pcfg.budget_pct,
                           "lora_scaling": pcfg.lora_scaling}}
-    if pcfg.head_lr is not None:  # keys of runs from before head_lr existed stay valid
-        ident["prequant"]["head_lr"] = pcfg.head_lr
+    for name in ("head_lr", "scale_outlier_lr"):  # keys of runs from before these existed stay valid
+        if getattr(pcfg, name) not in (None, False):
+            ident["prequant"][name] = getattr(pcfg, name)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -134,19 +134,24 @@ def column_scores(criterion: str, weight: Tensor, act: Tensor | None = None,
 def input_stats(model: nn.Module, names: list[str], batches: Iterable[dict],
                 hessian: bool = False) -> dict[str, dict[str, Tensor]]:
     """Per named layer, over all tokens of its input: "absmax", max |x_j| (the activation
-    criterion), and with hessian=True "hessian", X^T X (GPTQ). Pass unpadded batches."""
+    criterion), "sumsq" (sum of x_j^2) and "count" (tokens), and with hessian=True "hessian",
+    X^T X (GPTQ). Pass unpadded batches."""
     stats: dict[str, dict[str, Tensor]] = {}
 
     def hook(name):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = stats.setdefault(name, {"absmax": torch.zeros(x.shape[1])})
+            s = stats.setdefault(name, {"absmax": torch.zeros(x.shape[1]), "sumsq": torch.zeros(x.shape[1]),
+                                        "count": 0})
             s["absmax"] = torch.maximum(s["absmax"], x.abs().amax(0).cpu())
+            s["sumsq"] += x.square().sum(0).cpu()
+            s["count"] += x.shape[0]
             if hessian:
                 s["hessian"] = s.get("hessian", 0) + (x.T @ x).cpu()
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
     try:
         model.eval()
         for batch in batches:
@@ -154,6 +159,7 @@ def input_stats(model: nn.Module, names: list[str], batches: Iterable[dict],
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return stats
 
 
@@ -211,6 +217,8 @@ class OutlierLinear(nn.Linear):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.outlier = nn.Parameter(torch.zeros(out_features, num_outliers))
         self.register_buffer("outlier_idx", torch.zeros(num_outliers, dtype=torch.long))
+        # Per FP column, the factor its optimizer steps are scaled by (scale_outlier_steps); not saved.
+        self.register_buffer("outlier_lr", torch.ones(num_outliers), persistent=False)
         self.weight_q = Quantizer(config.weight, "weight", "weight", dynamic=False)
         self.act_q = Quantizer(config.act, "act", "act") if config.act else None
         if self.act_q is not None:
@@ -429,6 +437,44 @@ def mark_trainable(model: nn.Module, **groups) -> list[str]:
 
 def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def set_outlier_lr(model: nn.Module, batches: Iterable[dict]) -> dict[str, Tensor]:
+    """Each FP column's step factor: min(1, median input RMS of its layer / the column's input RMS).
+
+    A step of size lr on column j moves the layer's output by about lr * |x_j|; the columns the
+    activation criterion keeps see inputs several times the median (MiniLM: 4x, up to 11x), so
+    plain Adam moves them that much faster than the rest of the model. Returns the factors."""
+    mods = dict(outlier_modules(model))
+    stats = input_stats(model, list(mods), batches)
+    for name, m in mods.items():
+        rms = (stats[name]["sumsq"] / max(stats[name]["count"], 1)).sqrt()
+        factor = (rms.median() / rms[m.outlier_idx.cpu()].clamp(min=1e-12)).clamp(max=1.0)
+        m.outlier_lr.copy_(factor)
+    return {name: m.outlier_lr.cpu() for name, m in mods.items()}
+
+
+def scale_outlier_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Scale every optimizer step of the FP outlier columns by their `outlier_lr`, column by column.
+    Adam's step ignores the gradient's scale, so this works on the step itself (a hook around
+    optimizer.step). Returns how many layers are scaled."""
+    pairs = [(m.outlier, m.outlier_lr) for _, m in outlier_modules(model)
+             if m.num_outliers and m.outlier.requires_grad and bool((m.outlier_lr != 1).any())]
+    before: list[Tensor] = []
+
+    def save(*_):
+        before[:] = [p.detach().clone() for p, _ in pairs]
+
+    @torch.no_grad()
+    def scale(*_):
+        for (p, factor), old in zip(pairs, before):
+            p.copy_(torch.lerp(old, p, factor))  # old + factor * step
+
+    if pairs:
+        optimizer.register_step_pre_hook(save)
+        optimizer.register_step_post_hook(scale)
+    return len(pairs)
 
 # ---------------------------------------------------------------- export
 

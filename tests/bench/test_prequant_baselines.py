@@ -208,14 +208,34 @@ def test_the_g128_a8_and_asymmetric_w3_figures(monkeypatch):
     assert met == {"prequant_g128_w4a8 >= fp_full - 1.0": True, "prequant_g128asym_w3 >= fp_full - 2.0": False}
 
 
+def test_the_scaled_step_keys_run_with_scaled_steps_and_are_judged_on_their_own_ablation(monkeypatch):
+    seen = []
+    _fake_peft(monkeypatch, seen)
+    monkeypatch.setattr(prequant, "run_prequant_finetune_stage", lambda c, t, q, m: seen.append(
+        (m, q, c.prequant.scale_outlier_lr)) or SimpleNamespace(
+        eval=SimpleNamespace(main=0.85), quant_config=q, trainable_pct=0.95, trainable_params=1,
+        optimizer_state_bytes=8, peak_rss_mb=1.0, train_s=2.0, packed_bytes=3, steps=4))
+    args = SimpleNamespace(config="configs/prequant.yaml", set=[],
+                           only=["prequant_g128_w4", "prequant_g128scaled_w4", "random_cols_g128scaled_w4"])
+    row, info = prequant.run_task("mrpc", args)
+    assert seen == [("prequant", "w4", False), ("prequant", "w4", True), ("random", "w4", True)]
+    assert [info["details"][k]["scale_outlier_lr"] for k in row] == [False, True, True]
+    met = _met({"prequant_g128scaled_w4": 85.0, "lora_g128_w4": 84.0, "random_cols_g128_w4": 86.0,
+                "random_cols_g128scaled_w4": 84.5})
+    assert met == {"prequant_g128scaled_w4 >= lora_g128_w4": True,
+                   "prequant_g128scaled_w4 >= random_cols_g128scaled_w4": True}  # not random_cols_g128_w4
+
+
 def test_each_key_keeps_its_recorded_base_whatever_the_config_recommends(monkeypatch):
     """configs/prequant.yaml recommends the g128 base; the main table's keys were recorded on the per-row
     min-max, weight-criterion, round-to-nearest base and must stay on it, under any config."""
     seen = []
     _fake_peft(monkeypatch, seen)
-    for overrides in ([], ["prequant.quantizer=row-mse", "prequant.criterion=random", "prequant.gptq=false"]):
+    for overrides in ([], ["prequant.quantizer=row-mse", "prequant.criterion=random", "prequant.gptq=false",
+                           "prequant.scale_outlier_lr=true"]):
         args = SimpleNamespace(config="configs/prequant.yaml", set=overrides, only=["prequant_w4", "prequant_g128_w4"])
         _, info = prequant.run_task("mrpc", args)
         d = info["details"]
-        assert [(d[k]["quantizer"], d[k]["criterion"], d[k]["gptq"]) for k in ("prequant_w4", "prequant_g128_w4")] == [
-            ("row", "weight", False), ("group-mse", "activation", True)]
+        assert [(d[k]["quantizer"], d[k]["criterion"], d[k]["gptq"], d[k]["scale_outlier_lr"])
+                for k in ("prequant_w4", "prequant_g128_w4")] == [
+            ("row", "weight", False, False), ("group-mse", "activation", True, False)]

@@ -59,6 +59,7 @@ def tiny_cfg(tmp_path, glue, cache_dir, *extra):
     (["prequant.quantizer=gptq"], "prequant.quantizer='gptq'"),
     (["prequant.head_lr=2"], "prequant.head_lr=2.0: must be in (0, 1)"),
     (["prequant.gptq=maybe"], "prequant.gptq: expected bool, got str 'maybe'"),
+    (["prequant.scale_outlier_lr=1"], "prequant.scale_outlier_lr: expected bool"),
     (["prequant.gptq=true", "prequant.quant=[w4,w2]"], "prequant.quant[1]='w2': GPTQ rounds onto uniform grids"),
 ])
 def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
@@ -156,7 +157,9 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
                                                                                           cfg.output_dir), "prequant")
         stamp = (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns
         monkeypatch.setattr(ol, "prequantize", lambda *a, **k: pytest.fail("the second task re-quantized"))
-        (row2,) = pq.run_prequant_task(cfg, "rte")
+        # the second task also scales the outlier columns' steps: a fine-tuning option, same stored model
+        scaled = dataclasses.replace(cfg, prequant=dataclasses.replace(cfg.prequant, scale_outlier_lr=True))
+        (row2,) = pq.run_prequant_task(scaled, "rte")
     assert (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns == stamp
     monkeypatch.setattr(pq, "fit_to_dir", lambda *a, **k: pytest.fail("same inputs were fine-tuned again"))
     again = pq.prequant_finetune("sst2", "tiny-bert", "w4", "prequant", cfg.data, cfg.finetune, cfg.prequant,

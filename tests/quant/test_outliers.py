@@ -110,6 +110,37 @@ def test_only_the_outlier_columns_receive_gradients():
     assert torch.equal(m.weight, frozen)
 
 
+class Wrapped(nn.Module):  # input_stats feeds models keyword batches
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_loud_outlier_columns_take_proportionally_smaller_steps():
+    m = ol.OutlierLinear.from_linear(planted_weight(), None, "w4", torch.tensor(PLANTED))
+    gain = torch.ones(128)
+    gain[PLANTED[0]], gain[PLANTED[1]] = 10.0, 4.0  # inputs 10x and 4x the other features' RMS
+    batches = [{"x": torch.randn(64, 128, generator=torch.Generator().manual_seed(i)) * gain} for i in range(4)]
+    factors = ol.set_outlier_lr(Wrapped(m), batches)["layer"]
+    torch.testing.assert_close(factors, torch.tensor([0.1, 0.25, 1.0]), atol=0.03, rtol=0)
+    assert m.outlier_lr is not None and "outlier_lr" not in m.state_dict()  # not part of the stored model
+
+    plain = ol.OutlierLinear.from_linear(planted_weight(), None, "w4", torch.tensor(PLANTED))
+    steps = []
+    for layer in (plain, m):
+        start = layer.outlier.detach().clone()
+        opt = torch.optim.AdamW([layer.outlier], lr=0.01)
+        assert ol.scale_outlier_steps(opt, layer) == (layer is m)  # all-1 factors: no hook
+        layer(batches[0]["x"]).square().sum().backward()
+        opt.step()  # one step from the same start: the same Adam step, scaled column by column
+        steps.append(layer.outlier.detach() - start)
+    torch.testing.assert_close(steps[1], steps[0] * m.outlier_lr, rtol=1e-4, atol=1e-7)
+    assert torch.equal(m.weight, plain.weight)  # the frozen low-bit weight is untouched
+
+
 CONFIGS = ["w4", "w3", "w2", "w1", "w4g16", "w4a8", "w4:weight.symmetric=false",
            "w8:weight.init=mse,weight.granularity=tensor"]
 
