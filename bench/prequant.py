@@ -66,9 +66,10 @@ GPTQ = {**GPTQ_BASE, "criterion": "activation"}
 G128_BASE = {**ROW, "quantizer": "group-mse", "gptq": True}
 G128 = {**G128_BASE, "criterion": "activation"}
 G128_ASYM = {**G128, "quantizer": "group-mse-asym"}  # zero point per group: 8 levels at W3, not 7
-# The g128 base with each FP column's steps scaled by min(1, median input RMS / its input RMS)
-# (prequant.scale_outlier_lr), for PreQuant and for its random-columns ablation.
-G128_SCALED = {**G128, "scale_outlier_lr": True}
+# The g128 bases with each FP column's steps scaled by min(1, median input RMS / its input RMS)
+# (prequant.scale_outlier_lr): PreQuant's and its random-columns ablation's.
+G128_SCALED_BASE = {**G128_BASE, "scale_outlier_lr": True}
+G128_SCALED = {**G128_SCALED_BASE, "criterion": "activation"}
 PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w4", "prequant", "w4", ROW),
         ("prequant_w4a8", "prequant", "w4a8", ROW), ("prequant_w3", "prequant", "w3", ROW),
         ("lora_w4", "lora", "w4", ROW), ("bitfit_w4", "bitfit", "w4", ROW), ("random_cols_w4", "random", "w4", ROW),
@@ -82,7 +83,7 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("random_cols_g128_w4", "random", "w4", G128_BASE),
         ("prequant_g128scaled_w4", "prequant", "w4", G128_SCALED),
         ("prequant_g128scaled_w3", "prequant", "w3", G128_SCALED),
-        ("random_cols_g128scaled_w4", "random", "w4", {**G128_BASE, "scale_outlier_lr": True})]
+        ("random_cols_g128scaled_w4", "random", "w4", G128_SCALED_BASE)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
 SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
              "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4"),
