@@ -280,9 +280,10 @@ def train_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".outlier") and "lora_" not in n)
+    scaled = sum(int((m.outlier_lr < 1).sum()) for _, m in ol.outlier_modules(model))  # scale_outlier_lr
     return {"trainable_params": n_trainable, "model_params": base, "trainable_pct": 100.0 * n_trainable / base,
             "trainable_names": trainable, "optimizer_state_names": sorted(names[id(p)] for p in optimizer.state),
-            **memory_stats(optimizer)}
+            "scaled_outlier_columns": scaled, **memory_stats(optimizer)}
 
 
 def unlabelled(loader, batches: int):

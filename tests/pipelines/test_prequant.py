@@ -177,6 +177,10 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
     assert trainable and all(n.endswith(".outlier") or n.startswith("classifier.") for n in trainable)
     assert set(meta["optimizer_state_names"]) == trainable and meta["optimizer_state_bytes"] > 0
     assert abs(meta["trainable_pct"] - 0.5) <= 0.05
+    # the worker of the second task applied scale_outlier_lr: some columns took smaller steps
+    (rte_dir,) = [d / "model" for d in (tmp_path / "out" / "rte" / "prequant").iterdir() if d.is_dir()]
+    assert meta["scaled_outlier_columns"] == 0
+    assert json.loads((rte_dir / "plmq_meta.json").read_text())["scaled_outlier_columns"] > 0
     # packed low-bit weights, scales and every frozen FP tensor are bit-identical to prequant-quantize's
     assert _frozen_tensors_equal(str(artefact), str(model_dir), trainable) == []
     a, b = load_file(f"{artefact}/{ol.WEIGHTS_FILE}"), load_file(f"{model_dir}/{ol.WEIGHTS_FILE}")
