@@ -89,7 +89,8 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("prequant_g128scaled_w4", "prequant", "w4", G128_SCALED),
         ("prequant_g128scaled_w3", "prequant", "w3", G128_SCALED),
         ("random_cols_g128scaled_w4", "random", "w4", G128_SCALED_BASE),
-        ("prequant_g128norms_w4", "prequant", "w4", G128_NORMS), ("prequant_g128norms_w3", "prequant", "w3", G128_NORMS),
+        ("prequant_g128norms_w4", "prequant", "w4", G128_NORMS),
+        ("prequant_g128norms_w3", "prequant", "w3", G128_NORMS),
         ("random_cols_g128norms_w4", "random", "w4", G128_NORMS_BASE)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
 SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),

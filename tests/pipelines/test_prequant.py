@@ -145,6 +145,12 @@ def _frozen_tensors_equal(artefact: str, export: str, trainable: set[str]) -> li
     return [k for k in a if k not in trainable and ".act_q." not in k and not torch.equal(a[k], b[k])]
 
 
+def _prequant_export(tmp_path, task: str):
+    """The one model folder the prequant method exported for `task` in tiny_cfg's output_dir."""
+    (model_dir,) = [d / "model" for d in (tmp_path / "out" / task / "prequant").iterdir() if d.is_dir()]
+    return model_dir
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantization(
@@ -168,8 +174,7 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
     assert round(100 * again.eval.main, 2) == row["value"]
     assert row["method"] == "prequant-w4a16" and 0.0 <= row["value"] <= 100.0 and row2["task"] == "rte"
 
-    export = tmp_path / "out" / "sst2" / "prequant"
-    (model_dir,) = [d / "model" for d in export.iterdir() if d.is_dir()]
+    model_dir = _prequant_export(tmp_path, "sst2")
     meta = json.loads((model_dir / "plmq_meta.json").read_text())
     assert again.train_s == meta["train_s"] > 0  # the reused result reports its own training time
     trainable = set(meta["trainable_names"])
@@ -178,9 +183,9 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
     assert set(meta["optimizer_state_names"]) == trainable and meta["optimizer_state_bytes"] > 0
     assert abs(meta["trainable_pct"] - 0.5) <= 0.05
     # the worker of the second task applied scale_outlier_lr: some columns took smaller steps
-    (rte_dir,) = [d / "model" for d in (tmp_path / "out" / "rte" / "prequant").iterdir() if d.is_dir()]
     assert meta["scaled_outlier_columns"] == 0
-    assert json.loads((rte_dir / "plmq_meta.json").read_text())["scaled_outlier_columns"] > 0
+    rte_meta = json.loads((_prequant_export(tmp_path, "rte") / "plmq_meta.json").read_text())
+    assert rte_meta["scaled_outlier_columns"] > 0
     # packed low-bit weights, scales and every frozen FP tensor are bit-identical to prequant-quantize's
     assert _frozen_tensors_equal(str(artefact), str(model_dir), trainable) == []
     a, b = load_file(f"{artefact}/{ol.WEIGHTS_FILE}"), load_file(f"{model_dir}/{ol.WEIGHTS_FILE}")
