@@ -96,6 +96,7 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("random_cols_g128scaled_w4", "random", "w4", G128_SCALED_BASE),
         ("prequant_g128norms_w4", "prequant", "w4", G128_NORMS),
         ("prequant_g128norms_w3", "prequant", "w3", G128_NORMS),
+        ("prequant_g128norms_w4a8", "prequant", "w4a8", G128_NORMS),
         ("random_cols_g128norms_w4", "random", "w4", G128_NORMS_BASE),
         ("prequant_g128normsscaled_w4", "prequant", "w4", G128_NORMS_SCALED)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
