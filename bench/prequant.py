@@ -134,6 +134,14 @@ def fp_baseline(cfg, task: str, out: Path) -> tuple[float, str, dict]:
                                            "bytes": result.model_bytes, **schedule(cfg.finetune.lr, cfg)}
 
 
+def majority_points(task: str, data) -> float | None:
+    """The floor every figure is read against: the dev metric of always predicting the most frequent train
+    label (RTE 52.71: a figure there learned nothing)."""
+    from pipelines.evaluate import majority_floor
+
+    return majority_floor([task], data).get(task, (None, None))[1]
+
+
 def schedule(lr: float, cfg) -> dict:
     """What a figure was trained with: its learning rate, epochs and batch size (same epochs for all)."""
     return {"lr": lr, "epochs": cfg.finetune.epochs, "batch_size": cfg.finetune.batch_size}
@@ -335,7 +343,7 @@ def quantizer_label(detail: dict) -> str | None:
 def write(results: dict, path: Path) -> None:
     write_json_atomic(path, results)
     tasks = results.get("tasks", [])
-    cols = ["task"] + [p[0] for p in PLAN] + ["trainable_pct"]
+    cols = ["task", "majority_class"] + [p[0] for p in PLAN] + ["trainable_pct"]
     rows = [{"task": t, **results[t]} for t in tasks]
     other = sorted({sfx for t in tasks for sfx in recipes(results[t])} - {""})
     detail_rows = [{"task": t, "method": k, "metric": results[t].get(k), "trainable_pct": d.get("trainable_pct"),
@@ -349,12 +357,14 @@ def write(results: dict, path: Path) -> None:
                    for t in tasks for k, d in results["details"].get(t, {}).get("details", {}).items()]
     md = [f"# PreQuant ({results['model']}, {results['machine']})", "",
           "Main dev metric in points (MRPC: F1); a method run at several learning rates shows its best (all in "
-          "lr_search below). trainable_pct: prequant_w4's trainable parameters, % of the model.",
+          "lr_search below). trainable_pct: prequant_w4's trainable parameters, % of the model. majority_class: "
+          "always predicting the most frequent train label; a figure at it learned nothing.",
           "", markdown_table(rows, cols), ""]
     for sfx in other:
         sfx_cols = [p[0] + sfx for p in PLAN if any(p[0] + sfx in results[t] for t in tasks)]
+        sfx_rows = [r for r in rows if any(c in r for c in sfx_cols)]
         md += [f"## Recipe {sfx}: {recipe_title(sfx)}, every method and its FP reference", "",
-               markdown_table([r for r in rows if any(c in r for c in sfx_cols)], ["task"] + sfx_cols), ""]
+               markdown_table(sfx_rows, ["task", "majority_class"] + sfx_cols), ""]
     md += ["## Targets", "",
            markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
            markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
@@ -419,6 +429,7 @@ def main() -> None:
     for task in tasks:
         start = time.time()
         row, info = run_task(task, args)
+        results.setdefault(task, {})["majority_class"] = majority_points(task, cfg.data)
         for d in info["details"].values():
             d["command"] = command  # several invocations fill one table: each figure keeps its own
         if args.seed is not None:

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipelines import models
 from pipelines.config import DataConfig, EvaluateConfig
-from pipelines.data import GlueTask, check_task, tokenized_split
+from pipelines.data import GlueTask, check_task, load_split, tokenized_split
 from pipelines.finetune import make_loader
 
 
@@ -41,6 +41,29 @@ def glue_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[
     if task.name == "cola":
         out["matthews_corr"] = float(matthews_corrcoef(labels, preds))
     return out
+
+
+def main_metric_name(spec: GlueTask) -> str:
+    """The metric a task is judged by (MNLI: on its matched dev split)."""
+    return spec.main_metric if len(spec.dev_splits) == 1 else f"matched_{spec.main_metric}"
+
+
+def majority_floor(tasks: list[str], data: DataConfig) -> dict[str, tuple[str, float]]:
+    """Per classification task, (main metric, points) of always predicting the majority train label."""
+    floors = {t: majority_baseline(t, data) for t in tasks}
+    return {t: (main_metric_name(check_task(t)), round(100 * v, 2)) for t, v in floors.items() if v is not None}
+
+
+def majority_baseline(task: str, data: DataConfig) -> float | None:
+    """The main dev metric of always predicting the training set's most frequent label: what a model that
+    learned nothing scores (RTE accuracy 52.71, MRPC F1 81.22). None for regression (a constant has no
+    correlation)."""
+    spec = check_task(task)
+    if spec.is_regression:
+        return None
+    guess = np.bincount(np.asarray(load_split(task, "train", data)["label"], dtype=int)).argmax()
+    labels = np.asarray(load_split(task, spec.dev_splits[0], data)["label"], dtype=int)
+    return glue_metrics(spec, np.full_like(labels, guess), labels)[spec.main_metric]
 
 
 @torch.no_grad()
@@ -74,8 +97,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
         prefix = "" if len(spec.dev_splits) == 1 else split.replace("dev_", "") + "_"
         metrics.update({prefix + k: v for k, v in glue_metrics(spec, preds, labels).items()})
         total, rates = total + len(labels), rates + [rate]
-    main = spec.main_metric if len(spec.dev_splits) == 1 else f"matched_{spec.main_metric}"
-    return EvalResult(task=task, metrics=metrics, main_metric=main,
+    return EvalResult(task=task, metrics=metrics, main_metric=main_metric_name(spec),
                       model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
                       examples=total, examples_per_s=float(np.mean(rates)))
 

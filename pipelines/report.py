@@ -18,6 +18,11 @@ COLUMNS = ["task", "method", "bits", "metric", "value", "drop_vs_fp", "trainable
            "wall_s", "cpu_s", "gpu_s"]
 
 
+FLOOR = "majority-class"
+# Reference lines in the plot, not points on a bits axis.
+LINES = {"fp": ("--", "gray", "fp (32-bit)"), FLOOR: (":", "black", "majority class")}
+
+
 @dataclass
 class Report:
     rows: list[dict]
@@ -27,11 +32,15 @@ class Report:
     plot: str | None
 
 
-def comparison_rows(rows: list[dict]) -> list[dict]:
-    """Rows ordered by task then bits (FP first), with the drop vs the task's FP reference."""
+def comparison_rows(rows: list[dict], floors: dict[str, tuple[str, float]] | None = None) -> list[dict]:
+    """Rows ordered by task then bits (FP first), with the drop vs the task's FP reference; each task's
+    floor (`floors`: metric and value of always predicting the majority train label) last, as method
+    `majority-class`: a model at it learned nothing."""
     fp = {r["task"]: r["value"] for r in rows if r["method"] == "fp"}
+    rows = rows + [{"task": t, "method": FLOOR, "metric": m, "value": v, "trainable_pct": 0.0}
+                   for t, (m, v) in (floors or {}).items()]
     out = []
-    for r in sorted(rows, key=lambda r: (r["task"], -r.get("bits", 32), r["method"])):
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"] == FLOOR, -r.get("bits", 32), r["method"])):
         drop = round(fp[r["task"]] - r["value"], 2) if r["task"] in fp else None
         out.append({**{c: r.get(c) for c in COLUMNS}, "drop_vs_fp": drop})
     return out
@@ -63,11 +72,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
-        for fam in sorted({family(r["method"]) for r in mine if r["method"] != "fp"}):
-            pts = sorted((r["bits"], r["value"]) for r in mine if family(r["method"]) == fam and r["method"] != "fp")
+        for fam in sorted({family(r["method"]) for r in mine if r["method"] not in LINES}):
+            pts = sorted((r["bits"], r["value"]) for r in mine
+                         if family(r["method"]) == fam and r["method"] not in LINES)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
-        for r in (r for r in mine if r["method"] == "fp"):
-            ax.axhline(r["value"], linestyle="--", color="gray", label="fp (32-bit)")
+        for r in (r for r in mine if r["method"] in LINES):
+            style, color, label = LINES[r["method"]]
+            ax.axhline(r["value"], linestyle=style, color=color, label=label)
         ax.set(title=task, xlabel="weight bits", ylabel=mine[0]["metric"] if mine else "metric")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -78,10 +89,12 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def report(rows: list[dict], out_dir: str | Path, log_to_mlflow: bool = True) -> Report:
-    """Write report.md / report.csv / accuracy_vs_bits.png; log them to the active (parent) run."""
+def report(rows: list[dict], out_dir: str | Path, log_to_mlflow: bool = True,
+           floors: dict[str, tuple[str, float]] | None = None) -> Report:
+    """Write report.md / report.csv / accuracy_vs_bits.png (with each task's `floors` row, see
+    comparison_rows); log them to the active (parent) run."""
     out_dir = Path(out_dir)
-    table_rows = comparison_rows(rows)
+    table_rows = comparison_rows(rows, floors)
     table = markdown_table(table_rows, COLUMNS)
     md = write_text_atomic(out_dir / "report.md", "# plmq comparison\n\n" + table + "\n")
     csv_path = write_text_atomic(out_dir / "report.csv", _csv_text(table_rows))

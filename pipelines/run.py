@@ -130,6 +130,7 @@ class StageFailure(RuntimeError):
 def run(cfg: RunConfig, force: list[str] | None = None) -> RunSummary:
     """Run the config's DAG (skipping stages already complete), then the report; returns its rows."""
     from pipelines.dag import build, execute
+    from pipelines.evaluate import majority_floor
     from pipelines.report import report
 
     from pipelines.data import check_data
@@ -148,7 +149,7 @@ def run(cfg: RunConfig, force: list[str] | None = None) -> RunSummary:
         dag = execute(cfg, ctx, force)
         order = [s.name for s in build(cfg)]
         rows = [dag.outcomes[n]["row"] for n in order if n in dag.outcomes and dag.outcomes[n].get("row")]
-        rep = report(rows, local_root)
+        rep = report(rows, local_root, floors=majority_floor(cfg.tasks, cfg.data))
         write_text_atomic(local_root / "results.md", rep.table + "\n")
         write_json_atomic(local_root / "results.json", rows)
         mlflow.log_metrics({"wall_s": time.time() - start, "stages_skipped": len(dag.skipped),

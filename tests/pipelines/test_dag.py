@@ -132,6 +132,15 @@ def test_report_table_csv_and_plot(tmp_path):
     assert family("mrem-parallel-w2a8") == "mrem-parallel" and family("prequant-w4a16") == "prequant"
 
 
+def test_report_shows_each_tasks_majority_class_floor_last(tmp_path):
+    rep = report(ROWS, tmp_path, log_to_mlflow=False, floors={"sst2": ("accuracy", 50.92)})
+    last = rep.rows[-1]
+    assert (last["method"], last["value"], last["drop_vs_fp"]) == ("majority-class", 50.92, 39.08)
+    assert [r["method"] for r in rep.rows[:-1]] == [r["method"] for r in comparison_rows(ROWS)]
+    assert "| sst2 | majority-class |" in Path(rep.markdown).read_text()
+    assert Path(rep.plot).read_bytes()[:4] == b"\x89PNG"  # drawn as a reference line, not a bits point
+
+
 # ---------------------------------------------------------------- bad configs fail before work
 
 @pytest.mark.parametrize("args, message", [
@@ -182,6 +191,7 @@ def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_u
     out = Path(first.output_dir)
     for name in ("report.md", "report.csv", "accuracy_vs_bits.png", "results.json"):
         assert (out / name).exists(), name
+    assert "| sst2 | majority-class |" in (out / "report.md").read_text()
     stage_runs = _stage_runs("dag-test")[first.parent_run_id]
     assert {"finetune/sst2", "evaluate/sst2/fp", "rtn/sst2/w4a8", "mrem/sst2/w4a8-parallel"} <= set(stage_runs)
     assert any(name.startswith("prequant-finetune/sst2") for name in stage_runs)

@@ -39,3 +39,23 @@ def test_pearson_spearman_stsb():
     assert m["spearman"] == pytest.approx(0.8)
     # Pearson: centred x=[-1.5,-.5,.5,1.5], y=[-1.5,-.5,1.5,.5]; sum xy=4, sum x^2=sum y^2=5 -> 0.8
     assert m["pearson"] == pytest.approx(0.8)
+
+
+def test_majority_baseline_on_bundled_tasks():
+    from pipelines.config import DataConfig
+    from pipelines.evaluate import majority_baseline
+
+    assert majority_baseline("rte", DataConfig()) == pytest.approx(146 / 277)  # always "entailment"
+    # MRPC always "paraphrase": precision 279/408, recall 1 (dev counts in data/SOURCES.md)
+    assert majority_baseline("mrpc", DataConfig()) == pytest.approx(2 * 279 / (279 + 408))
+
+
+def test_majority_baseline_takes_the_train_label_not_the_dev_one(tmp_path):
+    from pipelines.config import DataConfig
+    from pipelines.evaluate import majority_baseline
+
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\nb\t1\nc\t0\n")
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nd\t0\ne\t0\nf\t1\n")
+    assert majority_baseline("sst2", DataConfig(source="dir", dir=str(tmp_path))) == pytest.approx(1 / 3)
+    assert majority_baseline("stsb", DataConfig(source="dir", dir=str(tmp_path))) is None  # regression
