@@ -198,6 +198,10 @@ class PrequantConfig:
     # the task's first batches (quant.outliers.set_outlier_lr): every column then moves the
     # layer's output by about the same amount per step (prequant/random; no effect on lora/bitfit).
     scale_outlier_lr: bool = False
+    # Dropout inside the frozen low-bit body (embeddings, attention, hidden states) while a PEFT
+    # method fine-tunes; the head keeps the model's own. None: the model's own (BERT: 0.1). With
+    # under 1% of the weights trainable the methods underfit (train loss), so 0 may help.
+    body_dropout: float | None = None
     lora_scaling: float = 2.0        # LoRA alpha / r
     calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation and gptq: bundled corpus or a file
     calib_samples: int = 256         # sentences
@@ -219,6 +223,8 @@ class PrequantConfig:
                 raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
         if not 0 < self.lr < 1 or self.lora_scaling <= 0:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
+        if self.body_dropout is not None and not 0 <= self.body_dropout < 1:
+            raise ConfigError(f"prequant.body_dropout={self.body_dropout}: must be in [0, 1), or null for the model's own")
         if self.head_lr is not None and not 0 < self.head_lr < 1:
             raise ConfigError(f"prequant.head_lr={self.head_lr}: must be in (0, 1), or null to use prequant.lr")
         if not all(isinstance(p, str) and p for p in self.head_modules):

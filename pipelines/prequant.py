@@ -255,7 +255,18 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
         apply_lora(model, lora_ranks(manifest, pcfg.budget_pct), pcfg.lora_scaling)
     ol.load_weights(model, artefact, allow_missing=lambda k: ol.is_head(k) or "lora_" in k)
     set_trainable(model, method, pcfg.train_norms, pcfg.head_modules)
+    if pcfg.body_dropout is not None:
+        set_body_dropout(model, pcfg.body_dropout)
     return model
+
+
+def set_body_dropout(model: torch.nn.Module, p: float) -> int:
+    """Dropout probability `p` in every Dropout of the body (`model.base_model`: not the task head's,
+    e.g. BERT's classifier dropout); how many were set."""
+    body = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in body:
+        m.p = p
+    return len(body)
 
 
 def load_prequant_checkpoint(directory: str | Path):
@@ -367,9 +378,10 @@ def finetune_key(task: str, artefact_key: str, method: str, data: DataConfig, ft
              "finetune": ft.key_fields(),
              "prequant": {"train_norms": pcfg.train_norms, "budget_pct": pcfg.budget_pct,
                           "lora_scaling": pcfg.lora_scaling}}
-    for name in ("head_lr", "scale_outlier_lr"):  # keys of runs from before these existed stay valid
-        if getattr(pcfg, name) not in (None, False):
-            ident["prequant"][name] = getattr(pcfg, name)
+    for name in ("head_lr", "scale_outlier_lr", "body_dropout"):  # keys of runs from before these existed stay valid
+        value = getattr(pcfg, name)
+        if value is not None and value is not False:  # body_dropout 0.0 == False, yet it is set
+            ident["prequant"][name] = value
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

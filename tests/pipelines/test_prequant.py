@@ -60,6 +60,8 @@ def tiny_cfg(tmp_path, glue, cache_dir, *extra):
     (["prequant.head_lr=2"], "prequant.head_lr=2.0: must be in (0, 1)"),
     (["prequant.gptq=maybe"], "prequant.gptq: expected bool, got str 'maybe'"),
     (["prequant.scale_outlier_lr=1"], "prequant.scale_outlier_lr: expected bool"),
+    (["prequant.body_dropout=1"], "prequant.body_dropout=1.0: must be in [0, 1)"),
+    (["prequant.body_dropout=-0.1"], "prequant.body_dropout=-0.1"),
     (["prequant.gptq=true", "prequant.quant=[w4,w2]"], "prequant.quant[1]='w2': GPTQ rounds onto uniform grids"),
 ])
 def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
@@ -266,3 +268,27 @@ def test_baselines_train_only_their_parameters_and_export_one_low_bit_model(tmp_
         assert torch.equal(loaded(**batch).logits, model.eval()(**batch).logits)
     result = evaluate_model(loaded, tok, "sst2", cfg.data, cfg.evaluate, model_bytes=meta["bytes"])
     assert 0.0 <= result.main <= 1.0 and result.model_bytes == (out / ol.WEIGHTS_FILE).stat().st_size
+
+
+@pytest.mark.parametrize("method", ["prequant", "lora"])
+def test_body_dropout_sets_the_frozen_body_only_and_keys_the_result(tmp_path, separable_glue, cache_dir, method):
+    """prequant.body_dropout=0: the body runs without dropout in training, the head keeps BERT's 0.1,
+    and the stored result's key changes (a run with the model's own dropout is not reused)."""
+    cfg = tiny_cfg(tmp_path, separable_glue, cache_dir, "prequant.body_dropout=0")
+    artefact = pq.prequant_quantize("tiny-bert", "w4", cfg.prequant, tmp_path / "models", method).directory
+    tok = models.load_tokenizer("tiny-bert")
+    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+
+    def outputs(pcfg):
+        model = pq.build_model(artefact, 2, method, pcfg, seed=0, pad_token_id=tok.pad_token_id).train()
+        body = model.bert(**batch).last_hidden_state
+        return model, body, model.bert(**batch).last_hidden_state
+
+    model, first, second = outputs(cfg.prequant)
+    assert torch.equal(first, second)  # no dropout anywhere in the body
+    assert model.dropout.p == model.config.hidden_dropout_prob == 0.1  # the head's own
+    _, first, second = outputs(dataclasses.replace(cfg.prequant, body_dropout=None))
+    assert not torch.equal(first, second)  # the model's own dropout
+    keys = {d: pq.finetune_key("sst2", "a", method, cfg.data, cfg.finetune,
+                               dataclasses.replace(cfg.prequant, body_dropout=d)) for d in (None, 0.0, 0.05)}
+    assert len(set(keys.values())) == 3
