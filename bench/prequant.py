@@ -205,7 +205,8 @@ def peft_details(r, q, cfg) -> dict:
     return {**schedule(cfg.prequant.lr, cfg), "head_lr": cfg.prequant.head_lr, "quant": r.quant_config,
             "criterion": cfg.prequant.criterion, "quantizer": cfg.prequant.quantizer, "gptq": cfg.prequant.gptq,
             "scale_outlier_lr": cfg.prequant.scale_outlier_lr, "train_norms": cfg.prequant.train_norms,
-            "body_dropout": cfg.prequant.body_dropout, "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
+            "body_dropout": cfg.prequant.body_dropout,
+            "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}

@@ -260,13 +260,12 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
     return model
 
 
-def set_body_dropout(model: torch.nn.Module, p: float) -> int:
+def set_body_dropout(model: torch.nn.Module, p: float) -> None:
     """Dropout probability `p` in every Dropout of the body (`model.base_model`: not the task head's,
-    e.g. BERT's classifier dropout); how many were set."""
-    body = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m in body:
-        m.p = p
-    return len(body)
+    e.g. BERT's classifier dropout)."""
+    for m in model.base_model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
 
 
 def load_prequant_checkpoint(directory: str | Path):
