@@ -266,6 +266,12 @@ def run_task(task: str, args) -> tuple[dict, dict]:
     return row, {"details": details, "config": to_dict(cfg.prequant), "finetune": to_dict(cfg.finetune)}
 
 
+def lr_label(detail: dict) -> str:
+    """A run's place in the learning-rate search: its lr, and its head's when that differs (prequant.head_lr)."""
+    head = detail.get("head_lr")
+    return str(detail.get("lr")) if head is None else f"{detail.get('lr')} (head {head})"
+
+
 def merge_figure(old: tuple[float, dict] | None, new: tuple[float, dict]) -> tuple[float, dict]:
     """The learning-rate search: a figure re-run at another lr joins the earlier ones and the best
     dev score stands for the method (each lr's run stays in details["lr_runs"], its score in
@@ -273,8 +279,8 @@ def merge_figure(old: tuple[float, dict] | None, new: tuple[float, dict]) -> tup
     metric, detail = new
     if old is None or old[0] is None or "lr" not in old[1] or "lr" not in detail:
         return new
-    runs = dict(old[1].get("lr_runs") or {str(old[1]["lr"]): {**old[1], "metric": old[0]}})
-    runs[str(detail["lr"])] = {**detail, "metric": metric}
+    runs = dict(old[1].get("lr_runs") or {lr_label(old[1]): {**old[1], "metric": old[0]}})
+    runs[lr_label(detail)] = {**detail, "metric": metric}
     best = max(runs, key=lambda lr: runs[lr]["metric"])
     chosen = {k: v for k, v in runs[best].items() if k != "metric"}
     return runs[best]["metric"], {**chosen, "lr_search": {lr: r["metric"] for lr, r in runs.items()}, "lr_runs": runs}
@@ -296,9 +302,9 @@ def merge_task(results: dict, task: str, row: dict, info: dict) -> None:
 def add_replicate(results: dict, task: str, key: str, seed: int, metric: float, detail: dict) -> None:
     """A --seed run of a figure, kept beside the main one; a re-run at the same seed and lr replaces it."""
     reps = results.setdefault("replicates", {}).setdefault(task, {}).setdefault(key, [])
-    reps[:] = [r for r in reps if (r["seed"], r["lr"]) != (seed, detail.get("lr"))]
+    reps[:] = [r for r in reps if (r["seed"], lr_label(r)) != (seed, lr_label(detail))]
     reps.append({"seed": seed, "metric": metric,
-                 **{k: detail.get(k) for k in ("lr", "epochs", "batch_size", "train_s", "command")}})
+                 **{k: detail.get(k) for k in ("lr", "head_lr", "epochs", "batch_size", "train_s", "command")}})
     reps.sort(key=lambda r: (r["seed"], r["lr"] or 0))
 
 
@@ -311,8 +317,9 @@ def seed_stats(results: dict, task: str) -> dict:
         d = details.get(key)
         if d is None or results[task].get(key) is None:
             continue
-        how = (d.get("lr"), d.get("epochs"), d.get("batch_size"))
-        values = [results[task][key]] + [r["metric"] for r in reps if (r["lr"], r["epochs"], r["batch_size"]) == how]
+        how = (lr_label(d), d.get("epochs"), d.get("batch_size"))
+        values = [results[task][key]] + [r["metric"] for r in reps
+                                          if (lr_label(r), r["epochs"], r["batch_size"]) == how]
         if len(values) >= 2:
             stats[key] = {"values": values, "mean": round(statistics.mean(values), 2),
                           "std": round(statistics.stdev(values), 2)}

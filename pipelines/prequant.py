@@ -404,7 +404,8 @@ def prequant_finetune(task: str, model: str, quant: str, method: str, data: Data
     ft = dataclasses.replace(ft, lr=pcfg.lr)
     key = finetune_key(task, akey, method, data, ft, pcfg)
     qname = str(ol.with_quantizer(quant, pcfg.quantizer))
-    out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}"
+    # One folder per fine-tune key: another lr or recipe (an lr search) never replaces an earlier result.
+    out = Path(output_dir).resolve() / f"{method}-{QuantConfig.parse(qname).short_name()}-{akey[:8]}-{key[:8]}"
     if force:
         shutil.rmtree(out, ignore_errors=True)
     done = models.finished_meta(out / "model", key)  # run_loop writes config_key

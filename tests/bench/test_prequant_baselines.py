@@ -46,8 +46,9 @@ def test_more_epochs_fine_tune_fp_here(reference, tmp_path):
     assert (metric, checkpoint, ran, info["source"], info["epochs"]) == (80.0, "here", [6], "run", 6)
 
 
-def _merge(results, key, metric, lr):
-    prequant.merge_task(results, "mrpc", {key: metric}, {"details": {key: {"lr": lr, "train_s": lr}}})
+def _merge(results, key, metric, lr, head_lr=None):
+    detail = {"lr": lr, "train_s": lr, "head_lr": head_lr}
+    prequant.merge_task(results, "mrpc", {key: metric}, {"details": {key: detail}})
     return results["mrpc"][key], results["details"]["mrpc"]["details"][key]
 
 
@@ -67,6 +68,16 @@ def test_a_rerun_at_the_same_lr_replaces_its_score():
     _merge(results, "prequant_w4", 86.0, 5e-3)
     metric, detail = _merge(results, "prequant_w4", 83.0, 5e-3)
     assert (metric, detail["lr"], detail["lr_search"]) == (84.0, 2e-3, {"0.002": 84.0, "0.005": 83.0})
+
+
+def test_a_run_with_its_own_head_lr_joins_the_search_beside_the_same_lr():
+    results = {"details": {}}
+    _merge(results, "prequant_w4", 86.0, 2e-3)
+    metric, detail = _merge(results, "prequant_w4", 85.0, 2e-3, head_lr=5e-4)  # not a re-run of 2e-3
+    assert (metric, detail["head_lr"]) == (86.0, None)
+    assert detail["lr_search"] == {"0.002": 86.0, "0.002 (head 0.0005)": 85.0}
+    metric, detail = _merge(results, "prequant_w4", 87.0, 2e-3, head_lr=5e-4)  # its re-run replaces it
+    assert (metric, detail["head_lr"], len(detail["lr_search"])) == (87.0, 5e-4, 2)
 
 
 def test_fp_memory_comes_from_the_workers_measurement(tmp_path):

@@ -34,6 +34,7 @@ def test_prequant_replicates_are_judged_by_their_mean_at_the_main_figures_schedu
     prequant.add_replicate(results, "mrpc", "prequant_act_w4", 1, 83.5, {**how, "command": "c1"})
     prequant.add_replicate(results, "mrpc", "prequant_act_w4", 2, 90.0, {**how, "lr": 0.002})  # another lr
     prequant.add_replicate(results, "mrpc", "lora_w4", 1, 85.0, {**how, "epochs": 6.0})  # another schedule
+    prequant.add_replicate(results, "mrpc", "prequant_act_w4", 3, 70.0, {**how, "head_lr": 1e-4})  # another head lr
     assert prequant.seed_stats(results, "mrpc") == {
         "prequant_act_w4": {"values": [85.9, 83.5], "mean": 84.7, "std": 1.7}}
     met = _met(prequant.check_targets(results))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -168,6 +169,7 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
         # the second task also scales the outlier columns' steps: a fine-tuning option, same stored model
         scaled = dataclasses.replace(cfg, prequant=dataclasses.replace(cfg.prequant, scale_outlier_lr=True))
         (row2,) = pq.run_prequant_task(scaled, "rte")
+        other = pq.run_prequant_finetune_stage(scaled, "sst2", "w4", "prequant")  # another recipe, same task
     assert (artefact / ol.WEIGHTS_FILE).stat().st_mtime_ns == stamp
     monkeypatch.setattr(pq, "fit_to_dir", lambda *a, **k: pytest.fail("same inputs were fine-tuned again"))
     again = pq.prequant_finetune("sst2", "tiny-bert", "w4", "prequant", cfg.data, cfg.finetune, cfg.prequant,
@@ -175,8 +177,11 @@ def test_prequant_finetune_trains_only_outliers_and_two_tasks_share_one_quantiza
                                  tmp_path / "out" / "sst2" / "prequant")
     assert round(100 * again.eval.main, 2) == row["value"]
     assert row["method"] == "prequant-w4a16" and 0.0 <= row["value"] <= 100.0 and row2["task"] == "rte"
+    # the other recipe's result has its own folder: the first one was not replaced
+    model_dir = Path(again.checkpoint)
+    assert other.checkpoint != again.checkpoint and Path(other.checkpoint).parent.parent == model_dir.parent.parent
+    assert json.loads((Path(other.checkpoint) / "plmq_meta.json").read_text())["scaled_outlier_columns"] > 0
 
-    model_dir = _prequant_export(tmp_path, "sst2")
     meta = json.loads((model_dir / "plmq_meta.json").read_text())
     assert again.train_s == meta["train_s"] > 0  # the reused result reports its own training time
     trainable = set(meta["trainable_names"])
