@@ -300,7 +300,7 @@ def merge_task(results: dict, task: str, row: dict, info: dict) -> None:
 
 
 def add_replicate(results: dict, task: str, key: str, seed: int, metric: float, detail: dict) -> None:
-    """A --seed run of a figure, kept beside the main one; a re-run at the same seed and lr replaces it."""
+    """A --seed run of a figure, kept beside the main one; a re-run at the same seed and lr_label replaces it."""
     reps = results.setdefault("replicates", {}).setdefault(task, {}).setdefault(key, [])
     reps[:] = [r for r in reps if (r["seed"], lr_label(r)) != (seed, lr_label(detail))]
     reps.append({"seed": seed, "metric": metric,
