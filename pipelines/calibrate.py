@@ -41,8 +41,7 @@ class ActivationCache:
 
 
 def cache_key(checkpoint: Path, task: str, data: DataConfig, n: int, specs: list[PartSpec], seed: int) -> str:
-    weights = Path(checkpoint) / "model.safetensors"
-    ident = [str(Path(checkpoint).resolve()), f"{weights.stat().st_size}-{weights.stat().st_mtime_ns}", task,
+    ident = [models.checkpoint_identity(checkpoint), task,
              data.source, str(data.dir), str(data.max_length), str(n), str(seed),
              ",".join(f"{s.start}-{s.end}" for s in specs)]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]

@@ -171,6 +171,16 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, path: str | Path, meta: d
     return path
 
 
+def checkpoint_identity(path: str | Path) -> str:
+    """Where a checkpoint lies and which weights it holds (size and mtime of its weight files, as make does):
+    work keyed on it is not resumed or reused once another model is written to the same folder."""
+    path = Path(path).resolve()
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no model weights (*.safetensors); run `plmq finetune` first")
+    return "|".join([str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
+
+
 def finished_meta(directory: str | Path, key: str, manifest_file: str = META_FILE,
                   field: str = "config_key") -> dict | None:
     """The metadata of a finished result made from the same inputs (its `field` equals `key`), else None."""

@@ -74,8 +74,8 @@ def plan(checkpoint: str | Path, cfg: MremConfig) -> list[PartSpec]:
 
 
 def work_key(checkpoint: str | Path, quant: str, cfg: MremConfig, specs: list[PartSpec]) -> str:
-    """Module checkpoints are only resumed by a run with the same inputs."""
-    ident = {"checkpoint": str(Path(checkpoint).resolve()), "quant": quant,
+    """Module checkpoints are only resumed by a run with the same inputs (the same teacher weights too)."""
+    ident = {"checkpoint": models.checkpoint_identity(checkpoint), "quant": quant,
              "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("quant", "log_every")},
              "specs": [(s.start, s.end) for s in specs]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -114,3 +114,19 @@ def test_shards_hold_shard_size_rows_whatever_the_batch_size(ray_session, tiny_t
     for refs in cache.boundaries:
         sizes = [len(next(iter(ray.get(r).values()))) for r in refs]
         assert sizes == [16] * 6 + [4]
+
+
+def test_a_new_teacher_in_the_same_folder_is_trained_afresh(ray_session, tiny_teacher, tiny_data, tmp_path):
+    """Module checkpoints of the old teacher stay on disk; a teacher re-fine-tuned into the same folder
+    (another lr, say) must not resume them, or its quantized model would be the old teacher's."""
+    from pipelines import models
+
+    cfg = small(steps=10, checkpoint_every=5, mode="sequential")
+    first = mrem(tiny_teacher, "sst2", "w4a8", tiny_data, cfg, EvaluateConfig(), tmp_path / "out")
+    again = mrem(tiny_teacher, "sst2", "w4a8", tiny_data, cfg, EvaluateConfig(), tmp_path / "out")
+    assert [s["resumed_from_step"] for s in first.modules_stats] == [0, 0]
+    assert [s["resumed_from_step"] for s in again.modules_stats] == [10, 10]  # same teacher: resumed
+    tok = models.load_tokenizer("tiny-bert")
+    models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=4), tok, tiny_teacher, {"task": "sst2"})
+    new = mrem(tiny_teacher, "sst2", "w4a8", tiny_data, cfg, EvaluateConfig(), tmp_path / "out")
+    assert [s["resumed_from_step"] for s in new.modules_stats] == [0, 0]
