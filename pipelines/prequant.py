@@ -65,12 +65,14 @@ class ArtefactSpec:
     calib: tuple | None           # (corpus, samples, max_length) for criterion=activation and gptq
     head_modules: tuple = ()      # Linears kept FP: trained per task as part of the head
     gptq: bool = False            # GPTQ rounding (calib: its text) instead of round-to-nearest
+    weights: str | None = None    # a local model folder's checkpoint_identity: new weights there, new key
 
     @property
     def key(self) -> str:
         ident = asdict(self)
-        if not self.gptq:  # keys of models stored before gptq existed stay valid
-            del ident["gptq"]
+        for name in ("gptq", "weights"):  # keys of models stored before these existed stay valid
+            if not ident[name]:
+                del ident[name]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def directory(self, root: str | Path) -> Path:
@@ -85,11 +87,14 @@ def artefact_spec(model: str, quant: str, pcfg: PrequantConfig, method: str = "p
     qcfg = str(ol.with_quantizer(quant, pcfg.quantizer))
     head = tuple(pcfg.head_modules)
     text = (pcfg.calib_corpus, pcfg.calib_samples, pcfg.calib_max_length)
+    weights = models.checkpoint_identity(model) if Path(model).is_dir() else None  # names and presets: None
     if method in ("lora", "bitfit"):
-        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, text if pcfg.gptq else None, head, pcfg.gptq)
+        return ArtefactSpec(model, qcfg, None, None, False, pcfg.seed, text if pcfg.gptq else None, head, pcfg.gptq,
+                            weights)
     criterion = "random" if method == "random" else pcfg.criterion
     calib = text if pcfg.gptq or ol.CRITERIA[criterion].needs_activations else None
-    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head, pcfg.gptq)
+    return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head, pcfg.gptq,
+                        weights)
 
 
 def head_module_param(patterns: list[str] | tuple) -> Callable[[str], bool]:

@@ -110,6 +110,19 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
         "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
 
 
+def test_new_weights_in_a_local_model_folder_are_quantized_afresh(tmp_path):
+    """A pre-trained model given as a folder is keyed by its weights, not only its path."""
+    cfg = load_config(None, ["prequant.quant=[w4]"]).prequant
+    tok, folder = models.load_tokenizer("tiny-bert"), tmp_path / "pretrained"
+    models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=1), tok, folder, {})
+    first = pq.prequant_quantize(str(folder), "w4", cfg, tmp_path / "store")
+    assert pq.prequant_quantize(str(folder), "w4", cfg, tmp_path / "store").reused
+    models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=2), tok, folder, {})
+    second = pq.prequant_quantize(str(folder), "w4", cfg, tmp_path / "store")
+    assert not second.reused and second.directory != first.directory
+    assert pq.artefact_spec("tiny-bert", "w4", cfg).weights is None  # presets and hub names: keyed by name
+
+
 def test_gptq_is_its_own_stored_model_for_every_method(tmp_path):
     plain = load_config(None, ["prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8"])
     gptq = load_config(None, ["prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8",
@@ -118,9 +131,9 @@ def test_gptq_is_its_own_stored_model_for_every_method(tmp_path):
         spec = pq.artefact_spec("tiny-bert", "w4", gptq.prequant, method)
         assert spec.gptq and spec.calib == ("wikitext2", 8, 128)
         assert spec.key != pq.artefact_spec("tiny-bert", "w4", plain.prequant, method).key
-    # models stored before the gptq option keep their key (asdict without it)
+    # models stored before the gptq and weights fields keep their key (asdict without them)
     old = dataclasses.asdict(pq.artefact_spec("tiny-bert", "w4", plain.prequant))
-    del old["gptq"]
+    del old["gptq"], old["weights"]
     assert pq.artefact_spec("tiny-bert", "w4", plain.prequant).key == \
         hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     results = {name: pq.prequant_quantize("tiny-bert", "w4", c.prequant, tmp_path) for name, c in
