@@ -177,7 +177,8 @@ def checkpoint_identity(path: str | Path) -> str:
     path = Path(path).resolve()
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"{path} holds no model weights (*.safetensors); run `plmq finetune` first")
+        raise FileNotFoundError(f"{path} holds no model weights (*.safetensors or *.bin): pass a folder "
+                                "written by `plmq finetune` or `save_pretrained`")
     return "|".join([str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
 
 

@@ -42,6 +42,8 @@ def test_tiny_gpt2_causal_lm_and_checkpoint_round_trip(tmp_path):
 def test_missing_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `plmq finetune` first"):
         models.load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no model weights"):
+        models.checkpoint_identity(tmp_path)
 
 
 def _two_sentences(tok):
