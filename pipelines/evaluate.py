@@ -87,7 +87,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
     """Evaluate an in-memory model on every dev split of `task`."""
     spec = check_task(task)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics, total, rates = {}, 0, []
+    metrics, total, rates, predicted = {}, 0, [], set()
     for split in spec.dev_splits:
         loader = make_loader(str(tokenized_split(task, split, tokenizer, data)), tokenizer,
                              cfg.batch_size, shuffle=False, seed=0)
@@ -97,9 +97,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
         prefix = "" if len(spec.dev_splits) == 1 else split.replace("dev_", "") + "_"
         metrics.update({prefix + k: v for k, v in glue_metrics(spec, preds, labels).items()})
         total, rates = total + len(labels), rates + [rate]
+        predicted |= set() if spec.is_regression else set(preds.tolist())
+    extra = {} if spec.is_regression else {"predicted_classes": len(predicted)}
+    if len(predicted) == 1:  # a fine-tune that learned nothing scores the majority class, silently
+        print(f"[evaluate {task}] WARNING: the model predicts label {predicted.pop()} for all {total} dev examples: "
+              "it learned nothing. Try another lr or seed (PEFT methods on small pair tasks such as RTE: "
+              "prequant.train_norms=true).")
     return EvalResult(task=task, metrics=metrics, main_metric=main_metric_name(spec),
                       model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
-                      examples=total, examples_per_s=float(np.mean(rates)))
+                      examples=total, examples_per_s=float(np.mean(rates)), extra=extra)
 
 
 def checkpoint_bytes(path: str | Path) -> int:

@@ -41,6 +41,8 @@ def log_eval(result: EvalResult, prefix: str = "eval_") -> None:
     mlflow.log_metrics({prefix + k: v for k, v in result.metrics.items()})
     mlflow.log_metrics({"model_bytes": result.model_bytes, "eval_examples_per_s": result.examples_per_s})
     mlflow.log_dict(dataclasses.asdict(result), "eval_results.json")
+    if result.extra.get("predicted_classes") == 1:  # visible in the runs list, not only in the log
+        mlflow.set_tag("warning", "predicts one class for every dev example: learned nothing")
 
 
 def run_finetune_stage(cfg: RunConfig, task: str, out: Path) -> FinetuneResult:

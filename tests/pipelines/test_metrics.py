@@ -59,3 +59,36 @@ def test_majority_baseline_takes_the_train_label_not_the_dev_one(tmp_path):
     (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nd\t0\ne\t0\nf\t1\n")
     assert majority_baseline("sst2", DataConfig(source="dir", dir=str(tmp_path))) == pytest.approx(1 / 3)
     assert majority_baseline("stsb", DataConfig(source="dir", dir=str(tmp_path))) is None  # regression
+
+
+def test_a_model_that_predicts_one_class_is_flagged(tiny_data, mlflow_uri, capsys):
+    """A fine-tune that learned nothing scores the majority class; evaluation says so, in the log and MLflow."""
+    from types import SimpleNamespace
+
+    import mlflow
+    import torch
+
+    from pipelines import models
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate import evaluate_model
+    from pipelines.run import log_eval
+
+    class ByToken(torch.nn.Module):  # label 1 when the first word's token id is odd: both labels occur
+        def __init__(self, always: int | None = None):
+            super().__init__()
+            self.always = always
+
+        def forward(self, input_ids, **_):
+            odd = (input_ids[:, 1] % 2).float() if self.always is None else torch.full((len(input_ids),), 1.0)
+            return SimpleNamespace(logits=torch.stack([torch.full_like(odd, 0.5), odd], -1))
+
+    tok = models.load_tokenizer("tiny-bert")
+    result = evaluate_model(ByToken(), tok, "sst2", tiny_data, EvaluateConfig())
+    assert result.extra == {"predicted_classes": 2} and "WARNING" not in capsys.readouterr().out
+    result = evaluate_model(ByToken(always=1), tok, "sst2", tiny_data, EvaluateConfig())
+    assert result.extra == {"predicted_classes": 1}
+    assert "predicts label 1 for all 200 dev examples" in capsys.readouterr().out
+    mlflow.set_experiment("one-class")  # an earlier test's experiment id is not in this test's store
+    with mlflow.start_run() as run:
+        log_eval(result)
+    assert "learned nothing" in mlflow.get_run(run.info.run_id).data.tags["warning"]
