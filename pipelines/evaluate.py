@@ -97,7 +97,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
         prefix = "" if len(spec.dev_splits) == 1 else split.replace("dev_", "") + "_"
         metrics.update({prefix + k: v for k, v in glue_metrics(spec, preds, labels).items()})
         total, rates = total + len(labels), rates + [rate]
-        predicted |= set() if spec.is_regression else set(preds.tolist())
+        if not spec.is_regression:
+            predicted |= set(preds.tolist())
     extra = {} if spec.is_regression else {"predicted_classes": len(predicted)}
     if len(predicted) == 1:  # a fine-tune that learned nothing scores the majority class, silently
         print(f"[evaluate {task}] WARNING: the model predicts label {predicted.pop()} for all {total} dev examples: "

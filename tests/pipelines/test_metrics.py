@@ -79,8 +79,9 @@ def test_a_model_that_predicts_one_class_is_flagged(tiny_data, mlflow_uri, capsy
             self.always = always
 
         def forward(self, input_ids, **_):
-            odd = (input_ids[:, 1] % 2).float() if self.always is None else torch.full((len(input_ids),), 1.0)
-            return SimpleNamespace(logits=torch.stack([torch.full_like(odd, 0.5), odd], -1))
+            label = (input_ids[:, 1] % 2).float() if self.always is None else \
+                torch.full((len(input_ids),), float(self.always))
+            return SimpleNamespace(logits=torch.stack([torch.full_like(label, 0.5), label], -1))
 
     tok = models.load_tokenizer("tiny-bert")
     result = evaluate_model(ByToken(), tok, "sst2", tiny_data, EvaluateConfig())
