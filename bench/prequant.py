@@ -17,7 +17,9 @@ prequant.train_norms; *_g128normsscaled_*: both; *_g128nodrop_*: no dropout in t
 prequant.body_dropout=0; *_g128drop20_*: 0.2); `--set finetune.pooling=mean`
 runs the methods (FP included) with a mean-pooled head and records them as <key>_mean, judged against
 fp_full_mean (models under <output_dir>_mean), and likewise
-`--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6); per-method
+`--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6), data.train_examples=N as
+<key>_nN, finetune.batch_size=B as <key>_bB; other data or finetune settings (weight decay, warm-up, ...)
+have no key and run only into a pilot file (--out runs/<pilot>.json); per-method
 trainable %, optimizer-state bytes, peak memory,
 fine-tuning wall time and the command that produced the figure under "details") and prequant.md,
 merging tasks into what is there. Learning-rate search: run a method again with another
@@ -212,9 +214,34 @@ def peft_details(r, q, cfg) -> dict:
             "quantize_s": round(q.wall_s, 1), "quantize_reused": q.reused}
 
 
-def recipe_suffix(finetune, base_epochs: float) -> str:
-    """"" for the config file's recipe, else what differs: "_mean" (mean-pooled head), "_e6" (6 epochs)."""
-    return POOLING_SUFFIX[finetune.pooling] + (f"_e{finetune.epochs:g}" if finetune.epochs != base_epochs else "")
+# Settings that change what a figure measures, besides the learning rate (searched: the best stands) and the
+# seed (replicates). Those named in recipe_suffix get keys of their own; the rest only go to a pilot's --out.
+UNRECORDED = {"data": ("source", "dir", "max_length", "eval_examples"),
+              "finetune": ("weight_decay", "warmup_ratio", "num_workers")}
+SEARCHED = ("lr", "head_lr", "quant", "methods", "dir")  # prequant settings a figure's key or lr_search records
+
+
+def recipe_suffix(cfg, base) -> str:
+    """"" for the config file's recipe, else what differs: "_mean" (mean-pooled head), "_e6" (6 epochs),
+    "_n24000" (data.train_examples; "_nall": every row), "_b16" (batch size)."""
+    ft, data = cfg.finetune, cfg.data
+    return (POOLING_SUFFIX[ft.pooling] + (f"_e{ft.epochs:g}" if ft.epochs != base.finetune.epochs else "")
+            + (f"_n{data.train_examples or 'all'}" if data.train_examples != base.data.train_examples else "")
+            + (f"_b{ft.batch_size}" if ft.batch_size != base.finetune.batch_size else ""))
+
+
+def check_recorded_recipe(cfg, base, plan: list, pilot: bool) -> None:
+    """Before any work: a setting that the results' keys cannot tell apart goes to a pilot file, else its
+    figures would sit under the main table's keys as if trained with the config file's recipe."""
+    changed = {f"{section}.{name}" for section, names in UNRECORDED.items() for name in names
+               if getattr(getattr(cfg, section), name) != getattr(getattr(base, section), name)}
+    for _, method, _, overrides in plan:  # prequant.* as each key runs it (PLAN pins some)
+        if method not in ("fp", "rtn"):
+            mine, theirs = (to_dict(replace(c.prequant, **overrides)) for c in (cfg, base))
+            changed |= {f"prequant.{k}" for k in mine if k not in SEARCHED and mine[k] != theirs[k]}
+    if changed and not pilot:
+        raise SystemExit(f"{', '.join(sorted(changed))} differ from {RESULTS.name}'s recipe and no key records "
+                         f"them: pass --out runs/<pilot>.json to keep these figures in a file of their own")
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -227,8 +254,12 @@ def split_key(key: str) -> tuple[str, str] | None:
     return base, key[len(base):]
 
 
+RECIPE_PARTS = {"e": "{} epochs (finetune.epochs={})", "n": "{} training examples (data.train_examples={})",
+                "b": "batch {} (finetune.batch_size={})"}
+
+
 def recipe_title(sfx: str) -> str:
-    parts = ["mean-pooled head (finetune.pooling=mean)" if p == "mean" else f"{p[1:]} epochs (finetune.epochs={p[1:]})"
+    parts = ["mean-pooled head (finetune.pooling=mean)" if p == "mean" else RECIPE_PARTS[p[0]].format(p[1:], p[1:])
              for p in sfx.strip("_").split("_")]
     return ", ".join(parts)
 
@@ -236,12 +267,13 @@ def recipe_title(sfx: str) -> str:
 def run_task(task: str, args) -> tuple[dict, dict]:
     cfg = load_config(ROOT / args.config, [f"tasks=[{task}]", *args.set])
     base = load_config(ROOT / args.config, getattr(args, "base_set", []))  # the recipe of the main table
-    suffix = recipe_suffix(cfg.finetune, base.finetune.epochs)
+    plan = [p for p in PLAN if not args.only or p[0] in args.only]
+    check_recorded_recipe(cfg, base, plan, pilot=getattr(args, "out", None) is not None)
+    suffix = recipe_suffix(cfg, base)
     replicate = f"_seed{args.seed}" if getattr(args, "seed", None) is not None else ""
     out = Path(cfg.output_dir + suffix + replicate).resolve()  # never overwrites another head's or seed's models
     cfg = replace(cfg, output_dir=str(out))
     row, details = {}, {}
-    plan = [p for p in PLAN if not args.only or p[0] in args.only]
     with tracking.parent_run(cfg.experiment_name, f"bench-prequant-{task}", to_dict(cfg)):
         # Only fp_full and RTN need the FP model: a PEFT-only run does not fine-tune it.
         if any(method in ("fp", "rtn") for _, method, _, _ in plan):
@@ -313,30 +345,46 @@ def seed_stats(results: dict, task: str) -> dict:
     batch size), their mean and sample std."""
     stats = {}
     details = results.get("details", {}).get(task, {}).get("details", {})
+    main_seed = results.get("details", {}).get(task, {}).get("finetune", {}).get("seed", 42)
     for key, reps in results.get("replicates", {}).get(task, {}).items():
         d = details.get(key)
         if d is None or results[task].get(key) is None:
             continue
         how = (lr_label(d), d.get("epochs"), d.get("batch_size"))
-        values = [results[task][key]] + [r["metric"] for r in reps
-                                          if (lr_label(r), r["epochs"], r["batch_size"]) == how]
+        by_seed = {main_seed: results[task][key], **{r["seed"]: r["metric"] for r in reps
+                                                    if (lr_label(r), r["epochs"], r["batch_size"]) == how}}
+        values = list(by_seed.values())
         if len(values) >= 2:
-            stats[key] = {"values": values, "mean": round(statistics.mean(values), 2),
+            stats[key] = {"values": values, "by_seed": by_seed, "mean": round(statistics.mean(values), 2),
                           "std": round(statistics.stdev(values), 2)}
     return stats
 
 
+def paired_gap(stats: dict, key: str, reference: str, margin: float) -> str | None:
+    """key - (reference - margin) over the seeds both were run at: "mean ± standard error (n seeds)", the
+    seed-to-seed spread that both share taken out; None below two common seeds."""
+    a, b = (stats.get(k, {}).get("by_seed", {}) for k in (key, reference))
+    gaps = [a[s] - (b[s] - margin) for s in a.keys() & b.keys()]
+    if len(gaps) < 2:
+        return None
+    return f"{statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps) / math.sqrt(len(gaps)):.2f} ({len(gaps)} seeds)"
+
+
 def check_targets(results: dict) -> list[dict]:
-    """The issue's bars per task: (target, measured, met); replicated figures are judged by their seed mean."""
+    """The issue's bars per task: (target, measured, met); replicated figures are judged by their seed mean,
+    with the gap paired by seed beside it."""
     rows = []
     for t in results.get("tasks", []):
         means = seed_stats(results, t)
         r = {**results[t], **{k: v["mean"] for k, v in means.items()}}
-        task_rows = [row for sfx in recipes(r) for row in _bars(t, r, sfx)]  # each recipe vs its own FP
-        for row in task_rows:
-            if any(k in means for k in row["target"].split()):
-                row["target"] += " (seed mean)"
-        rows += task_rows
+        for key, reference, margin in (bar for sfx in recipes(r) for bar in _bars(sfx)):  # each recipe vs its own FP
+            target = f"{key} >= {reference}" + (f" - {margin}" if margin else "")
+            limit = None if r.get(reference) is None else r[reference] - margin
+            for row in target_row(t, target, r.get(key), limit):
+                if key in means or reference in means:
+                    row["target"] += " (seed mean)"
+                    row["paired_gap"] = paired_gap(means, key, reference, margin)
+                rows.append(row)
         if r.get("trainable_pct") is not None:
             rows.append({"task": t, "target": "trainable <= 1%", "measured": f"{r['trainable_pct']:.3f}%",
                          "met": r["trainable_pct"] <= 1.0})
@@ -348,17 +396,15 @@ def recipes(figures: dict) -> list[str]:
     return sorted({s[1] for s in map(split_key, figures) if s} | {""}, key=lambda sfx: (sfx != "", sfx))
 
 
-def _bars(t: str, r: dict, sfx: str) -> list[dict]:
-    """The bars of one recipe's figures (sfx: "" for the config file's, "_mean", "_e6", ...)."""
-    rows, fp = [], r.get("fp_full" + sfx)
+def _bars(sfx: str) -> list[tuple[str, str, float]]:
+    """The bars of one recipe's figures (sfx: "" for the config file's, "_mean", "_e6", ...), each
+    (figure, reference, margin): figure >= reference - margin."""
     prequant_keys = [(key, quant) for key, method, quant, _ in PLAN if method == "prequant"]
-    for key, quant in prequant_keys:  # the issue's bars: W4 (A16 and A8) >= FP - 1, W3 >= FP - 2
-        d = 2.0 if QuantConfig.parse(quant).weight.bits == 3 else 1.0
-        rows += target_row(t, f"{key + sfx} >= fp_full{sfx} - {d}", r.get(key + sfx), None if fp is None else fp - d)
+    bars = [(key + sfx, "fp_full" + sfx, 2.0 if QuantConfig.parse(quant).weight.bits == 3 else 1.0)
+            for key, quant in prequant_keys]  # the issue's bars: W4 (A16 and A8) >= FP - 1, W3 >= FP - 2
     for key in (key for key, quant in prequant_keys if quant == "w4"):  # criteria, grids: vs the PEFT baselines
-        for other in SAME_BASE.get(key, ("lora_w4", "random_cols_w4")):  # on the same low-bit base
-            rows += target_row(t, f"{key + sfx} >= {other + sfx}", r.get(key + sfx), r.get(other + sfx))
-    return rows
+        bars += [(key + sfx, other + sfx, 0.0) for other in SAME_BASE.get(key, ("lora_w4", "random_cols_w4"))]
+    return bars
 
 
 def quantizer_label(detail: dict) -> str | None:
@@ -394,7 +440,10 @@ def write(results: dict, path: Path) -> None:
         md += [f"## Recipe {sfx}: {recipe_title(sfx)}, every method and its FP reference", "",
                markdown_table(sfx_rows, ["task", "majority_class"] + sfx_cols), ""]
     md += ["## Targets", "",
-           markdown_table(check_targets(results), ["task", "target", "measured", "met"]), "", "## Per method", "",
+           "paired_gap: figure - bar over the seeds both figures were run at, mean ± standard error; it "
+           "takes out the spread the seeds share (a gap within about two standard errors of 0 is not resolved).", "",
+           markdown_table(check_targets(results), ["task", "target", "measured", "met", "paired_gap"]), "",
+           "## Per method", "",
            markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
                                         "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",
                                         "quantizer", "model_MB", "source"]), "",

@@ -142,6 +142,34 @@ def test_more_epochs_are_a_recipe_of_their_own(monkeypatch):
                        "prequant_act_w4_mean_e6 >= fp_full_mean_e6 - 1.0": True}
 
 
+def test_more_training_data_or_another_batch_is_a_recipe_of_their_own(monkeypatch):
+    row, details, outs = _recipe_run(monkeypatch, ["data.train_examples=24000", "finetune.batch_size=16"])
+    assert row == {"fp_full_n24000_b16": 86.0, "prequant_act_w4_n24000_b16": 85.0}
+    assert outs[0].endswith("runs/prequant_n24000_b16")
+    assert prequant.recipe_title("_e6_n24000_b16") == ("6 epochs (finetune.epochs=6), 24000 training examples "
+                                                       "(data.train_examples=24000), batch 16 (finetune.batch_size=16)")
+
+
+def test_a_setting_no_key_records_needs_a_pilot_file(monkeypatch):
+    def no_work(*a):
+        raise AssertionError("work started before the recipe was checked")
+
+    monkeypatch.setattr(prequant, "fp_baseline", no_work)
+    args = SimpleNamespace(config="configs/prequant.yaml", set=["finetune.weight_decay=0"], only=["fp_full"])
+    with pytest.raises(SystemExit, match="finetune.weight_decay.*--out"):
+        prequant.run_task("mrpc", args)
+    monkeypatch.setattr(prequant, "fp_details", lambda ckpt, info: dict(info))
+    monkeypatch.setattr(prequant, "fp_baseline", lambda cfg, task, out: (86.0, "ckpt", {"source": "run"}))
+    row, _ = prequant.run_task("mrpc", SimpleNamespace(**vars(args), out="runs/pilot.json"))
+    assert row == {"fp_full": 86.0}  # a pilot file keeps the main table's keys
+    peft = SimpleNamespace(config="configs/prequant.yaml", set=["prequant.budget_pct=0.95"], only=["prequant_g128_w4"])
+    with pytest.raises(SystemExit, match="prequant.budget_pct"):
+        prequant.run_task("mrpc", peft)
+    _fake_peft(monkeypatch, [])
+    peft.set = ["prequant.lr=5e-3", "prequant.criterion=weight"]  # an lr search; a setting the key pins
+    assert prequant.run_task("mrpc", peft)[0] == {"prequant_g128_w4": 85.0}
+
+
 def test_the_smoke_recipe_is_its_own_main_table(monkeypatch):
     seen = []
     _fake_peft(monkeypatch, seen)

@@ -36,7 +36,7 @@ def test_prequant_replicates_are_judged_by_their_mean_at_the_main_figures_schedu
     prequant.add_replicate(results, "mrpc", "lora_w4", 1, 85.0, {**how, "epochs": 6.0})  # another schedule
     prequant.add_replicate(results, "mrpc", "prequant_act_w4", 3, 70.0, {**how, "head_lr": 1e-4})  # another head lr
     assert prequant.seed_stats(results, "mrpc") == {
-        "prequant_act_w4": {"values": [85.9, 83.5], "mean": 84.7, "std": 1.7}}
+        "prequant_act_w4": {"values": [85.9, 83.5], "by_seed": {42: 85.9, 1: 83.5}, "mean": 84.7, "std": 1.7}}
     met = _met(prequant.check_targets(results))
     assert met["prequant_act_w4 >= fp_full - 1.0 (seed mean)"] is False  # 84.7; the main seed alone (85.9) met it
     assert met["prequant_act_w4 >= lora_w4 (seed mean)"] is True
@@ -48,6 +48,20 @@ def test_runs_from_before_student_dropout_are_listed_as_with_dropout():
     details = {"rtn_w4a8": {"wall_s": 1.0}, "mrem_p_w4a8": {"module_errors": [0.1], "student_dropout": False},
                "mrem_s_w4a8": {"module_errors": [0.1]}}
     assert mrem.with_dropout(details) == "mrem_s_w4a8"
+
+
+def test_prequant_gaps_are_paired_by_seed():
+    how = {"lr": 0.002, "epochs": 6.0, "batch_size": 32}
+    results = {"tasks": ["sst2"], "sst2": {"fp_full": 88.0, "prequant_act_w4": 87.5, "lora_w4": 86.0},
+               "details": {"sst2": {"details": {k: dict(how) for k in ("fp_full", "prequant_act_w4", "lora_w4")}}}}
+    for seed, fp, pq in ((1, 86.0, 85.3), (2, 87.0, 86.1)):  # PreQuant 0.5-0.9 under FP at every seed
+        prequant.add_replicate(results, "sst2", "fp_full", seed, fp, how)
+        prequant.add_replicate(results, "sst2", "prequant_act_w4", seed, pq, how)
+    prequant.add_replicate(results, "sst2", "lora_w4", 7, 85.0, how)  # no seed in common with PreQuant but 42
+    rows = {r["target"]: r for r in prequant.check_targets(results)}
+    fp_bar = rows["prequant_act_w4 >= fp_full - 1.0 (seed mean)"]
+    assert fp_bar["met"] and fp_bar["paired_gap"] == "+0.30 ± 0.12 (3 seeds)"  # gaps +0.5, +0.3, +0.1
+    assert rows["prequant_act_w4 >= lora_w4 (seed mean)"]["paired_gap"] is None  # one common seed
 
 
 def test_replicates_are_judged_by_their_mean_and_need_the_same_training():
