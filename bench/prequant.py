@@ -14,7 +14,8 @@ LoRA on that base); *_g128_* per-group grids (128 weights of a row, MSE clipping
 others with GPTQ, the same base for PreQuant, LoRA and random columns; *_g128scaled_*: each FP column's steps
 scaled down by its input RMS, prequant.scale_outlier_lr; *_g128norms_*: biases and LayerNorm trained too,
 prequant.train_norms; *_g128normsscaled_*: both; *_g128nodrop_*: no dropout in the frozen body,
-prequant.body_dropout=0; *_g128drop20_*: 0.2); `--set finetune.pooling=mean`
+prequant.body_dropout=0; *_g128drop20_*: 0.2; *_g128top2_*: FP columns only in the last two blocks,
+prequant.column_blocks=2); `--set finetune.pooling=mean`
 runs the methods (FP included) with a mean-pooled head and records them as <key>_mean, judged against
 fp_full_mean (models under <output_dir>_mean), and likewise
 `--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6), data.train_examples=N as
@@ -61,7 +62,7 @@ RTN = ROOT / "bench" / "results" / "rtn.json"
 # so that its recorded figures keep their meaning whatever configs/prequant.yaml recommends: the main
 # table's keys were recorded on per-row min-max grids, weight criterion, round-to-nearest.
 ROW = {"quantizer": "row", "criterion": "weight", "gptq": False, "scale_outlier_lr": False,
-       "train_norms": False, "body_dropout": None}
+       "train_norms": False, "body_dropout": None, "column_blocks": None}
 ACT = {**ROW, "criterion": "activation"}
 # GPTQ rounding onto per-row MSE-clipped grids, activation criterion; LoRA on the same base.
 GPTQ_BASE = {**ROW, "quantizer": "row-mse", "gptq": True}
@@ -92,6 +93,10 @@ G128_NODROP = {**G128_NODROP_BASE, "criterion": "activation"}
 # against 86.24 at BERT's 0.1: the PEFT methods overfit there).
 G128_DROP20_BASE = {**G128_BASE, "body_dropout": 0.2}
 G128_DROP20 = {**G128_DROP20_BASE, "criterion": "activation"}
+# The g128 bases with every FP column in the last two of MiniLM's six blocks (prequant.column_blocks=2):
+# the same budget, ~10 columns per matrix instead of ~3, and backward stops above block 4.
+G128_TOP2_BASE = {**G128_BASE, "column_blocks": 2}
+G128_TOP2 = {**G128_TOP2_BASE, "criterion": "activation"}
 PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w4", "prequant", "w4", ROW),
         ("prequant_w4a8", "prequant", "w4a8", ROW), ("prequant_w3", "prequant", "w3", ROW),
         ("lora_w4", "lora", "w4", ROW), ("bitfit_w4", "bitfit", "w4", ROW), ("random_cols_w4", "random", "w4", ROW),
@@ -118,7 +123,9 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("random_cols_g128nodrop_w4", "random", "w4", G128_NODROP_BASE),
         ("prequant_g128drop20_w4", "prequant", "w4", G128_DROP20),
         ("lora_g128drop20_w4", "lora", "w4", G128_DROP20_BASE),
-        ("random_cols_g128drop20_w4", "random", "w4", G128_DROP20_BASE)]
+        ("random_cols_g128drop20_w4", "random", "w4", G128_DROP20_BASE),
+        ("prequant_g128top2_w4", "prequant", "w4", G128_TOP2),
+        ("random_cols_g128top2_w4", "random", "w4", G128_TOP2_BASE)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
 SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
              "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4"),
@@ -126,7 +133,8 @@ SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
              "prequant_g128norms_w4": ("lora_g128_w4", "random_cols_g128norms_w4"),
              "prequant_g128normsscaled_w4": ("lora_g128_w4", "random_cols_g128norms_w4"),
              "prequant_g128nodrop_w4": ("lora_g128nodrop_w4", "random_cols_g128nodrop_w4"),
-             "prequant_g128drop20_w4": ("lora_g128drop20_w4", "random_cols_g128drop20_w4")}
+             "prequant_g128drop20_w4": ("lora_g128drop20_w4", "random_cols_g128drop20_w4"),
+             "prequant_g128top2_w4": ("lora_g128_w4", "random_cols_g128top2_w4")}
 # A recipe other than the config file's (finetune.pooling=mean, other finetune.epochs) runs every method
 # with it: its figures are kept apart, under "<key><suffix>" ("_mean", "_e6", "_mean_e6"), judged against
 # fp_full<suffix>, with their models under <output_dir><suffix>.
@@ -207,7 +215,7 @@ def peft_details(r, q, cfg) -> dict:
     return {**schedule(cfg.prequant.lr, cfg), "head_lr": cfg.prequant.head_lr, "quant": r.quant_config,
             "criterion": cfg.prequant.criterion, "quantizer": cfg.prequant.quantizer, "gptq": cfg.prequant.gptq,
             "scale_outlier_lr": cfg.prequant.scale_outlier_lr, "train_norms": cfg.prequant.train_norms,
-            "body_dropout": cfg.prequant.body_dropout,
+            "body_dropout": cfg.prequant.body_dropout, "column_blocks": cfg.prequant.column_blocks,
             "trainable_pct": round(r.trainable_pct, 4), "trainable_params": r.trainable_params,
             "optimizer_state_bytes": r.optimizer_state_bytes, "peak_rss_mb": r.peak_rss_mb,
             "train_s": round(r.train_s, 1), "bytes": r.packed_bytes, "steps": r.steps,

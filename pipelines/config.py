@@ -183,6 +183,10 @@ class PrequantConfig:
     criterion: str = "weight"        # outlier column score: weight | activation | random (quant.outliers.CRITERIA)
     budget_pct: float = 0.5          # trainable outlier columns (+ biases/LayerNorm), % of the model's parameters
     train_norms: bool = False        # also train biases and LayerNorm (counted in the budget)
+    # FP outlier columns only in the last N transformer blocks: the same budget, N/L-th of the
+    # matrices, so more columns each (the lower blocks stay all low-bit, and backward stops above
+    # them). None: every block.
+    column_blocks: int | None = None
     # Body Linears that belong to the task head (fnmatch patterns on module names): kept FP and
     # trained per task by every method, like the classifier; counted in trainable %, not in the
     # budget. E.g. ['*pooler*'] for sentence-embedding checkpoints (MiniLM) whose [CLS] pooler
@@ -223,6 +227,9 @@ class PrequantConfig:
                 raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
         if not 0 < self.lr < 1 or self.lora_scaling <= 0:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
+        if self.column_blocks is not None and (isinstance(self.column_blocks, bool) or
+                                               not isinstance(self.column_blocks, int) or self.column_blocks < 1):
+            raise ConfigError(f"prequant.column_blocks={self.column_blocks!r}: a number of blocks >= 1, or null for all")
         if self.body_dropout is not None and not 0 <= self.body_dropout < 1:
             raise ConfigError(f"prequant.body_dropout={self.body_dropout}: must be in [0, 1), or null for the model's own")
         if self.head_lr is not None and not 0 < self.head_lr < 1:

@@ -66,11 +66,12 @@ class ArtefactSpec:
     head_modules: tuple = ()      # Linears kept FP: trained per task as part of the head
     gptq: bool = False            # GPTQ rounding (calib: its text) instead of round-to-nearest
     weights: str | None = None    # a local model folder's checkpoint_identity: new weights there, new key
+    column_blocks: int | None = None  # FP columns only in the last N blocks
 
     @property
     def key(self) -> str:
         ident = asdict(self)
-        for name in ("gptq", "weights"):  # keys of models stored before these existed stay valid
+        for name in ("gptq", "weights", "column_blocks"):  # keys of models stored before these existed stay valid
             if not ident[name]:
                 del ident[name]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -94,7 +95,7 @@ def artefact_spec(model: str, quant: str, pcfg: PrequantConfig, method: str = "p
     criterion = "random" if method == "random" else pcfg.criterion
     calib = text if pcfg.gptq or ol.CRITERIA[criterion].needs_activations else None
     return ArtefactSpec(model, qcfg, criterion, pcfg.budget_pct, pcfg.train_norms, pcfg.seed, calib, head, pcfg.gptq,
-                        weights)
+                        weights, pcfg.column_blocks)
 
 
 def head_module_param(patterns: list[str] | tuple) -> Callable[[str], bool]:
@@ -177,7 +178,7 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
                                                                 head=False)) if spec.train_norms else 0
     check_head_modules(clf, spec.head_modules)
     ocfg = ol.OutlierConfig(spec.quant, spec.criterion, (spec.budget_pct or 0) / 100, reserved, spec.seed,
-                            skip=list(spec.head_modules))
+                            skip=list(spec.head_modules), column_blocks=spec.column_blocks)
     stats = _input_stats(clf, tokenizer, spec, ol.targets(clf, ocfg)) if spec.calib else {}
     report = ol.prequantize(clf, ocfg, {n: s["absmax"] for n, s in stats.items()},
                             {n: s["hessian"] for n, s in stats.items()} if spec.gptq else None)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,9 @@ class OutlierConfig:
     reserved: int = 0
     seed: int = 0
     skip: list[str] = field(default_factory=list)  # fnmatch patterns of Linears kept FP
+    # FP columns only in the Linears of the last `column_blocks` transformer blocks (the whole budget
+    # goes there: more columns each, and backward stops below them); None: every block.
+    column_blocks: int | None = None
 
 
 @dataclass
@@ -357,11 +361,31 @@ def targets(model: nn.Module, config: OutlierConfig) -> list[str]:
     return names
 
 
+def block_index(name: str) -> int | None:
+    """The transformer block a module name sits in ("encoder.layer.3.output.dense" -> 3), if any."""
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def top_block_targets(names: list[str], column_blocks: int | None) -> list[str]:
+    """The names in the last `column_blocks` blocks (names outside any block count as on top)."""
+    if column_blocks is None:
+        return names
+    blocks = sorted({b for b in map(block_index, names) if b is not None})
+    if not 1 <= column_blocks <= len(blocks):
+        raise ValueError(f"column_blocks={column_blocks}: the model's quantized Linears sit in {len(blocks)} blocks; "
+                         f"use 1..{len(blocks)} or None for all")
+    keep = set(blocks[-column_blocks:])
+    return [n for n in names if block_index(n) is None or block_index(n) in keep]
+
+
 def plan_outliers(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Column indices kept FP per target Linear, within the budget."""
-    names = targets(model, config)
+    all_names = targets(model, config)
+    none = {n: torch.zeros(0, dtype=torch.long) for n in all_names}
     if config.criterion is None:
-        return {n: torch.zeros(0, dtype=torch.long) for n in names}
+        return none
+    names = top_block_targets(all_names, config.column_blocks)
     gen = torch.Generator().manual_seed(config.seed)
     scores = {n: column_scores(config.criterion, linear_weight(model.get_submodule(n)),
                                (act or {}).get(n), gen) for n in names}
@@ -380,7 +404,7 @@ def plan_outliers(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor
     prio = {n: float(v.values[min(base, len(v.values) - 1)] / v.values.mean().clamp_min(1e-12))
             for n, v in ranked.items()}
     r = allocate({n: shapes[n][0] for n in names}, {n: shapes[n][1] for n in names}, target, prio)
-    return {n: ranked[n].indices[:r[n]].cpu() for n in names}
+    return none | {n: ranked[n].indices[:r[n]].cpu() for n in names}
 
 
 def prequantize(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] | None = None,

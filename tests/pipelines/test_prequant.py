@@ -63,6 +63,7 @@ def tiny_cfg(tmp_path, glue, cache_dir, *extra):
     (["prequant.scale_outlier_lr=1"], "prequant.scale_outlier_lr: expected bool"),
     (["prequant.body_dropout=1"], "prequant.body_dropout=1.0: must be in [0, 1)"),
     (["prequant.body_dropout=-0.1"], "prequant.body_dropout=-0.1"),
+    (["prequant.column_blocks=0"], "prequant.column_blocks=0: a number of blocks >= 1"),
     (["prequant.gptq=true", "prequant.quant=[w4,w2]"], "prequant.quant[1]='w2': GPTQ rounds onto uniform grids"),
 ])
 def test_bad_prequant_config_is_rejected_with_the_key(overrides, message):
@@ -110,6 +111,24 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
         "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
 
 
+def test_column_blocks_put_the_budget_in_the_top_blocks_and_key_the_model(tmp_path):
+    everywhere = load_config(None, ["prequant.quant=[w4]", "prequant.budget_pct=0.3"]).prequant
+    top = load_config(None, ["prequant.quant=[w4]", "prequant.budget_pct=0.3", "prequant.column_blocks=1"]).prequant
+    assert pq.artefact_spec("tiny-bert", "w4", top).key != pq.artefact_spec("tiny-bert", "w4", everywhere).key
+    results = {name: pq.prequant_quantize("tiny-bert", "w4", c, tmp_path) for name, c in
+               (("everywhere", everywhere), ("top", top))}
+    assert abs(results["top"].outlier_params - results["everywhere"].outlier_params) <= 0.05e-2 * results[
+        "top"].body_params  # the same budget
+    tensors = load_file(f"{results['top'].directory}/{ol.WEIGHTS_FILE}")
+    cols = {k: tensors[k].shape[1] for k in tensors if k.endswith(".outlier")}
+    last = max(ol.block_index(k) for k in cols if ol.block_index(k) is not None)
+    assert all(n == 0 for k, n in cols.items() if ol.block_index(k) not in (None, last))
+    assert all(n > 0 for k, n in cols.items() if ol.block_index(k) == last)
+    too_many = load_config(None, ["prequant.quant=[w4]", "prequant.column_blocks=99"]).prequant
+    with pytest.raises(ValueError, match="column_blocks=99: the model's quantized Linears sit in"):
+        pq.prequant_quantize("tiny-bert", "w4", too_many, tmp_path)
+
+
 def test_new_weights_in_a_local_model_folder_are_quantized_afresh(tmp_path):
     """A pre-trained model given as a folder is keyed by its weights, not only its path."""
     cfg = load_config(None, ["prequant.quant=[w4]"]).prequant
@@ -133,7 +152,7 @@ def test_gptq_is_its_own_stored_model_for_every_method(tmp_path):
         assert spec.key != pq.artefact_spec("tiny-bert", "w4", plain.prequant, method).key
     # models stored before the gptq and weights fields keep their key (asdict without them)
     old = dataclasses.asdict(pq.artefact_spec("tiny-bert", "w4", plain.prequant))
-    del old["gptq"], old["weights"]
+    del old["gptq"], old["weights"], old["column_blocks"]
     assert pq.artefact_spec("tiny-bert", "w4", plain.prequant).key == \
         hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     results = {name: pq.prequant_quantize("tiny-bert", "w4", c.prequant, tmp_path) for name, c in

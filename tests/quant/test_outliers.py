@@ -60,6 +60,23 @@ def test_random_criterion_is_reproducible_per_seed_and_criteria_are_pluggable(mo
                                               model.get_submodule(n).in_features)) for n, idx in plan.items())
 
 
+def test_column_blocks_spend_the_whole_budget_in_the_last_blocks(model_factory):
+    assert [ol.block_index(n) for n in ("bert.encoder.layer.11.output.dense", "transformer.h.3.mlp.c_fc",
+                                         "bert.pooler.dense")] == [11, 3, None]
+    model = model_factory["bert"](vocab_size=30522)
+    full = ol.plan_outliers(model, ol.OutlierConfig("w4", "weight", budget=0.004))
+    top = ol.plan_outliers(model, ol.OutlierConfig("w4", "weight", budget=0.004, column_blocks=1))
+    assert full.keys() == top.keys()
+    last = max(ol.block_index(n) for n in top if ol.block_index(n) is not None)
+    params = {p: sum(len(i) * model.get_submodule(n).out_features for n, i in plan.items())
+              for p, plan in (("full", full), ("top", top))}
+    assert abs(params["top"] - params["full"]) <= 0.0005 * ol.body_params(model)
+    assert all(len(i) == 0 for n, i in top.items() if ol.block_index(n) not in (None, last))
+    assert all(len(top[n]) > len(full[n]) for n in top if ol.block_index(n) == last)
+    with pytest.raises(ValueError, match="column_blocks=0"):
+        ol.plan_outliers(model, ol.OutlierConfig("w4", "weight", budget=0.004, column_blocks=0))
+
+
 @pytest.mark.parametrize("budget", [0.002, 0.005, 0.01])
 @pytest.mark.parametrize("reserved", [0, 1500])
 def test_budget_gives_the_requested_percentage_of_parameters(budget, reserved, model_factory):
