@@ -325,7 +325,7 @@ class OutlierConfig:
     seed: int = 0
     skip: list[str] = field(default_factory=list)  # fnmatch patterns of Linears kept FP
     # FP columns only in the Linears of the last `column_blocks` transformer blocks (the whole budget
-    # goes there: more columns each, and backward stops below them); None: every block.
+    # goes there: more columns each, and backward need not reach the blocks below); None: every block.
     column_blocks: int | None = None
 
 
