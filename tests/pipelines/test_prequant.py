@@ -111,7 +111,7 @@ def test_quantize_hits_the_budget_and_is_stored_once(tmp_path, monkeypatch, trai
         "tiny-bert", "w4", cfg.prequant).directory(tmp_path)
 
 
-def test_column_blocks_put_the_budget_in_the_top_blocks_and_key_the_model(tmp_path):
+def test_column_blocks_put_the_budget_in_the_top_blocks_and_key_the_model(tmp_path, monkeypatch):
     everywhere = load_config(None, ["prequant.quant=[w4]", "prequant.budget_pct=0.3"]).prequant
     top = load_config(None, ["prequant.quant=[w4]", "prequant.budget_pct=0.3", "prequant.column_blocks=1"]).prequant
     assert pq.artefact_spec("tiny-bert", "w4", top).key != pq.artefact_spec("tiny-bert", "w4", everywhere).key
@@ -124,7 +124,9 @@ def test_column_blocks_put_the_budget_in_the_top_blocks_and_key_the_model(tmp_pa
     last = max(ol.block_index(k) for k in cols if ol.block_index(k) is not None)
     assert all(n == 0 for k, n in cols.items() if ol.block_index(k) not in (None, last))
     assert all(n > 0 for k, n in cols.items() if ol.block_index(k) == last)
-    too_many = load_config(None, ["prequant.quant=[w4]", "prequant.column_blocks=99"]).prequant
+    too_many = load_config(None, ["prequant.quant=[w4]", "prequant.column_blocks=99",  # calibrates: activation criterion
+                                   "prequant.criterion=activation"]).prequant
+    monkeypatch.setattr(pq, "_input_stats", lambda *a: pytest.fail("calibrated before checking column_blocks"))
     with pytest.raises(ValueError, match="column_blocks=99: the model's quantized Linears sit in"):
         pq.prequant_quantize("tiny-bert", "w4", too_many, tmp_path)
 
