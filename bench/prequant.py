@@ -15,7 +15,8 @@ others with GPTQ, the same base for PreQuant, LoRA and random columns; *_g128sca
 scaled down by its input RMS, prequant.scale_outlier_lr; *_g128norms_*: biases and LayerNorm trained too,
 prequant.train_norms; *_g128normsscaled_*: both; *_g128nodrop_*: no dropout in the frozen body,
 prequant.body_dropout=0; *_g128drop20_*: 0.2; *_g128top2_*: FP columns only in the last two blocks,
-prequant.column_blocks=2); `--set finetune.pooling=mean`
+prequant.column_blocks=2); prequant_g128_w8: the same on a near-lossless 8-bit base, a diagnostic of how much
+of the gap to FP is the trainable budget rather than the bits); `--set finetune.pooling=mean`
 runs the methods (FP included) with a mean-pooled head and records them as <key>_mean, judged against
 fp_full_mean (models under <output_dir>_mean), and likewise
 `--set finetune.epochs=6` as <key>_e6 against fp_full_e6 (both: <key>_mean_e6), data.train_examples=N as
@@ -125,7 +126,8 @@ PLAN = [("fp_full", "fp", None, ROW), ("rtn_w4", "rtn", "w4", ROW), ("prequant_w
         ("lora_g128drop20_w4", "lora", "w4", G128_DROP20_BASE),
         ("random_cols_g128drop20_w4", "random", "w4", G128_DROP20_BASE),
         ("prequant_g128top2_w4", "prequant", "w4", G128_TOP2),
-        ("random_cols_g128top2_w4", "random", "w4", G128_TOP2_BASE)]
+        ("random_cols_g128top2_w4", "random", "w4", G128_TOP2_BASE),
+        ("prequant_g128_w8", "prequant", "w8", G128)]
 # The LoRA and random-columns figures on a PreQuant figure's low-bit base (default: lora_w4, random_cols_w4).
 SAME_BASE = {"prequant_gptq_w4": ("lora_gptq_w4", "random_cols_w4"),
              "prequant_g128_w4": ("lora_g128_w4", "random_cols_g128_w4"),
@@ -407,7 +409,8 @@ def recipes(figures: dict) -> list[str]:
 def _bars(sfx: str) -> list[tuple[str, str, float]]:
     """The bars of one recipe's figures (sfx: "" for the config file's, "_mean", "_e6", ...), each
     (figure, reference, margin): figure >= reference - margin."""
-    prequant_keys = [(key, quant) for key, method, quant, _ in PLAN if method == "prequant"]
+    prequant_keys = [(key, quant) for key, method, quant, _ in PLAN  # W8 is a diagnostic, not a bar
+                     if method == "prequant" and QuantConfig.parse(quant).weight.bits in (3, 4)]
     bars = [(key + sfx, "fp_full" + sfx, 2.0 if QuantConfig.parse(quant).weight.bits == 3 else 1.0)
             for key, quant in prequant_keys]  # the issue's bars: W4 (A16 and A8) >= FP - 1, W3 >= FP - 2
     for key in (key for key, quant in prequant_keys if quant == "w4"):  # criteria, grids: vs the PEFT baselines
