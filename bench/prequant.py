@@ -380,17 +380,30 @@ def paired_gap(stats: dict, key: str, reference: str, margin: float) -> str | No
     return f"{statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps) / math.sqrt(len(gaps)):.2f} ({len(gaps)} seeds)"
 
 
+def lrs_tried(detail: dict | None) -> int | str:
+    """How many learning rates (and head lrs) a figure's search tried; 0 for figures without an lr (RTN),
+    "?" when the figure has no details recorded."""
+    if detail is None:
+        return "?"
+    if detail.get("lr") is None:
+        return 0
+    return len(detail.get("lr_search") or {}) or 1
+
+
 def check_targets(results: dict) -> list[dict]:
     """The issue's bars per task: (target, measured, met); replicated figures are judged by their seed mean,
-    with the gap paired by seed beside it."""
+    with the gap paired by seed beside it, and "lrs": the learning rates each side's search tried (the issue
+    asks for the same search budget for every method)."""
     rows = []
     for t in results.get("tasks", []):
         means = seed_stats(results, t)
+        details = results.get("details", {}).get(t, {}).get("details", {})
         r = {**results[t], **{k: v["mean"] for k, v in means.items()}}
         for key, reference, margin in (bar for sfx in recipes(r) for bar in _bars(sfx)):  # each recipe vs its own FP
             target = f"{key} >= {reference}" + (f" - {margin}" if margin else "")
             limit = None if r.get(reference) is None else r[reference] - margin
             for row in target_row(t, target, r.get(key), limit):
+                row["lrs"] = f"{lrs_tried(details.get(key))} / {lrs_tried(details.get(reference))}"
                 if key in means or reference in means:
                     row["target"] += " (seed mean)"
                     row["paired_gap"] = paired_gap(means, key, reference, margin)
@@ -452,8 +465,9 @@ def write(results: dict, path: Path) -> None:
                markdown_table(sfx_rows, ["task", "majority_class"] + sfx_cols), ""]
     md += ["## Targets", "",
            "paired_gap: figure - bar over the seeds both figures were run at, mean ± standard error; it "
-           "takes out the spread the seeds share (a gap within about two standard errors of 0 is not resolved).", "",
-           markdown_table(check_targets(results), ["task", "target", "measured", "met", "paired_gap"]), "",
+           "takes out the spread the seeds share (a gap within about two standard errors of 0 is not resolved). "
+           "lrs: how many learning rates the figure's / the bar's search tried (0: no lr, e.g. RTN; ?: not recorded).", "",
+           markdown_table(check_targets(results), ["task", "target", "measured", "met", "paired_gap", "lrs"]), "",
            "## Per method", "",
            markdown_table(detail_rows, ["task", "method", "metric", "trainable_pct", "trainable_params",
                                         "optimizer_state_MB", "peak_rss_MB", "train_s", "lr", "lr_search", "epochs",

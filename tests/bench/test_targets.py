@@ -99,3 +99,14 @@ def test_recorded_figures_are_logged_to_mlflow(mlflow_uri, tmp_path):
     assert names == {"mrem.json", "mrem.md", "mrem_figures.json", "mrem_targets.json"}
     table = mlflow.load_table("mrem_targets.json", run_ids=[run.info.run_id])
     assert list(table["target"]) == ["mrem_p_w4a8 >= fp - 0.5"] and list(table["met"]) == [True]
+
+
+def test_prequant_bars_show_how_many_lrs_each_side_searched():
+    searched = {"lr": 0.002, "epochs": 6.0, "lr_search": {"0.002": 86.2, "0.001": 84.9}}
+    results = {"tasks": ["sst2"], "sst2": {"fp_full": 87.0, "prequant_w4": 86.2, "lora_w4": 86.0, "rtn_w4": 80.0},
+               "details": {"sst2": {"details": {"prequant_w4": searched, "fp_full": {"lr": 1e-4, "epochs": 6.0},
+                                                "rtn_w4": {"wall_s": 1.0}}}}}
+    rows = {r["target"]: r["lrs"] for r in prequant.check_targets(results) if "lrs" in r}
+    assert rows["prequant_w4 >= fp_full - 1.0"] == "2 / 1"
+    assert rows["prequant_w4 >= lora_w4"] == "2 / ?"  # lora_w4 has no details: nothing recorded to count
+    assert prequant.lrs_tried({"wall_s": 1.0}) == 0  # RTN: no lr to search
