@@ -179,8 +179,8 @@ def prequant_quantize(model: str, quant: str, pcfg: PrequantConfig, root: str | 
     check_head_modules(clf, spec.head_modules)
     ocfg = ol.OutlierConfig(spec.quant, spec.criterion, (spec.budget_pct or 0) / 100, reserved, spec.seed,
                             skip=list(spec.head_modules), column_blocks=spec.column_blocks)
-    ol.column_targets(clf, ocfg)  # a bad column_blocks fails before the statistics
     names = ol.targets(clf, ocfg)
+    ol.column_targets(names, ocfg)  # a bad column_blocks fails before the statistics
     stats = _input_stats(clf, tokenizer, spec, names) if spec.calib else {}
     report = ol.prequantize(clf, ocfg, {n: s["absmax"] for n, s in stats.items()},
                             {n: s["hessian"] for n, s in stats.items()} if spec.gptq else None)

@@ -379,17 +379,19 @@ def top_block_targets(names: list[str], column_blocks: int | None) -> list[str]:
     return [n for n in names if block_index(n) is None or block_index(n) in keep]
 
 
-def column_targets(model: nn.Module, config: OutlierConfig) -> list[str]:
-    """The target Linears that get FP columns (none without a criterion); raises on a bad column_blocks."""
+def column_targets(names: list[str], config: OutlierConfig) -> list[str]:
+    """Of the target Linears `names`, those that get FP columns (none without a criterion); raises on a
+    bad column_blocks."""
     if config.criterion is None:
         return []
-    return top_block_targets(targets(model, config), config.column_blocks)
+    return top_block_targets(names, config.column_blocks)
 
 
 def plan_outliers(model: nn.Module, config: OutlierConfig, act: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Column indices kept FP per target Linear, within the budget."""
-    none = {n: torch.zeros(0, dtype=torch.long) for n in targets(model, config)}
-    names = column_targets(model, config)
+    all_names = targets(model, config)
+    none = {n: torch.zeros(0, dtype=torch.long) for n in all_names}
+    names = column_targets(all_names, config)
     if not names:
         return none
     gen = torch.Generator().manual_seed(config.seed)

@@ -73,9 +73,10 @@ def test_column_blocks_spend_the_whole_budget_in_the_last_blocks(model_factory):
     assert abs(params["top"] - params["full"]) <= 0.0005 * ol.body_params(model)
     assert all(len(i) == 0 for n, i in top.items() if ol.block_index(n) not in (None, last))
     assert all(len(top[n]) > len(full[n]) for n in top if ol.block_index(n) == last)
-    assert ol.column_targets(model, ol.OutlierConfig("w4", "weight", budget=0.004, column_blocks=1)) == \
+    one_block = ol.OutlierConfig("w4", "weight", budget=0.004, column_blocks=1)
+    assert ol.column_targets(ol.targets(model, one_block), one_block) == \
         [n for n in top if ol.block_index(n) in (None, last)]
-    assert ol.column_targets(model, ol.OutlierConfig("w4", None, column_blocks=1)) == []  # no criterion: no columns
+    assert ol.column_targets(list(top), ol.OutlierConfig("w4", None, column_blocks=1)) == []  # no criterion: none
     with pytest.raises(ValueError, match="column_blocks=0"):
         ol.plan_outliers(model, ol.OutlierConfig("w4", "weight", budget=0.004, column_blocks=0))
 
