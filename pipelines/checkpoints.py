@@ -1,0 +1,119 @@
+"""One checkpoint registry: every model plmq saves is a folder whose `plmq_meta.json` names its
+format, and every folder loads through `load`.
+
+Formats:
+  fp        Hugging Face weights (safetensors), config and tokenizer (finetune)
+  packed    low-bit codes packed densely + quant_config.json (rtn, mrem)
+  prequant  packed low-bit weights + FP outlier columns (+ LoRA adapters) (prequant-quantize/-finetune)
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from pipelines import lora, models
+from pipelines.io import atomic_dir, write_json_atomic
+from quant import load_quantized, save_quantized
+from quant import outliers as ol
+
+META_FILE = "plmq_meta.json"
+
+
+@dataclass
+class Loaded:
+    model: PreTrainedModel
+    tokenizer: object
+    meta: dict
+    nbytes: int                                # bytes of the weight files on disk
+
+
+@dataclass(frozen=True)
+class Format:
+    save: Callable[[PreTrainedModel, Path, dict], None]   # writes the weights into a folder
+    load: Callable[[Path, dict], PreTrainedModel]          # a model with the same outputs as the saved one
+
+
+def _save_fp(model: PreTrainedModel, directory: Path, meta: dict) -> None:
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _load_fp(directory: Path, meta: dict) -> PreTrainedModel:
+    return models.set_pooling(AutoModelForSequenceClassification.from_pretrained(str(directory)))
+
+
+def _save_packed(model: PreTrainedModel, directory: Path, meta: dict) -> None:
+    save_quantized(model, directory)
+    model.config.save_pretrained(str(directory))
+
+
+def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
+    return load_quantized(models.classifier_from_config(models.model_config(directory)), directory)
+
+
+def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:
+    ol.save_outlier_model(model, directory, meta, drop=ol.is_head if meta.get("task_agnostic") else None)
+    model.config.save_pretrained(str(directory))
+
+
+def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
+    model = models.classifier_from_config(models.model_config(directory))
+    ol.to_skeleton(model, directory)
+    if meta.get("lora"):
+        lora.apply_lora(model, meta["lora"]["ranks"], meta["lora"]["scaling"])
+    return ol.load_weights(model, directory)
+
+
+FORMATS: dict[str, Format] = {
+    "fp": Format(_save_fp, _load_fp),
+    "packed": Format(_save_packed, _load_packed),
+    "prequant": Format(_save_prequant, _load_prequant),
+}
+
+
+def save(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> int:
+    """Write `model` in format `fmt` with its tokenizer and metadata, atomically; returns the weights' bytes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint format {fmt!r}: use one of {', '.join(FORMATS)}")
+    with atomic_dir(directory) as tmp:
+        FORMATS[fmt].save(model, tmp, {**meta, "format": fmt})
+        tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / META_FILE, {**meta, "format": fmt})
+    return weight_bytes(directory)
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The folder's `plmq_meta.json`, or an error that says what the folder should be."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a plmq checkpoint (no {META_FILE}); pass a model folder "
+                                "written by a plmq stage (e.g. <output_dir>/<task>/finetune/model)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} "
+                         f"(known: {', '.join(FORMATS)})")
+    return meta
+
+
+def load(directory: str | Path) -> Loaded:
+    """Any plmq checkpoint folder as (model in eval mode, tokenizer, metadata, bytes on disk)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    model = FORMATS[meta["format"]].load(directory, meta)
+    return Loaded(model.eval(), AutoTokenizer.from_pretrained(str(directory)), meta, weight_bytes(directory))
+
+
+def update_meta(directory: str | Path, **fields) -> dict:
+    """Add fields known only after the save (e.g. training time) to a checkpoint's metadata."""
+    path = Path(directory) / META_FILE
+    meta = {**json.loads(path.read_text()), **fields}
+    write_json_atomic(path, meta)
+    return meta
+
+
+def weight_bytes(directory: str | Path) -> int:
+    """Bytes of the weight files (*.safetensors) in a checkpoint folder."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
