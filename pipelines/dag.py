@@ -124,7 +124,7 @@ def stage_resources(cfg: RunConfig, stage: Stage) -> dict:
 @ray.remote(max_retries=0)
 def run_stage(stage: Stage, cfg_dict: dict, ctx: dict, key: str, *upstream: dict) -> dict:
     """Run one stage where Ray placed it; record it as complete in the store."""
-    from pipelines import stages as executors
+    from pipelines import executors
     from pipelines import tracking
 
     cfg = from_dict(RunConfig, cfg_dict)

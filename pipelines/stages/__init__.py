@@ -1,0 +1,1 @@
+"""Stage kinds: the registry the DAG runs them through."""
