@@ -15,9 +15,9 @@ from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+from pipelines.errors import ConfigError
+from pipelines.tasks import check_task
+from quant import QuantConfig
 
 
 POOLINGS = ("cls", "mean")  # finetune.pooling: what a classifier's head reads (pipelines.models.set_pooling)
@@ -98,8 +98,6 @@ class EvaluateConfig:
 
 def parse_quant_list(section: str, values: list[str], need_weights: str | None = None) -> list:
     """Parse a section's QuantConfig strings; errors name `section.quant[i]`."""
-    from quant import QuantConfig
-
     parsed = []
     for i, q in enumerate(values):
         try:
@@ -276,8 +274,6 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
-        from pipelines.data import check_task  # local import: data imports config
-
         if not self.tasks:
             raise ConfigError("tasks must list at least one GLUE task")
         for task in self.tasks:

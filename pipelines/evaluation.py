@@ -1,0 +1,160 @@
+"""Scoring a model: GLUE dev metrics (scikit-learn/scipy), the majority-class floor, the report row;
+and the round-to-nearest conversion the stages that quantize share (rtn, mrem's baseline)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from pipelines import models
+from pipelines.config import DataConfig, EvaluateConfig
+from pipelines.data import load_split, tokenized_split
+from pipelines.tasks import GlueTask, check_task
+from pipelines.training import make_loader
+from quant import QuantConfig, calibrate, quantize_model
+
+FP_BITS = 32
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: dict[str, float]          # in [0, 1]; per dev split for MNLI (prefixed)
+    main_metric: str
+    model_bytes: int
+    examples: int
+    examples_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> float:
+        return self.metrics[self.main_metric]
+
+
+def glue_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's official GLUE dev metrics; `preds` are class ids (scores for STS-B)."""
+    if task.is_regression:
+        return {"pearson": float(pearsonr(preds, labels)[0]), "spearman": float(spearmanr(preds, labels)[0])}
+    out = {"accuracy": float(accuracy_score(labels, preds))}
+    if task.name in ("mrpc", "qqp"):
+        out["f1"] = float(f1_score(labels, preds))
+    if task.name == "cola":
+        out["matthews_corr"] = float(matthews_corrcoef(labels, preds))
+    return out
+
+
+def main_metric_name(spec: GlueTask) -> str:
+    """The metric a task is judged by (MNLI: on its matched dev split)."""
+    return spec.main_metric if len(spec.dev_splits) == 1 else f"matched_{spec.main_metric}"
+
+
+def majority_floor(tasks: list[str], data: DataConfig) -> dict[str, tuple[str, float]]:
+    """Per classification task, (main metric, points) of always predicting the majority train label."""
+    floors = {t: majority_baseline(t, data) for t in tasks}
+    return {t: (main_metric_name(check_task(t)), round(100 * v, 2)) for t, v in floors.items() if v is not None}
+
+
+def majority_baseline(task: str, data: DataConfig) -> float | None:
+    """The main dev metric of always predicting the training set's most frequent label: what a model that
+    learned nothing scores. None for regression (a constant has no correlation)."""
+    spec = check_task(task)
+    if spec.is_regression:
+        return None
+    guess = np.bincount(np.asarray(load_split(task, "train", data)["label"], dtype=int)).argmax()
+    labels = np.asarray(load_split(task, spec.dev_splits[0], data)["label"], dtype=int)
+    return glue_metrics(spec, np.full_like(labels, guess), labels)[spec.main_metric]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+    """Predictions, labels and examples/s over a loader."""
+    model.eval().to(device)
+    preds, labels, n, start = [], [], 0, time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        y = batch.pop("labels")
+        logits = model(**batch).logits
+        preds.append((logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).float().cpu())
+        labels.append(y.float().cpu())
+        n += len(y)
+    rate = n / max(time.perf_counter() - start, 1e-9)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), rate
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, cfg: EvaluateConfig,
+                   model_bytes: int | None = None, device: str | None = None) -> EvalResult:
+    """Evaluate an in-memory model on every dev split of `task`."""
+    spec = check_task(task)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    metrics, total, rates, predicted = {}, 0, [], set()
+    for split in spec.dev_splits:
+        loader = make_loader(str(tokenized_split(task, split, tokenizer, data)), tokenizer,
+                             cfg.batch_size, shuffle=False, seed=0)
+        preds, labels, rate = predict(model, loader, device)
+        labels = labels if spec.is_regression else labels.astype(int)
+        preds = preds if spec.is_regression else preds.astype(int)
+        prefix = "" if len(spec.dev_splits) == 1 else split.replace("dev_", "") + "_"
+        metrics.update({prefix + k: v for k, v in glue_metrics(spec, preds, labels).items()})
+        total, rates = total + len(labels), rates + [rate]
+        if not spec.is_regression:
+            predicted |= set(preds.tolist())
+    extra = {} if spec.is_regression else {"predicted_classes": len(predicted)}
+    if len(predicted) == 1:  # a fine-tune that learned nothing scores the majority class, silently
+        extra["warning"] = (f"the model predicts label {predicted.pop()} for all {total} dev examples: "
+                            "it learned nothing. Try another lr or seed (PEFT methods on small pair tasks such "
+                            "as RTE: prequant.train_norms=true).")
+        print(f"[evaluate {task}] WARNING: {extra['warning']}")
+    return EvalResult(task=task, metrics=metrics, main_metric=main_metric_name(spec),
+                      model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
+                      examples=total, examples_per_s=float(np.mean(rates)), extra=extra)
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    """What a stage logs of an evaluation (its MLflow metrics)."""
+    return {**{f"eval_{k}": v for k, v in result.metrics.items()}, "model_bytes": result.model_bytes,
+            "eval_examples_per_s": result.examples_per_s}
+
+
+def weight_bits(quant: str | None) -> float:
+    """Bits per weight of a QuantConfig (ternary: log2 3), 32 for FP."""
+    if quant is None:
+        return FP_BITS
+    w = QuantConfig.parse(quant).weight
+    return FP_BITS if w is None else (1.58 if w.scheme == "ternary" else w.bits)
+
+
+def report_row(task: str, method: str, result: EvalResult, wall_s: float, quant: str | None,
+               trainable_pct: float, resources: dict) -> dict:
+    """A stage's line of the comparison report; cpu_s/gpu_s: wall time times the CPUs/GPUs it reserved."""
+    return {"task": task, "method": method, "metric": result.main_metric, "value": round(100 * result.main, 2),
+            "model_MB": round(result.model_bytes / 2**20, 2), "examples_per_s": round(result.examples_per_s, 1),
+            "wall_s": round(wall_s, 1), "metrics": result.metrics, "bits": weight_bits(quant),
+            "trainable_pct": round(trainable_pct, 3), "cpu_s": round(wall_s * resources.get("cpus", 0), 1),
+            "gpu_s": round(wall_s * resources.get("gpus", 0), 1)}
+
+
+def calibration_batches(task: str, tokenizer, data: DataConfig, n: int, batch_size: int, seed: int = 0):
+    """The first `n` shuffled training examples of `task`, as model-input batches."""
+    calib = dataclasses.replace(data, train_examples=n)
+    loader = make_loader(str(tokenized_split(task, "train", tokenizer, calib, seed=seed)), tokenizer,
+                         batch_size, shuffle=False, seed=seed)
+    for batch in loader:
+        batch.pop("labels")
+        yield batch
+
+
+@torch.no_grad()
+def quantize_rtn(model: torch.nn.Module, qcfg: QuantConfig, batches) -> int:
+    """Convert in place to round-to-nearest fake quantization and calibrate activation ranges on
+    `batches`; returns the number of layers converted."""
+    report = quantize_model(model, qcfg)
+    model.eval()
+    with calibrate(model):
+        for batch in batches:
+            model(**batch)
+    return len(report.converted)
