@@ -74,14 +74,22 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def save(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> int:
-    """Write `model` in format `fmt` with its tokenizer and metadata, atomically; returns the weights' bytes."""
+def write(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> None:
+    """Write `model` in format `fmt` with its tokenizer and metadata into `directory` (e.g. a Ray Train
+    checkpoint folder); `save` is the atomic version."""
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint format {fmt!r}: use one of {', '.join(FORMATS)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    FORMATS[fmt].save(model, directory, {**meta, "format": fmt})
+    tokenizer.save_pretrained(str(directory))
+    write_json_atomic(directory / META_FILE, {**meta, "format": fmt})
+
+
+def save(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> int:
+    """Write `model` in format `fmt` with its tokenizer and metadata, atomically; returns the weights' bytes."""
     with atomic_dir(directory) as tmp:
-        FORMATS[fmt].save(model, tmp, {**meta, "format": fmt})
-        tokenizer.save_pretrained(str(tmp))
-        write_json_atomic(tmp / META_FILE, {**meta, "format": fmt})
+        write(model, tokenizer, tmp, meta, fmt)
     return weight_bytes(directory)
 
 

@@ -81,11 +81,6 @@ class FinetuneConfig:
         if self.pooling not in POOLINGS:
             raise ConfigError(f"finetune.pooling={self.pooling!r}: use {' or '.join(POOLINGS)}")
 
-    def key_fields(self) -> dict:
-        """The settings that change a trained model (cls pooling left out: keys from before it existed hold)."""
-        return {k: v for k, v in asdict(self).items()
-                if k != "log_every" and not (k == "pooling" and v == "cls")}
-
 
 @dataclass
 class EvaluateConfig:
