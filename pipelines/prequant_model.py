@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from ray.train.torch import prepare_data_loader, prepare_model
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedModel
 
 from pipelines import checkpoints, lora, models
 from pipelines.config import ConfigError, FinetuneConfig, PrequantConfig
@@ -94,7 +94,8 @@ def input_statistics(model: torch.nn.Module, tokenizer, pcfg: PrequantConfig, na
     return prequant.input_stats(model, names, batches, hessian=pcfg.gptq)
 
 
-def quantize_pretrained(model_name: str, quant: str, criterion: str | None, pcfg: PrequantConfig):
+def quantize_pretrained(model_name: str, quant: str, criterion: str | None,
+                        pcfg: PrequantConfig) -> tuple[PreTrainedModel, object, dict]:
     """The pre-trained model quantized with FP outlier columns by `criterion` (None: plain low-bit):
     (model, tokenizer, meta). Bad head_modules fail before the calibration statistics."""
     clf = models.load_classifier(model_name, 2, seed=pcfg.seed)  # the head is not saved: task-agnostic
@@ -172,7 +173,7 @@ def calibrate_inputs(model: torch.nn.Module, loader, batches: int) -> None:
             model(**{k: v for k, v in batch.items() if k != "labels"})
 
 
-def setup(cfg: dict, ft: FinetuneConfig):
+def setup(cfg: dict, ft: FinetuneConfig) -> tuple:
     """pipelines.training.run_loop's setup hook: the method's model, loader and optimizer on a worker."""
     pcfg = PrequantConfig(**cfg["prequant"])
     tokenizer = models.load_tokenizer(cfg["model"])
