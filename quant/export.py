@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def from_unsigned(u: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
     return u - 2 ** (spec.bits - 1) if spec.symmetric else u
 
 
-def unpack_codes(packed: torch.Tensor, spec: TensorQuant, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, spec: TensorQuant, shape: Sequence[int]) -> torch.Tensor:
     """Signed codes of `shape` from a packed tensor."""
     return from_unsigned(unpack(packed, spec.bits, shape), spec)
 
