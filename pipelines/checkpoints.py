@@ -17,8 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from pipelines import lora, models
 from pipelines.io import atomic_dir, write_json_atomic
-from quant import load_quantized, save_quantized
-from quant import outliers as ol
+from quant import load_quantized, prequant, save_quantized
 
 META_FILE = "plmq_meta.json"
 
@@ -55,16 +54,19 @@ def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
 
 
 def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:
-    ol.save_outlier_model(model, directory, meta, drop=ol.is_head if meta.get("task_agnostic") else None)
+    """meta["task_agnostic"]: the task head is left out (a pre-quantized base that tasks fine-tune)."""
+    prequant.save_prequantized(model, directory, drop=prequant.is_head if meta.get("task_agnostic") else None)
     model.config.save_pretrained(str(directory))
 
 
 def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
+    """meta["lora"] = {"ranks", "scaling"}: the LoRA adapters to rebuild; a task-agnostic base gets a fresh head."""
     model = models.classifier_from_config(models.model_config(directory))
-    ol.to_skeleton(model, directory)
+    prequant.to_skeleton(model, directory)
     if meta.get("lora"):
         lora.apply_lora(model, meta["lora"]["ranks"], meta["lora"]["scaling"])
-    return ol.load_weights(model, directory)
+    return prequant.load_prequantized(model, directory,
+                                      allow_missing=prequant.is_head if meta.get("task_agnostic") else None)
 
 
 FORMATS: dict[str, Format] = {
