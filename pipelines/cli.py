@@ -6,6 +6,7 @@ Every verb takes an optional YAML config and `--set section.key=value` overrides
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ from pipelines import stages as stage_plans
 from pipelines.config import RunConfig, load_config
 from pipelines.dag import describe
 from pipelines.errors import ConfigError, DataError
+from pipelines.prequant_model import quant_name
 from pipelines.runner import RunSummary, StageFailure
 from pipelines.runner import run as run_plan
 from pipelines.stages import Stage
@@ -125,6 +127,47 @@ def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder"), 
     if not cfg.rtn.quant:
         fail("config error: no QuantConfig: pass --quant w4a8 or set rtn.quant")
     single(cfg, ("rtn",), "rtn", checkpoint, dry_run)
+
+
+PrequantQuantOpt = typer.Option([], "--quant", help="QuantConfig with quantized weights, e.g. w4 (repeatable)")
+PrequantMethodOpt = typer.Option([], "--method", help="prequant | random | lora | bitfit (repeatable)")
+
+
+def prequant_cfg(config, overrides, quant, method, task=None, model=None, output_dir=None) -> RunConfig:
+    extra = [f"prequant.quant=[{','.join(quant)}]"] if quant else []
+    extra += [f"prequant.methods=[{','.join(method)}]"] if method else []
+    cfg = load(config, list(overrides) + extra, task, model, output_dir)
+    if not cfg.prequant.quant:
+        fail("config error: no QuantConfig: pass --quant w4 or set prequant.quant")
+    return cfg
+
+
+@app.command("prequant-quantize")
+def prequant_quantize(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+                      quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
+                      model: Optional[str] = ModelOpt, output_dir: Optional[str] = OutOpt,
+                      dry_run: bool = DryOpt) -> None:
+    """PreQuant, task-agnostic: quantize the pre-trained model once (low-bit + FP outlier columns)."""
+    cfg = prequant_cfg(config, overrides, quant, method, None, model, output_dir)
+    single(cfg, ("prequant-quantize",), "prequant-quantize", dry_run=dry_run)
+
+
+@app.command("prequant-finetune")
+def prequant_finetune(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+                      quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
+                      task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
+                      output_dir: Optional[str] = OutOpt, dry_run: bool = DryOpt) -> None:
+    """PreQuant, per task: fine-tune each method from the stored low-bit model (quantized first when the
+    store has none with the same inputs), export, evaluate; `fp` and `rtn` in prequant.methods add the FP
+    fine-tune and its RTN baselines."""
+    cfg = prequant_cfg(config, overrides, quant, method, task, model, output_dir)
+    methods = set(cfg.prequant.methods)
+    baselines = ("finetune",) * bool({"fp", "rtn"} & methods) + ("evaluate",) * ("fp" in methods)
+    if "rtn" in methods:  # RTN of the FP fine-tune on the same grids as the PreQuant bases
+        quants = [quant_name(q, cfg.prequant) for q in cfg.prequant.quant]
+        cfg = dataclasses.replace(cfg, rtn=dataclasses.replace(cfg.rtn, quant=quants))
+        baselines += ("rtn",)
+    single(cfg, (*baselines, "prequant-quantize", "prequant-finetune"), "prequant-finetune", dry_run=dry_run)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def _tiny_config(name: str, vocab_size: int, **overrides) -> PretrainedConfig:
     return cfg
 
 
-def _label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
+def label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
     kwargs = {"num_labels": num_labels}
     if num_labels == 1:
         kwargs["problem_type"] = "regression"
@@ -137,7 +137,7 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
     """A model for sequence classification with a fresh head of `num_labels` outputs."""
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
     tok = load_tokenizer(name)
-    kwargs = _label_kwargs(num_labels, tok.pad_token_id)
+    kwargs = label_kwargs(num_labels, tok.pad_token_id)
     if name in TINY_PRESETS:
         model = AutoModelForSequenceClassification.from_config(_tiny_config(name, len(tok), **kwargs))
     else:

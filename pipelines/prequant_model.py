@@ -34,7 +34,6 @@ from pipelines.training import make_loader, make_optimizer, memory_stats, run_lo
 from quant import QuantConfig, calibrate, prequant
 
 PEFT_METHODS = ("prequant", "random", "lora", "bitfit")  # trained by prequant-finetune
-FP_BITS = 32
 
 
 def artefact_criterion(method: str, pcfg: PrequantConfig) -> str | None:
@@ -142,7 +141,7 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
                 pad_token_id: int | None, pooling: str = "cls") -> torch.nn.Module:
     """The stored low-bit model with a fresh task head (reading the sequence by `pooling`), set up for `method`."""
     torch.manual_seed(seed)  # the head's initialisation
-    hf = AutoConfig.from_pretrained(str(artefact), **models._label_kwargs(num_labels, pad_token_id))
+    hf = AutoConfig.from_pretrained(str(artefact), **models.label_kwargs(num_labels, pad_token_id))
     model = models.classifier_from_config(hf, pooling)
     prequant.to_skeleton(model, artefact)
     if method == "lora":
@@ -195,31 +194,9 @@ def export(cfg: dict, model, tokenizer, directory: str, meta: dict, optimizer) -
             **train_stats(model, optimizer)}
     if cfg["method"] == "lora":
         meta["lora"] = artefact_lora(cfg["artefact"], PrequantConfig(**cfg["prequant"]))
-    checkpoints.save(model, tokenizer, directory, meta, fmt="prequant")
+    checkpoints.write(model, tokenizer, directory, meta, fmt="prequant")
 
 
 def train_loop(cfg: dict) -> None:
     """Runs on each Ray Train worker: the shared loop with the method's model and export."""
     run_loop(cfg, setup, functools.partial(export, cfg))
-
-
-def train_resources(ft: FinetuneConfig) -> dict:
-    """CPUs and GPUs the Ray Train workers of a fine-tune hold."""
-    return {"cpus": ft.num_workers * ft.cpus_per_worker, "gpus": ft.num_workers if ft.use_gpu == "true" else 0}
-
-
-def weight_bits(quant: str | None) -> float:
-    """Bits per weight of a QuantConfig (FP: 32; ternary: 1.58)."""
-    w = None if quant is None else QuantConfig.parse(quant).weight
-    return FP_BITS if w is None else (1.58 if w.scheme == "ternary" else w.bits)
-
-
-def report_row(task: str, method: str, eval_result, wall_s: float, quant: str | None, trainable_pct: float,
-               resources: dict) -> dict:
-    """A line of the comparison report."""
-    r = eval_result
-    return {"task": task, "method": method, "metric": r.main_metric, "value": round(100 * r.main, 2),
-            "model_MB": round(r.model_bytes / 2**20, 2), "examples_per_s": round(r.examples_per_s, 1),
-            "wall_s": round(wall_s, 1), "metrics": r.metrics, "bits": weight_bits(quant),
-            "trainable_pct": round(trainable_pct, 3), "cpu_s": round(wall_s * resources.get("cpus", 0), 1),
-            "gpu_s": round(wall_s * resources.get("gpus", 0), 1)}

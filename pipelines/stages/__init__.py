@@ -8,10 +8,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from pipelines.config import RunConfig
-from pipelines.stages import evaluate, finetune, report, rtn
+from pipelines.stages import evaluate, finetune, prequant_finetune, prequant_quantize, report, rtn
 from pipelines.stages.base import Context, Stage, StageResult
 
-PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn)  # the order of a config's plan
+PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, prequant_quantize, prequant_finetune)  # plan order
 REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report)}
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]

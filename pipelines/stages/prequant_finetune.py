@@ -14,11 +14,13 @@ from pathlib import Path
 
 from pipelines import checkpoints, models
 from pipelines.cluster import ensure_ray
+from pipelines.tasks import check_task
 from pipelines.config import ConfigError, RunConfig
-from pipelines.data import check_task, tokenized_split
-from pipelines.evaluate import evaluate_model
-from pipelines.prequant_model import PEFT_METHODS, method_label, report_row, train_loop, train_resources
+from pipelines.data import tokenized_split
+from pipelines.evaluation import evaluate_model, report_row
+from pipelines.prequant_model import PEFT_METHODS, method_label, train_loop
 from pipelines.stages import prequant_quantize
+from pipelines.stages.finetune import train_resources
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
 from pipelines.training import fit_to_dir
 from quant import QuantConfig
@@ -54,7 +56,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     pcfg = cfg.prequant
     ft = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in QUIET}
     return {"task": stage.task, "method": stage.method, "quant": str(QuantConfig.parse(stage.quant)),
-            "checkpoint": models.checkpoint_identity(stage.checkpoint) if stage.checkpoint else None,
+            "checkpoint": models.identity(stage.checkpoint) if stage.checkpoint else None,
             "data": dataclasses.asdict(cfg.data), "evaluate": dataclasses.asdict(cfg.evaluate), "finetune": ft,
             "prequant": {"lr": pcfg.lr, "budget_pct": pcfg.budget_pct, "train_norms": pcfg.train_norms,
                          "lora_scaling": pcfg.lora_scaling}}

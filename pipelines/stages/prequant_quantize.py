@@ -55,7 +55,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     calib = None
     if needs_calibration(criterion, pcfg):
         calib = {"corpus": pcfg.calib_corpus, "samples": pcfg.calib_samples, "max_length": pcfg.calib_max_length}
-    return {"model": model, "weights": models.checkpoint_identity(model) if Path(model).is_dir() else None,
+    return {"model": models.identity(model),
             "quant": quant_name(stage.quant, pcfg), "criterion": criterion,
             "budget_pct": pcfg.budget_pct if criterion else None,
             "train_norms": pcfg.train_norms if criterion else False, "seed": pcfg.seed, "calib": calib,
