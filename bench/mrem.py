@@ -37,9 +37,8 @@ def fp_points(task: str) -> float:
 
 def run_figure(cfg, fig: common.Figure, task: str) -> tuple[float, dict]:
     """(dev metric in points, details) of one RTN or MREM figure, from the task's FP reference."""
-    from pipelines import (
-        runner,  # the driver loads Ray; judging and writing recorded figures need none of it
-    )
+    # the driver loads Ray: judging and writing recorded figures need none of it
+    from pipelines import runner
     from pipelines.stages import REGISTRY
 
     checkpoint = str(ROOT / common.fp_reference(task)["checkpoint"])

@@ -29,6 +29,7 @@ ROOT = common.ROOT
 
 PLAN_FILE = common.PLANS / "prequant.yaml"
 RESULTS = ROOT / "bench" / "results" / "prequant.json"
+OUTPUT_DIR = "runs/bench_prequant"  # <recipe>[_seed<N>] below it: each recipe and seed keeps its own models
 PEFT_STAGES = ("prequant-quantize", "prequant-finetune")
 STAGES = {"fp": ("finetune", "evaluate"), "rtn": ("finetune", "rtn")}
 SEARCHED = ("prequant.lr=", "finetune.lr=")  # a --set the lr search records; any other needs a pilot file
@@ -47,7 +48,7 @@ def narrow(fig: common.Figure) -> list[str]:
 
 def figure_overrides(plan: common.Plan, fig: common.Figure, task: str, args) -> list[str]:
     """The figure's whole override list; each recipe (and seed) keeps its models in its own folder."""
-    out = f"{getattr(args, 'output_dir', None) or 'runs/bench_prequant'}/{fig.recipe}"
+    out = f"{args.output_dir}/{fig.recipe}"
     seed = [] if args.seed is None else [f"finetune.seed={args.seed}"]
     return [f"tasks=[{task}]", *plan.overrides(fig.key), *narrow(fig), *args.set, *seed,
             f"output_dir={out}" + ("" if args.seed is None else f"_seed{args.seed}")]
@@ -67,9 +68,8 @@ def figure_of(summary) -> dict:
 
 def run_figure(cfg, fig: common.Figure) -> tuple[float, dict]:
     """(dev metric in points, details) of one figure, run through the product's one driver."""
-    from pipelines import (
-        runner,  # the driver loads Ray; judging and writing recorded figures need none of it
-    )
+    # the driver loads Ray: judging and writing recorded figures need none of it
+    from pipelines import runner
 
     summary = runner.run(cfg, stages=list(STAGES.get(fig.method, PEFT_STAGES)))
     outcome = figure_of(summary)
@@ -171,8 +171,9 @@ def main() -> None:
     args = common.cli(__doc__, lambda p: p.add_argument("--smoke", action="store_true", help="tiny-bert, a few steps"))
     plan = common.load_plan(PLAN_FILE)
     args.config = plan.smoke["config"] if args.smoke else plan.config
+    args.output_dir = "runs/prequant_smoke" if args.smoke else OUTPUT_DIR
     if args.smoke:
-        args.set, args.output_dir = [*plan.smoke["set"], *args.set], "runs/prequant_smoke"
+        args.set = [*plan.smoke["set"], *args.set]
     path = Path(args.out).resolve() if args.out else (ROOT / "runs/prequant_smoke/prequant.json" if args.smoke
                                                       else RESULTS)
     results = json.loads(path.read_text()) if path.exists() else {}
