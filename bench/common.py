@@ -113,6 +113,11 @@ def cli(doc: str, extra=None) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def figure_of(summary, stages: list) -> dict:
+    """A figure's outcome in a pipelines.runner.RunSummary: that of the last of `stages` with a report row."""
+    return [summary.outcomes[s.name] for s in stages if summary.outcomes.get(s.name, {}).get("row")][-1]
+
+
 # ---- seeds, replicates, learning-rate search ------------------------------------------------------------
 
 def lr_label(detail: dict) -> str:

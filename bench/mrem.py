@@ -26,6 +26,7 @@ ROOT = common.ROOT
 
 PLAN_FILE = common.PLANS / "mrem.yaml"
 RESULTS = ROOT / "bench" / "results" / "mrem.json"
+KINDS = {"rtn": ("rtn",), "mrem": ("calibrate", "mrem")}  # stage kinds of a figure, from the FP reference
 MODULE_STATS = ("module", "layers", "s_per_step", "peak_rss_mb", "pushed_bytes", "initial_error", "final_error",
                 "repeated_batches", "waited_for_predecessor_s")
 
@@ -39,11 +40,11 @@ def run_figure(cfg, fig: common.Figure, task: str) -> tuple[float, dict]:
     """(dev metric in points, details) of one RTN or MREM figure, from the task's FP reference."""
     # the driver loads Ray: judging and writing recorded figures need none of it
     from pipelines import runner
-    from pipelines.stages import REGISTRY
+    from pipelines.stages import plan_kinds
 
     checkpoint = str(ROOT / common.fp_reference(task)["checkpoint"])
-    summary = runner.run(cfg, stages=REGISTRY[fig.method].plan(cfg, checkpoint=checkpoint))
-    outcome = [o for o in summary.outcomes.values() if o.get("row")][-1]
+    stages = plan_kinds(cfg, KINDS[fig.method], checkpoint, with_report=False)
+    outcome = common.figure_of(runner.run(cfg, stages, name=f"bench-{fig.key}"), stages)
     row, info = outcome["row"], outcome.get("info", {})
     detail = {"wall_s": row.get("wall_s"), "bytes": info.get("packed_bytes", info.get("bytes"))}
     if fig.method == "mrem":

@@ -61,18 +61,15 @@ def check_set(args) -> None:
         raise SystemExit(f"{', '.join(other)}: no key of {RESULTS.name} records this; pass --out runs/<pilot>.json")
 
 
-def figure_of(summary) -> dict:
-    """The figure's outcome: the last stage of the run's plan that wrote a report row."""
-    return [o for o in summary.outcomes.values() if o.get("row")][-1]
-
-
 def run_figure(cfg, fig: common.Figure) -> tuple[float, dict]:
-    """(dev metric in points, details) of one figure, run through the product's one driver."""
+    """(dev metric in points, details) of one figure: its stages planned from the config and run by the
+    product's one driver."""
     # the driver loads Ray: judging and writing recorded figures need none of it
     from pipelines import runner
+    from pipelines.stages import plan_kinds
 
-    summary = runner.run(cfg, stages=list(STAGES.get(fig.method, PEFT_STAGES)))
-    outcome = figure_of(summary)
+    stages = plan_kinds(cfg, STAGES.get(fig.method, PEFT_STAGES), with_report=False)
+    outcome = common.figure_of(runner.run(cfg, stages, name=f"bench-{fig.key}"), stages)
     row, info = outcome["row"], outcome.get("info", {})
     lr = cfg.finetune.lr if fig.method in STAGES else cfg.prequant.lr
     detail = {k: info.get(k, row.get(k)) for k in DETAIL_KEYS if info.get(k, row.get(k)) is not None}

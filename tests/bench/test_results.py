@@ -76,16 +76,24 @@ def test_the_lr_search_merges_into_the_recorded_figures():
 
 @pytest.fixture
 def fake_runner(monkeypatch):
-    """pipelines.runner with run(cfg, stages) -> a summary whose outcomes are in plan order."""
+    """pipelines.stages.plan_kinds and pipelines.runner.run stand-ins: the stages a figure asks for, and a
+    summary whose outcomes follow the plan (the last stage with a report row is the figure)."""
+    import pipelines.stages
+
     calls = []
 
-    def run(cfg, stages=None, force=None):
-        calls.append((cfg, stages))
-        outcomes = {"finetune/mrpc": {"checkpoint": "m", "row": None},
-                    "prequant-finetune/mrpc/lora-w4": {"row": {"value": 85.5, "trainable_pct": 0.95, "wall_s": 9.0},
-                                                       "info": {"train_s": 7.0, "trainable_params": 10}}}
+    def plan_kinds(cfg, kinds, checkpoint=None, with_report=True):
+        calls.append({"kinds": kinds, "checkpoint": checkpoint, "report": with_report})
+        return [SimpleNamespace(name=f"{k}/{cfg.tasks[0]}") for k in kinds]
+
+    def run(cfg, stages=None, force=None, name="run"):
+        calls[-1].update(cfg=cfg, name=name)
+        outcomes = {s.name: {"row": None, "checkpoint": "m"} for s in stages}
+        outcomes[stages[-1].name] = {"row": {"value": 85.5, "trainable_pct": 0.95, "wall_s": 9.0},
+                                     "info": {"train_s": 7.0, "trainable_params": 10, "chain_errors": [0.1]}}
         return SimpleNamespace(outcomes=outcomes, rows=[], wall_s=9.0)
 
+    monkeypatch.setattr(pipelines.stages, "plan_kinds", plan_kinds, raising=False)
     monkeypatch.setitem(sys.modules, "pipelines.runner", types.SimpleNamespace(run=run))
     monkeypatch.setattr(sys.modules["pipelines"], "runner", sys.modules["pipelines.runner"], raising=False)
     return calls
@@ -97,8 +105,10 @@ def test_a_figure_is_run_by_the_one_driver_and_read_from_its_summary(fake_runner
                            config=plan.config)
     row, details = prequant.run_task("mrpc", plan, args)
     assert row == {"lora_g128_w4_e6": 85.5}
-    cfg, stages = fake_runner[0]
-    assert stages == ["prequant-quantize", "prequant-finetune"]  # no FP fine-tuning for a PEFT figure
+    call = fake_runner[0]
+    assert call["kinds"] == ("prequant-quantize", "prequant-finetune")  # no FP fine-tuning for a PEFT figure
+    assert (call["name"], call["report"]) == ("bench-lora_g128_w4_e6", False)
+    cfg = call["cfg"]
     assert (cfg.prequant.methods, cfg.prequant.quantizer, cfg.finetune.epochs) == (["lora"], "group-mse", 6)
     d = details["lora_g128_w4_e6"]
     assert (d["train_s"], d["trainable_params"], d["lr"], d["criterion"], d["command"]) == (7.0, 10, 2e-3,
@@ -111,8 +121,18 @@ def test_fp_and_rtn_figures_ask_for_their_own_stages(fake_runner):
         fig = plan.figures[key]
         cfg = load_config(common.ROOT / plan.config, prequant.figure_overrides(
             plan, fig, "mrpc", SimpleNamespace(set=[], seed=None, output_dir="runs/x")))
-        prequant.run_figure(cfg, fig)
-    assert [s for _, s in fake_runner] == [["finetune", "evaluate"], ["finetune", "rtn"]]
+        assert prequant.run_figure(cfg, fig)[0] == 85.5
+    assert [c["kinds"] for c in fake_runner] == [("finetune", "evaluate"), ("finetune", "rtn")]
+
+
+def test_mrem_figures_start_from_the_fp_reference(fake_runner):
+    plan = common.load_plan(mrem.PLAN_FILE)
+    fig = plan.figures["mrem_p_w2a8"]
+    args = SimpleNamespace(set=[], seed=None)
+    metric, detail = mrem.run_figure(mrem.figure_config(plan, fig, "rte", args), fig, "rte")
+    call = fake_runner[0]
+    assert call["kinds"] == ("calibrate", "mrem") and call["checkpoint"].endswith("runs/fp_reference/rte/finetune/model")
+    assert (metric, detail["module_errors"], detail["steps"], detail["student_dropout"]) == (85.5, [0.1], 400, False)
 
 
 def _mrem_task() -> dict:
