@@ -58,8 +58,8 @@ def run_figure(cfg, fig: common.Figure, task: str) -> tuple[float, dict]:
 def figure_config(plan: common.Plan, fig: common.Figure, task: str, args, *more: str):
     section = "rtn" if fig.method == "rtn" else "mrem"
     seed = [] if args.seed is None else [f"mrem.seed={args.seed}"]
-    return load_config(ROOT / plan.config, [f"tasks=[{task}]", *plan.overrides(fig.key), f"{section}.quant=[{fig.quant}]",
-                                            *args.set, *seed, *more])
+    overrides = [f"tasks=[{task}]", *plan.overrides(fig.key), f"{section}.quant=[{fig.quant}]", *args.set, *seed]
+    return load_config(ROOT / plan.config, [*overrides, *more])
 
 
 def run_task(task: str, plan: common.Plan, args, save) -> None:
@@ -77,7 +77,8 @@ def measure_speed(task: str, plan: common.Plan, args) -> dict:
     for key, mode in (("mrem_p_w4a8", "parallel"), ("mrem_s_w4a8", "sequential")):
         cfg = figure_config(plan, plan.figures[key], task, args, "output_dir=runs/mrem_speed")
         _, detail = run_figure(cfg, plan.figures[key], task)
-        times[mode] = {"train_s": detail["train_s"], "s_per_step": [round(m["s_per_step"], 3) for m in detail["modules"]]}
+        times[mode] = {"train_s": detail["train_s"],
+                       "s_per_step": [round(m["s_per_step"], 3) for m in detail["modules"]]}
     return {"steps_per_module": cfg.mrem.steps, "quant": "w4a8", "train_s": times,
             "speedup_p2_vs_s": round(times["sequential"]["train_s"] / times["parallel"]["train_s"], 2),
             "command": args.command}
@@ -185,11 +186,11 @@ def tables(results: dict, plan: common.Plan) -> tuple[list[dict], list[dict]]:
     for task, res in results.get("tasks", {}).items():
         main += common.main_rows(plan, task, by_seed(res))
         sp, single = res.get("speed", {}), res.get("single_process", {})
-        rss = res.get("peak_rss_mb", {})
+        rss = [max(v) for k, v in res.get("peak_rss_mb", {}).items() if k.startswith("mrem_p")]
         speed.append({"task": task, "speedup_p2_vs_s": sp.get("speedup_p2_vs_s"),
                       "target >= 1.7x": None if not sp else sp["speedup_p2_vs_s"] >= 1.7,
                       "speed_run": f"{sp['steps_per_module']} steps/module, {sp['quant']}" if sp else None,
-                      "actor_peak_rss_MB": max((max(v) for k, v in rss.items() if k.startswith("mrem_p")), default=None),
+                      "actor_peak_rss_MB": max(rss, default=None),
                       "single_process_peak_rss_MB": single.get("peak_rss_mb"),
                       "bytes_pushed_p_w4a8": res.get("object_store_bytes_pushed", {}).get("mrem_p_w4a8")})
     return main, speed

@@ -131,7 +131,8 @@ def test_mrem_figures_start_from_the_fp_reference(fake_runner):
     args = SimpleNamespace(set=[], seed=None)
     metric, detail = mrem.run_figure(mrem.figure_config(plan, fig, "rte", args), fig, "rte")
     call = fake_runner[0]
-    assert call["kinds"] == ("calibrate", "mrem") and call["checkpoint"].endswith("runs/fp_reference/rte/finetune/model")
+    assert call["kinds"] == ("calibrate", "mrem")
+    assert call["checkpoint"].endswith("runs/fp_reference/rte/finetune/model")
     assert (metric, detail["module_errors"], detail["steps"], detail["student_dropout"]) == (85.5, [0.1], 400, False)
 
 
