@@ -29,12 +29,13 @@ def machine() -> str:
 
 
 def run_fp(config: str, tasks: list[str] | None, overrides: list[str]) -> dict:
-    from pipelines.run import run
+    # the driver loads Ray: rewriting the page needs none of it
+    from pipelines import runner
 
     cfg = load_config(ROOT / config, ([f"tasks=[{','.join(tasks)}]"] if tasks else []) + overrides)
     command = f"python bench/fp_reference.py --part fp --tasks {' '.join(cfg.tasks)}" + "".join(
         f" --set {o}" for o in overrides) + f"  (plmq run {config})"
-    summary = run(cfg)
+    summary = runner.run(cfg)
     out = {}
     for row in summary.rows:
         model = Path(summary.output_dir) / row["task"] / "finetune" / "model"

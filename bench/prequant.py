@@ -34,7 +34,7 @@ PEFT_STAGES = ("prequant-quantize", "prequant-finetune")
 STAGES = {"fp": ("finetune", "evaluate"), "rtn": ("finetune", "rtn")}
 SEARCHED = ("prequant.lr=", "finetune.lr=")  # a --set the lr search records; any other needs a pilot file
 DETAIL_KEYS = ("trainable_pct", "trainable_params", "optimizer_state_bytes", "peak_rss_mb", "train_s", "steps",
-               "quant", "bytes", "model_MB", "wall_s")
+               "quant", "model_MB", "wall_s")
 
 
 def narrow(fig: common.Figure) -> list[str]:
@@ -73,6 +73,7 @@ def run_figure(cfg, fig: common.Figure) -> tuple[float, dict]:
     row, info = outcome["row"], outcome.get("info", {})
     lr = cfg.finetune.lr if fig.method in STAGES else cfg.prequant.lr
     detail = {k: info.get(k, row.get(k)) for k in DETAIL_KEYS if info.get(k, row.get(k)) is not None}
+    detail["bytes"] = info.get("packed_bytes", info.get("bytes"))
     detail.update(lr=None if fig.method == "rtn" else lr, epochs=cfg.finetune.epochs,
                   batch_size=cfg.finetune.batch_size, pooling=cfg.finetune.pooling, output_dir=cfg.output_dir)
     if fig.method not in STAGES:
