@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.config import load_config  # noqa: E402
 from bench.common import write_results  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 from pipelines.io import markdown_table  # noqa: E402
 from pipelines.pretrain import PretrainRunConfig  # noqa: E402
 from pipelines.pretrain_sweep import run_sweep_stage  # noqa: E402
