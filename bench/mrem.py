@@ -232,7 +232,8 @@ def main() -> None:
     plan = common.load_plan(PLAN_FILE)
     path = Path(args.out).resolve() if args.out else RESULTS
     results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
-    experiment = load_config(ROOT / plan.config).experiment_name
+    base = load_config(ROOT / plan.config)
+    experiment = base.experiment_name
     if args.write_only or args.log_only:
         if args.write_only:
             write(results, path, plan)
@@ -242,7 +243,7 @@ def main() -> None:
     args.command = " ".join(["python -m bench.mrem", *sys.argv[1:]])
     if not (args.speed or args.memory or args.seed is not None):  # these record their own command
         results.update(command=args.command, config_file=plan.config, overrides=args.set)
-    for task in args.tasks or ["sst2"]:
+    for task in args.tasks or base.tasks:
         start, record = time.time(), results["tasks"].setdefault(task, {"metrics": {}, "details": {}})
         if args.speed or args.memory:
             record["speed" if args.speed else "single_process"] = (measure_speed if args.speed else measure_memory)(

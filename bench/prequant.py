@@ -175,20 +175,21 @@ def main() -> None:
     path = Path(args.out).resolve() if args.out else (ROOT / "runs/prequant_smoke/prequant.json" if args.smoke
                                                       else RESULTS)
     results = json.loads(path.read_text()) if path.exists() else {}
-    experiment = load_config(ROOT / args.config).experiment_name
+    base = load_config(ROOT / args.config)
+    experiment = base.experiment_name
     if args.write_only or args.log_only:
         if args.write_only:
             write(results, path, plan)
         else:
             print(f"MLflow run {log_to_mlflow(results, path, plan, experiment)} ({experiment})")
         return
-    check_set(args)
+    if not args.smoke:  # a smoke run writes under runs/, never into the recorded figures
+        check_set(args)
     args.command = " ".join(["python -m bench.prequant", *sys.argv[1:]])
     if args.seed is None:
         results.update(command=args.command, config_file=args.config, overrides=args.set)
-    results.update(model="minilm-l6" if not args.smoke else "tiny-bert",
-                   machine=f"{platform.machine()}, {os.cpu_count()} cores")
-    for task in args.tasks or ["sst2", "rte", "mrpc"]:
+    results.update(model=base.model, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    for task in args.tasks or base.tasks:
         start = time.time()
         row, details = run_task(task, plan, args)
         if args.seed is not None:
