@@ -69,8 +69,12 @@ def run_figure(cfg, fig: common.Figure) -> tuple[float, dict]:
     from pipelines.stages import plan_kinds
 
     stages = plan_kinds(cfg, STAGES.get(fig.method, PEFT_STAGES), with_report=False)
-    outcome = common.figure_of(runner.run(cfg, stages, name=f"bench-{fig.key}"), stages)
+    summary = runner.run(cfg, stages, name=f"bench-{fig.key}")
+    outcome = common.figure_of(summary, stages)
     row, info = outcome["row"], outcome.get("info", {})
+    if fig.method == "fp":  # FP's training is its fine-tune stage's
+        ft = next(summary.outcomes[s.name].get("info") or {} for s in stages if s.kind == "finetune")
+        info = {**info, "train_s": round(ft.get("wall_s", 0.0), 1), "steps": ft.get("steps")}
     lr = cfg.finetune.lr if fig.method in STAGES else cfg.prequant.lr
     detail = {k: info.get(k, row.get(k)) for k in DETAIL_KEYS if info.get(k, row.get(k)) is not None}
     detail["bytes"] = info.get("packed_bytes", info.get("bytes"))

@@ -84,11 +84,11 @@ def fake_runner(monkeypatch):
 
     def plan_kinds(cfg, kinds, checkpoint=None, with_report=True):
         calls.append({"kinds": kinds, "checkpoint": checkpoint, "report": with_report})
-        return [SimpleNamespace(name=f"{k}/{cfg.tasks[0]}") for k in kinds]
+        return [SimpleNamespace(name=f"{k}/{cfg.tasks[0]}", kind=k) for k in kinds]
 
     def run(cfg, stages=None, force=None, name="run"):
         calls[-1].update(cfg=cfg, name=name)
-        outcomes = {s.name: {"row": None, "checkpoint": "m"} for s in stages}
+        outcomes = {s.name: {"row": None, "checkpoint": "m", "info": {"wall_s": 60.04, "steps": 3}} for s in stages}
         outcomes[stages[-1].name] = {"row": {"value": 85.5, "trainable_pct": 0.95, "wall_s": 9.0},
                                      "info": {"train_s": 7.0, "trainable_params": 10, "chain_errors": [0.1]}}
         return SimpleNamespace(outcomes=outcomes, rows=[], wall_s=9.0)
@@ -121,7 +121,8 @@ def test_fp_and_rtn_figures_ask_for_their_own_stages(fake_runner):
         fig = plan.figures[key]
         cfg = load_config(common.ROOT / plan.config, prequant.figure_overrides(
             plan, fig, "mrpc", SimpleNamespace(set=[], seed=None, output_dir="runs/x")))
-        assert prequant.run_figure(cfg, fig)[0] == 85.5
+        metric, detail = prequant.run_figure(cfg, fig)
+        assert metric == 85.5 and detail["train_s"] == (60.0 if fig.method == "fp" else 7.0)
     assert [c["kinds"] for c in fake_runner] == [("finetune", "evaluate"), ("finetune", "rtn")]
 
 
