@@ -21,7 +21,6 @@ from pipelines.io import markdown_table, write_json_atomic, write_text_atomic
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = ROOT / "bench" / "plans"
 FP = ROOT / "bench" / "results" / "fp_reference.json"
-FP_RUNS = ROOT / "runs" / "fp_reference"
 
 
 # ---- plans ------------------------------------------------------------------------------------------------
@@ -188,14 +187,6 @@ def judge(target: Target, by_seed: dict[str, dict]) -> dict | None:
     bar = round(mean(b) - target.margin, 2)
     return {"target": target.label, "measured": mean(a), "bar": bar, "met": mean(a) >= bar,
             "paired_gap": fmt_gap(paired_gap(a, b, target.margin))}
-
-
-def target_row(task: str, target: str, measured, limit, at_least: bool = True) -> list[dict]:
-    """A Targets-table row: `measured` vs the bar `limit` (>= when at_least, else <=); [] when either is missing."""
-    if measured is None or limit is None:
-        return []
-    met = measured >= limit if at_least else measured <= limit
-    return [{"task": task, "target": target, "measured": f"{measured} vs {round(limit, 2)}", "met": met}]
 
 
 def main_rows(plan: Plan, task: str, by_seed: dict[str, dict], fp_label: str = "fp", info=None) -> list[dict]:
