@@ -72,7 +72,10 @@ class Plan:
         return [*self.recipes.get(f.recipe, []), *(self.bases[f.base] if f.base else []), *f.set]
 
     def runnable(self, keys: list[str] | None) -> list[Figure]:
-        """The figures to run (all, or `keys`); asking for a recorded-only figure is an error."""
+        """The figures to run (all, or `keys`); asking for a recorded-only or unknown figure is an error."""
+        unknown = [k for k in keys or [] if k not in self.figures]
+        if unknown:
+            raise SystemExit(f"not in the plan: {', '.join(unknown)}")
         chosen = [self.figures[k] for k in keys] if keys else list(self.figures.values())
         stale = [f"{f.key} ({f.recorded_only})" for f in chosen if f.recorded_only]
         if keys and stale:

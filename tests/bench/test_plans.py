@@ -81,6 +81,8 @@ def test_figures_of_removed_settings_are_recorded_only():
     assert stale.isdisjoint(f.key for f in plan.runnable(None))  # a whole-plan run skips them
     with pytest.raises(SystemExit, match="prequant_g128top2_w4_e6.*column_blocks"):
         plan.runnable(["prequant_g128_w4_e6", "prequant_g128top2_w4_e6"])
+    with pytest.raises(SystemExit, match="not in the plan: prequant_w4_e6"):  # no suffix grammar: keys are listed
+        plan.runnable(["prequant_w4_e6"])
 
 
 def test_a_plan_naming_a_figure_it_lacks_is_refused(tmp_path):
