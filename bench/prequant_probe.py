@@ -39,7 +39,8 @@ OCFG = {"criterion": "activation", "budget": 0.003, "skip": ["*pooler*"]}
 
 
 def glue_rows(task: str, split: str, n: int) -> list[list[str]]:
-    return [line.split("\t") for line in (ROOT / "data" / "glue" / task / f"{split}.tsv").read_text().splitlines()[1:n + 1]]
+    lines = (ROOT / "data" / "glue" / task / f"{split}.tsv").read_text().splitlines()
+    return [line.split("\t") for line in lines[1:n + 1]]
 
 
 def embed(model, tok, texts, pairs=None) -> dict[str, torch.Tensor]:
