@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines import models  # noqa: E402
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
-from pipelines.prequant import calibration_sentences  # noqa: E402
-from quant import outliers as ol  # noqa: E402
+from pipelines.prequant_model import calibration_sentences  # noqa: E402
+from quant import prequant as ol  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "prequant_probe.json"
 # (name, QuantConfig, prequant.quantizer, GPTQ)
