@@ -102,8 +102,8 @@ def test_resume_continues_the_same_loss_curve_exactly(corpus, tmp_path):
 
 def test_plan_and_fragment():
     cfg = load_config(None, ["quant.recipe=w8", "quant.weight={granularity: group, group_size: 32}",
-                             "sweep.recipes=[fp, w4]", "sweep.seeds=[0, 1]", "sweep.corpora=[tinyshakespeare, wikitext2]"],
-                      cls=PretrainRunConfig)
+                             "sweep.recipes=[fp, w4]", "sweep.seeds=[0, 1]",
+                             "sweep.corpora=[tinyshakespeare, wikitext2]"], cls=PretrainRunConfig)
     (single,) = pretrain.plan(cfg)
     assert pretrain.job_config(cfg, single).quant.build() == cfg.quant.build()  # per-kind settings kept in the name
     assert single.task == "tinyshakespeare" and single.method == "0"
