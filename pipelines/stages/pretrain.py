@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipelines.cluster import ensure_ray, worker_resources
-from pipelines.config import from_dict
+from pipelines.config import ConfigError, from_dict
 from pipelines.lm_data import LMData
 from pipelines.lm_train import RaySession, prepare, save_model, train
 from pipelines.pretrain_config import QUIET_TRAIN, PretrainRunConfig, with_recipe
@@ -48,6 +48,8 @@ def plan(cfg: PretrainRunConfig, checkpoint: str | None = None) -> list[Stage]:
 def plan_sweep(cfg: PretrainRunConfig) -> list[Stage]:
     """Every (corpus, seed, recipe) of cfg.sweep; empty corpora/seeds mean data.corpus/train.seed."""
     s = cfg.sweep
+    if not s.recipes:
+        raise ConfigError("sweep.recipes is empty: list the recipes to compare, e.g. [fp, w8a8, w4]")
     return [_stage(r, c, seed) for c in (s.corpora or [cfg.data.corpus]) for seed in (s.seeds or [cfg.train.seed])
             for r in s.recipes]
 

@@ -122,6 +122,8 @@ def test_plan_and_fragment():
     assert pretrain.fragment(quiet, pretrain.plan(quiet)[0]) == pretrain.fragment(base, pretrain.plan(base)[0])
     lr = load_config(None, ["train.lr=2e-3"], cls=PretrainRunConfig)
     assert pretrain.fragment(lr, pretrain.plan(lr)[0]) != pretrain.fragment(base, pretrain.plan(base)[0])
+    with pytest.raises(ConfigError, match="sweep.recipes is empty"):
+        pretrain_report.plan(base)
 
 
 @pytest.mark.ray
