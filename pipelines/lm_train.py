@@ -92,10 +92,11 @@ def prepare(cfg: PretrainRunConfig) -> LMData:
 
 def save_model(model: torch.nn.Module, data: LMData, result: dict, cfg: PretrainRunConfig, path: str | Path) -> None:
     """An FP checkpoint (the master weights: GPT2LMHeadModel.from_pretrained loads it) with its
-    tokenizer, the recipe to re-apply in plmq_meta.json, and result.json."""
+    tokenizer, the recipe to re-apply in plmq_meta.json, and result.json, into `path` (a Ray Train
+    checkpoint folder, which becomes the stage's model folder atomically)."""
     meta = {"recipe": result["recipe"], "include_head": cfg.quant.include_head, "corpus": cfg.data.corpus,
             "config": asdict(cfg)}
-    checkpoints.save(model, hf_tokenizer(data.tokenizer_dir), path, meta, fmt="fp")
+    checkpoints.write(model, hf_tokenizer(data.tokenizer_dir), path, meta, fmt="fp")
     write_json_atomic(Path(path) / "result.json", result)
 
 

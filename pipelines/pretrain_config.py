@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.config import ConfigError, gpu_flag
+from pipelines.config import gpu_flag
+from pipelines.errors import ConfigError
 from quant.qtrain import KINDS, Recipe
 
 __all__ = ["DataSection", "ModelSection", "PretrainRunConfig", "QuantSection", "SweepSection", "TrainSection",

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from pipelines.cluster import ensure_ray, worker_resources
-from pipelines.config import ConfigError, from_dict
+from pipelines.config import from_dict
+from pipelines.errors import ConfigError
 from pipelines.lm_data import LMData
 from pipelines.lm_train import RaySession, prepare, save_model, train
 from pipelines.pretrain_config import QUIET_TRAIN, PretrainRunConfig, with_recipe

@@ -1,8 +1,10 @@
 """Stage `pretrain-report`: the comparison of a pre-training sweep, from its pretrain stages' outcomes.
 
-Each run is compared with the FP run of its corpus and seed; with several seeds a summary table gives
-the mean and spread over seeds of every recipe's gap to FP. Writes <root>/sweep/ (one atomic folder):
-sweep_results.md, .csv, .json (with the loss histories) and loss_curves.png.
+A final stage (FINAL): the DAG runs it after the pretrain stages, in the driver, on the outcomes of
+those that succeeded. Each run is compared with the FP run of its corpus and seed; with several
+seeds a summary table gives the mean and spread over seeds of every recipe's gap to FP. Writes
+<root>/sweep/ (one atomic folder): sweep_results.md, .csv, .json (with the loss histories) and
+loss_curves.png.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from pipelines.stages import pretrain
 from pipelines.stages.base import Context, Stage, StageResult
 
 KIND = "pretrain-report"
+FINAL = True  # the DAG runs it last, in the driver, on the outcomes of the pretrain stages that succeeded
 FOLDER = "sweep"
+FILES = ("sweep_results.md", "sweep_results.csv", "sweep_results.json", "loss_curves.png")
 
 
 def plan(cfg: PretrainRunConfig, checkpoint: str | None = None) -> list[Stage]:
@@ -33,7 +37,8 @@ def fragment(cfg: PretrainRunConfig, stage: Stage) -> dict:
 
 
 def run(cfg: PretrainRunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -> StageResult:
-    """The tables and the plot of the pretrain stages in `upstream` (the stage's deps, in plan order)."""
+    """The tables and the plot of the pretrain stages in `upstream` (the stage's deps, in plan order;
+    a failed one is listed in info["missing"])."""
     results = [upstream[name]["info"] for name in stage.deps if name in upstream]
     missing = [name for name in stage.deps if name not in upstream]
     rows = compare(results)
@@ -46,7 +51,10 @@ def run(cfg: PretrainRunConfig, stage: Stage, upstream: dict[str, dict], ctx: Co
                                                        "missing": missing, "config": asdict(cfg)})
         first = min((r.get("seed") or 0 for r in results), default=0)
         plot_losses([r for r in results if (r.get("seed") or 0) == first], tmp / "loss_curves.png")
-    return StageResult(outputs=FOLDER, info={"rows": rows, "summary": summary, "table": table, "missing": missing})
+    files = [str(Path(ctx.root) / FOLDER / name) for name in FILES]
+    return StageResult(outputs=FOLDER, metrics={"runs": len(results), "missing": len(missing)},
+                       info={"table": table, "rows": rows, "summary": summary, "comparison": rows, "files": files,
+                             "missing": missing})
 
 
 def compare(results: list[dict]) -> list[dict]:
