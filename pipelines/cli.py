@@ -20,7 +20,8 @@ from pipelines.errors import ConfigError, DataError
 from pipelines.prequant_model import quant_name
 from pipelines.runner import RunSummary, StageFailure
 from pipelines.runner import run as run_plan
-from pipelines.stages import Stage
+from pipelines.pretrain_config import PretrainRunConfig
+from pipelines.stages import Stage, pretrain, pretrain_report
 from pipelines.tracking import tracking_uri
 
 app = typer.Typer(help="plmq: quantize pre-trained language models on Ray.", no_args_is_help=True,
@@ -75,7 +76,7 @@ def execute(cfg, stages: list[Stage] | None, name: str, force: list[str] = (), d
         fail(ui_hint(), 1)
     if summary.table:
         typer.echo("\n" + summary.table + "\n")
-        typer.echo(f"Report: {summary.output_dir}/report.md (+ report.csv, accuracy_vs_bits.png)")
+        typer.echo(f"Report files under {summary.output_dir}")
     typer.echo(f"wall time {summary.wall_s:.0f} s, {len(summary.skipped)} stage(s) already complete")
     typer.echo(ui_hint())
     return summary
@@ -127,6 +128,38 @@ def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder"), 
     if not cfg.rtn.quant:
         fail("config error: no QuantConfig: pass --quant w4a8 or set rtn.quant")
     single(cfg, ("rtn",), "rtn", checkpoint, dry_run)
+
+
+def load_pretrain(config: Optional[Path], overrides: list[str], recipe: Optional[str], corpus: Optional[str],
+                  output_dir: Optional[str]) -> PretrainRunConfig:
+    extra = [f"quant.recipe={recipe}"] if recipe else []
+    extra += [f"data.corpus={corpus}"] if corpus else []
+    return load(config, list(overrides) + extra, None, None, output_dir, cls=PretrainRunConfig)
+
+
+@app.command("pretrain")
+def pretrain_verb(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+                  recipe: Optional[str] = typer.Option(None, help="quantization recipe, e.g. fp, w8a8g8, w4, m8v8"),
+                  corpus: Optional[str] = typer.Option(None, help="tinyshakespeare, wikitext2 or a text file"),
+                  output_dir: Optional[str] = OutOpt, force: list[str] = ForceOpt, dry_run: bool = DryOpt,
+                  sweep: bool = typer.Option(False, "--sweep", help="run the config's sweep grid instead")) -> None:
+    """Pre-train a GPT-2 from scratch with quantized weights/activations/gradients/optimizer states."""
+    cfg = load_pretrain(config, overrides, recipe, corpus, output_dir)
+    if sweep:
+        return pretrain_sweep(config, overrides, force, dry_run)
+    execute(cfg, pretrain.plan(cfg), "pretrain", force, dry_run)
+
+
+@app.command("pretrain-sweep")
+def pretrain_sweep(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, force: list[str] = ForceOpt,
+                   dry_run: bool = DryOpt) -> None:
+    """Pre-train every recipe x corpus x seed of the config's sweep section at once, then compare them."""
+    cfg = load_pretrain(config, overrides, None, None, None)
+    try:
+        stages = pretrain.plan_sweep(cfg)
+    except ConfigError as err:
+        fail(f"config error: {err}")
+    execute(cfg, stages + pretrain_report.plan(cfg), "pretrain-sweep", force, dry_run)
 
 
 PrequantQuantOpt = typer.Option([], "--quant", help="QuantConfig with quantized weights, e.g. w4 (repeatable)")
