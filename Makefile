@@ -33,7 +33,7 @@ test-fast: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-cache
 
 # tests/system/test_mlflow_ui.py renders the MLflow UI in Debian's chromium; tests install nothing,
 # so it is installed here when missing (root with apt-get, as in CI); elsewhere that test skips.
