@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import QuantConfig, TensorQuant
 from .convert import convert_modules, quant_modules, quantizers
-from .modules import QuantEmbedding, _STATE
+from .modules import _STATE, QuantEmbedding
 from .pack import pack, unpack
 
 WEIGHTS_FILE = "model.safetensors"

@@ -334,7 +334,7 @@ class QuantLinear(_CachedWeight, nn.Module):
         self._cache = None
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: QuantConfig | str) -> "QuantLinear | QuantEmbedding":
+    def from_float(cls, module: nn.Module, config: QuantConfig | str) -> QuantLinear | QuantEmbedding:
         """Wrap nn.Linear, HF Conv1D or nn.Embedding, sharing its parameters."""
         config = QuantConfig.parse(config)
         if isinstance(module, nn.Embedding):
@@ -377,7 +377,7 @@ class QuantEmbedding(_CachedWeight, nn.Module):
         self._cache = None
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, config: QuantConfig | str) -> "QuantEmbedding":
+    def from_float(cls, module: nn.Embedding, config: QuantConfig | str) -> QuantEmbedding:
         if module.max_norm is not None:
             raise ValueError("embedding: max_norm is not supported (it rewrites the weights)")
         return cls(module.weight, QuantConfig.parse(config), module.padding_idx)

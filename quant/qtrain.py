@@ -104,7 +104,7 @@ class Recipe:
         return any(getattr(self, k) is not None for k in LINEAR_KINDS)
 
     @classmethod
-    def parse(cls, name: "str | dict | Recipe") -> "Recipe":
+    def parse(cls, name: str | dict | Recipe) -> Recipe:
         """Recipe from a short name (module docstring), a `to_dict`/`from_dict` mapping, or a Recipe."""
         if isinstance(name, Recipe):
             return name
@@ -119,7 +119,7 @@ class Recipe:
         return recipe
 
     @classmethod
-    def _parse_base(cls, base: str) -> "Recipe":
+    def _parse_base(cls, base: str) -> Recipe:
         if base in ("fp", "fp32", ""):
             return cls()
         specs: dict[str, Any] = {}
@@ -138,14 +138,14 @@ class Recipe:
                              "w<bits> a<bits> g<bits> gx<bits> gw<bits> m<bits> v<bits>")
         return cls(**specs)
 
-    def _override(self, item: str) -> "Recipe":
+    def _override(self, item: str) -> Recipe:
         key, eq, value = item.partition("=")
         kind, _, attr = key.strip().partition(".")
         if not eq or not attr:
             raise ValueError(f"recipe override {item!r} must look like <kind>.<field>=<value>")
         return self.with_overrides({kind: {attr: _scalar(value.strip())}})
 
-    def with_overrides(self, overrides: dict[str, dict[str, Any] | None]) -> "Recipe":
+    def with_overrides(self, overrides: dict[str, dict[str, Any] | None]) -> Recipe:
         """Update fields per kind; a kind that is off is switched on with its 8-bit defaults."""
         d = {k: getattr(self, k) for k in KINDS}
         for kind, upd in overrides.items():
@@ -170,7 +170,7 @@ class Recipe:
         return {k: (dataclasses.asdict(getattr(self, k)) if getattr(self, k) else None) for k in KINDS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         """{"name": "w8a8", <kind>: {fields}} or the to_dict() form."""
         d = dict(d)
         base = cls.parse(d.pop("name", "fp"))
@@ -260,7 +260,7 @@ class QTrainLinear(nn.Module):
         self.out_features, self.in_features = self.linear_weight().shape
 
     @classmethod
-    def from_float(cls, module: nn.Module, recipe: Recipe | str) -> "QTrainLinear":
+    def from_float(cls, module: nn.Module, recipe: Recipe | str) -> QTrainLinear:
         recipe = Recipe.parse(recipe)
         if isinstance(module, nn.Linear):
             return cls(module.weight, module.bias, recipe)

@@ -8,8 +8,16 @@ from __future__ import annotations
 from types import ModuleType
 
 from pipelines.config import RunConfig
-from pipelines.stages import (evaluate, finetune, prequant_finetune, prequant_quantize, pretrain, pretrain_report,
-                              report, rtn)
+from pipelines.stages import (
+    evaluate,
+    finetune,
+    prequant_finetune,
+    prequant_quantize,
+    pretrain,
+    pretrain_report,
+    report,
+    rtn,
+)
 from pipelines.stages.base import Context, Stage, StageResult
 
 PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, prequant_quantize, prequant_finetune)  # plan order
