@@ -51,13 +51,13 @@ def default_spec(kind: str, bits: int) -> TensorQuant | StateQuant:
     """The spec a short-name token enables."""
     if kind == "opt_m":
         return StateQuant(bits=bits, block_size=256 if bits == 8 else 128, code="linear")
-    if kind == "opt_v":  # sqrt code: as accurate as 'dynamic' here and ~10x cheaper (no table search)
+    if kind == "opt_v":  # sqrt code: no table search, unlike 'dynamic'
         return StateQuant(bits=bits, block_size=256 if bits == 8 else 128, code="sqrt")
     if not 2 <= bits <= 8:
         raise ValueError(f"{kind}.bits={bits} is out of range 2..8")
     # Gradients round stochastically (unbiased): round-to-nearest zeroes every entry below half a
-    # step of its token's absmax, e.g. the small softmax gradients at the LM head, and stalls the
-    # loss (bench/results/qpretrain.md). "...:grad_output.rounding=nearest" brings it back.
+    # step of its token's absmax, e.g. the small softmax gradients at the LM head.
+    # "...:grad_output.rounding=nearest" selects nearest rounding.
     rounding = "stochastic" if kind.startswith("grad") else "nearest"
     if kind in ("weight", "grad_weight"):
         return TensorQuant(bits=bits, granularity="channel", axis=0, rounding=rounding)
