@@ -2,8 +2,8 @@
 
     python bench/demo.py      # run it alone: timings on a busy 2-core machine are meaningless
 
-Writes bench/results/demo.json ({"wall_s", "table", "command"}) and .md, and the demo
-figures of issue 2 (demo_wall_s, demo_accuracy) into bench/results/fp_reference.json.
+Writes bench/results/demo.json ({"wall_s", "table", "command"}) and .md, and the demo's wall time and FP
+accuracy (demo_wall_s, demo_accuracy) into bench/results/fp_reference.json.
 """
 from __future__ import annotations
 
