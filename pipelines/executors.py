@@ -75,44 +75,6 @@ def rtn_stage(cfg: RunConfig, st, upstream: dict, root: Path, force: bool):
         _rel(q.checkpoint, root)
 
 
-def _mrem_cfg(cfg: RunConfig, cal: dict) -> RunConfig:
-    mrem = dataclasses.replace(cfg.mrem, cache_dir=cal["cache_dir"], modules=cal["modules"])
-    return dataclasses.replace(cfg, mrem=mrem)
-
-
-def calibrate_stage(cfg: RunConfig, st, upstream: dict, root: Path, force: bool):
-    from pipelines.calibrate import calibrate
-    from pipelines.mrem import plan
-
-    ft = _upstream(upstream, "finetune")
-    cache_dir = Path(cfg.mrem.cache_dir).resolve() if cfg.mrem.cache_dir else root / st.task / "calibrate"
-    if force:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    specs = plan(ft["checkpoint"], cfg.mrem)
-    m = cfg.mrem
-    cache = calibrate(ft["checkpoint"], st.task, cfg.data, specs, m.calib_samples, m.calib_batch_size,
-                      m.shard_size, m.seed, str(cache_dir))
-    out = {"cache_dir": str(cache_dir), "modules": len(specs), "calib_samples": cache.num_samples,
-           "calib_bytes": cache.nbytes, "resources": {"cpus": 1, "gpus": 0}}
-    return out, _rel(cache_dir, root)
-
-
-def mrem_stage(cfg: RunConfig, st, upstream: dict, root: Path, force: bool):
-    ft, cal = _upstream(upstream, "finetune"), _upstream(upstream, "calibrate")
-    cfg = _mrem_cfg(cfg, cal)
-    if force:
-        from quant import QuantConfig
-
-        shutil.rmtree(root / st.task / "mrem" / f"{QuantConfig.parse(st.quant)}-{cfg.mrem.mode}",
-                      ignore_errors=True)
-    m = stage_runs.run_mrem_stage(cfg, st.task, ft["checkpoint"], st.quant, root)
-    gpu = cfg.mrem.use_gpu == "true"
-    res = {"cpus": m.modules * cfg.mrem.cpus_per_actor, "gpus": m.modules if gpu else 0}
-    row = _row(st.task, f"mrem-{cfg.mrem.mode}-{m.quant_config}", m.eval, m.wall_s, m.quant_config, 0.0, res)
-    summary = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("modules_stats",)}
-    return {"row": row, "checkpoint": m.checkpoint, "result": summary, "resources": res}, _rel(m.checkpoint, root)
-
-
 def prequant_quantize_stage(cfg: RunConfig, st, upstream: dict, root: Path, force: bool):
     from pipelines.prequant import artefact_root, artefact_spec, run_prequant_quantize_stage
 
@@ -138,6 +100,6 @@ def prequant_finetune_stage(cfg: RunConfig, st, upstream: dict, root: Path, forc
 
 
 EXECUTORS = {
-    "finetune": finetune_stage, "evaluate": evaluate_stage, "rtn": rtn_stage, "calibrate": calibrate_stage,
-    "mrem": mrem_stage, "prequant-quantize": prequant_quantize_stage, "prequant-finetune": prequant_finetune_stage,
+    "finetune": finetune_stage, "evaluate": evaluate_stage, "rtn": rtn_stage, 
+    "prequant-quantize": prequant_quantize_stage, "prequant-finetune": prequant_finetune_stage,
 }

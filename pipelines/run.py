@@ -21,7 +21,6 @@ from pipelines.config import RunConfig, to_dict
 from pipelines.evaluate import EvalResult, evaluate
 from pipelines.finetune import FinetuneResult, finetune
 from pipelines.io import write_json_atomic, write_text_atomic
-from pipelines.mrem import MremResult, mrem
 from pipelines.rtn import RtnResult, rtn
 
 
@@ -72,22 +71,6 @@ def run_rtn_stage(cfg: RunConfig, task: str, checkpoint: str, quant: str, out: P
         mlflow.log_metrics({"packed_bytes": result.packed_bytes, "fp_bytes": result.fp_bytes,
                             "converted_layers": result.converted, "wall_s": result.wall_s})
         mlflow.log_dict(dataclasses.asdict(result), "rtn_result.json")
-    return result
-
-
-def run_mrem_stage(cfg: RunConfig, task: str, checkpoint: str, quant: str, out: Path) -> MremResult:
-    with tracking.stage_run(f"mrem/{task}/{quant}-{cfg.mrem.mode}",
-                            {"task": task, "quant": quant, "checkpoint": checkpoint, **to_dict(cfg.mrem)}) as rid:
-        result = mrem(checkpoint, task, quant, cfg.data, cfg.mrem, cfg.evaluate, out / task / "mrem",
-                      run_id=rid, tracking_uri=tracking.tracking_uri())
-        log_eval(result.eval)
-        mlflow.log_metrics({"packed_bytes": result.packed_bytes, "calib_bytes": result.calib_bytes,
-                            "calib_s": result.calib_s, "train_s": result.train_s, "wall_s": result.wall_s,
-                            "restarts": result.restarts})
-        for k, (m, r) in enumerate(zip(result.chain_errors, result.rtn_chain_errors)):
-            mlflow.log_metrics({f"module{k}_error": m, f"module{k}_rtn_error": r})
-        mlflow.set_tag("restarts", str(result.restarts))
-        mlflow.log_dict(dataclasses.asdict(result), "mrem_result.json")
     return result
 
 

@@ -143,11 +143,12 @@ def separable_glue(tmp_path):
 @pytest.fixture
 def tiny_teacher(tmp_path):
     """A saved tiny-bert classifier checkpoint (random weights), as `finetune` writes them."""
-    from pipelines import models
+    from pipelines import checkpoints, models
 
     tok = models.load_tokenizer("tiny-bert")
     model = models.load_classifier("tiny-bert", 2, seed=3)
-    return str(models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2"}))
+    checkpoints.save(model, tok, tmp_path / "fp", {"task": "sst2"}, fmt="fp")
+    return str(tmp_path / "fp")
 
 
 @pytest.fixture
