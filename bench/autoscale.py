@@ -118,10 +118,12 @@ def measure(modules: int, cluster_yaml: Path) -> dict:
             time.sleep(1)
         return {"modules": modules, "nodes_launched": launched,
                 "seconds_to_all_actors": round(max(s["wait_s"] for s in result.modules_stats), 1),
-                "distinct_node_gpu_slots": len(slots), "actor_slots": [f"node ..{n[-8:]} gpu {','.join(g)}" for n, g in slots],
+                "distinct_node_gpu_slots": len(slots),
+                "actor_slots": [f"node ..{n[-8:]} gpu {','.join(g)}" for n, g in slots],
                 "nodes_left_after_s": len(alive_workers(ray)), "released_within_s": round(time.time() - t_end, 1),
                 "mrem_wall_s": round(time.time() - start, 1), "accuracy": result.eval.main,
-                "worker_type": {k: v["resources"] for k, v in config["available_node_types"].items() if k != "ray.head.default"}}
+                "worker_type": {k: v["resources"] for k, v in config["available_node_types"].items()
+                                if k != "ray.head.default"}}
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench.common import markdown, write_results  # noqa: E402
 from quant import calibrate, fake_quant, load_quantized, quantize_model, save_quantized  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "quant_micro.json"
@@ -157,41 +158,40 @@ def op_costs(runs: int) -> dict:
 
 
 def write_md(res: dict) -> None:
-    lines = ["# quant micro-benchmarks (all-MiniLM-L6-v2, CPU)", "",
-             f"Command: `{res['command']}`  ", f"Machine: {res['machine']}; torch {res['torch']}, "
-             f"{res['threads']} threads; load average {res['load_avg_before']} before, {res['load_avg_after']} after "
-             "(shared machine: timings are noisy)", "",
-             f"## Packed checkpoint size (FP32 safetensors: {res['fp32_bytes']} bytes, "
-             f"{res['fp32_bytes'] / 2**20:.2f} MB)", "",
-             "| config | bytes | MB | ratio vs FP32 | loaded logits identical | encoder output rel. err vs FP |",
-             "|---|---|---|---|---|---|"]
-    for r in res["sizes"]:
-        lines.append(f"| {r['config']} | {r['bytes']} | {r['MB']} | {r['ratio_vs_fp32']} | "
-                     f"{r['roundtrip_identical']} | {r['hidden_rel_err_vs_fp']} |")
-    t = res["timing"]
-    lines += ["", f"## Time per batch ({BATCH} x {SEQ} tokens, median of {res['runs']} interleaved runs)", ""]
-    for part, title in (("forward", "forward, eval + no_grad"), ("train_step", "forward+backward, train mode")):
-        fp = t[part]["fp32"]
-        lines += [f"| model | {title}: wall ms | x FP | process CPU ms | x FP |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['wall_ms']} | {v['wall_ms'] / fp['wall_ms']:.2f} | {v['cpu_ms']} | "
-                  f"{v['cpu_ms'] / fp['cpu_ms']:.2f} |" for k, v in t[part].items()]
-        lines.append("")
+    """quant_micro.md from the JSON: packed sizes (the main table), then time per batch."""
+    sizes = [{"config": r["config"], "bytes": r["bytes"], "MB": r["MB"], "ratio_vs_fp32": r["ratio_vs_fp32"],
+              "loaded_logits_identical": r["roundtrip_identical"], "encoder_rel_err_vs_fp": r["hidden_rel_err_vs_fp"]}
+             for r in res["sizes"]]
+    times = [{"step": part, "model": k, "wall_ms": round(v["wall_ms"]),
+              "wall_x_fp": round(v["wall_ms"] / fp["wall_ms"], 2),
+              "cpu_ms": round(v["cpu_ms"]), "cpu_x_fp": round(v["cpu_ms"] / fp["cpu_ms"], 2)}
+             for part, fp in ((p, res["timing"][p]["fp32"]) for p in ("forward", "train_step"))
+             for k, v in res["timing"][part].items()]
     o = res["op_costs_1thread"]
-    lines += [f"## Per-op cost, 1 thread, process CPU (input {o['shape']})", "",
-              f"linear 1536->384: {o['linear_1536_to_384_ms']} ms; 8-bit activation fake-quant of its input: "
-              f"{o['act_fake_quant_8bit_ms']} ms (torch's fused fake_quantize_per_tensor_affine: "
-              f"{o['torch_fused_fake_quantize_per_tensor_ms']} ms).", ""]
-    lines += ["Sizes include the FP parts (word embeddings unless -e8, LayerNorms, biases, the "
-              "2-way classifier) and the per-channel scales. Calibration: one batch of 8 random-token "
-              "sequences; the error column is ||h_q - h|| / ||h|| of the last hidden state on another "
-              "random-token batch (RTN, no training: a sanity figure, not an accuracy)."]
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    intro = (f"Packed checkpoint size per config against the FP32 safetensors ({res['fp32_bytes']} bytes, "
+             f"{res['fp32_bytes'] / 2**20:.2f} MB). Sizes include the FP parts (word embeddings unless -e8, "
+             "LayerNorms, biases, the 2-way classifier) and the per-channel scales. Calibration: one batch of 8 "
+             "random-token sequences; the error column is ||h_q - h|| / ||h|| of the last hidden state on another "
+             "random-token batch (RTN, no training: a sanity figure, not an accuracy).")
+    text = (f"{BATCH} x {SEQ} tokens, median of {res['runs']} interleaved runs; forward: eval + no_grad, "
+            f"train_step: forward+backward in train mode. Machine: {res['machine']}; torch {res['torch']}, "
+            f"{res['threads']} threads; load average {res['load_avg_before']} before, {res['load_avg_after']} after "
+            f"(a shared machine: timings are noisy). One thread, input {o['shape']}: linear 1536->384 "
+            f"{o['linear_1536_to_384_ms']} ms, the 8-bit fake-quant of its input {o['act_fake_quant_8bit_ms']} ms.")
+    write_results(OUT, res, markdown(
+        "quant micro-benchmarks (all-MiniLM-L6-v2, CPU)", intro, (sizes, list(sizes[0])),
+        ("Time per batch", text, times, ["step", "model", "wall_ms", "wall_x_fp", "cpu_ms", "cpu_x_fp"]),
+        f"Command: `{res['command']}`"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--write-only", action="store_true", help="only rewrite the Markdown from the JSON")
     args = parser.parse_args()
+    if args.write_only:
+        write_md(json.loads(OUT.read_text()))
+        return
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
@@ -208,8 +208,6 @@ def main() -> None:
            "fp32_bytes": fp32, "sizes": rows, "op_costs_1thread": op_costs(max(args.runs, 10)),
            "timing": timings(base, calib, batch, args.runs)}
     res["load_avg_before"], res["load_avg_after"] = load_before, [round(x, 2) for x in os.getloadavg()]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=2) + "\n")
     write_md(res)
     print(OUT.with_suffix(".md").read_text())
 

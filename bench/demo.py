@@ -39,7 +39,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M")}
     write_json_atomic(RESULTS / "demo.json", result)
     write_text_atomic(RESULTS / "demo.md", f"# `make demo` ({result['machine']}, {result['date']})\n\n"
-                      f"Wall time: {wall} s\n\n{markdown_table(rows, COLUMNS)}\n\n{NOTE}\n\nCommand: `{result['command']}`\n")
+                      f"Wall time: {wall} s\n\n{markdown_table(rows, COLUMNS)}\n\n{NOTE}\n\n"
+                      f"Command: `{result['command']}`\n")
     fp_path = RESULTS / "fp_reference.json"
     ref = json.loads(fp_path.read_text()) if fp_path.exists() else {}
     ref.update(demo_wall_s=wall, demo_accuracy=round(fp["value"] / 100, 4), demo_command=result["command"])

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import markdown, write_results  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "fp_reference.json"
 
@@ -29,15 +29,17 @@ def machine() -> str:
 
 
 def run_fp(config: str, tasks: list[str] | None, overrides: list[str]) -> dict:
-    from pipelines.run import run
+    # the driver loads Ray: rewriting the page needs none of it
+    from pipelines import runner
 
     cfg = load_config(ROOT / config, ([f"tasks=[{','.join(tasks)}]"] if tasks else []) + overrides)
     command = f"python bench/fp_reference.py --part fp --tasks {' '.join(cfg.tasks)}" + "".join(
         f" --set {o}" for o in overrides) + f"  (plmq run {config})"
-    summary = run(cfg)
+    summary = runner.run(cfg)
     out = {}
     for row in summary.rows:
-        meta = json.loads((Path(summary.output_dir) / row["task"] / "finetune" / "model" / "plmq_meta.json").read_text())
+        model = Path(summary.output_dir) / row["task"] / "finetune" / "model"
+        meta = json.loads((model / "plmq_meta.json").read_text())
         out[row["task"]] = {**{k: round(100 * v, 2) for k, v in row["metrics"].items()},
                             "train_examples": meta["train_examples"], "epochs": cfg.finetune.epochs,
                             "lr": cfg.finetune.lr, "batch_size": cfg.finetune.batch_size,
@@ -48,14 +50,12 @@ def run_fp(config: str, tasks: list[str] | None, overrides: list[str]) -> dict:
 
 
 def write(results: dict) -> None:
-    write_json_atomic(RESULTS, results)
+    """fp_reference.json and its page: the table and each task's command (notes stay in the JSON)."""
     rows = [{"task": t, **v} for t, v in results.items() if isinstance(v, dict) and "wall_s" in v]
-    md = ["# FP references (MiniLM-L6, CPU)", "", f"Machine: {results.get('machine')}", "",
-          markdown_table(rows, ["task", "accuracy", "f1", "train_examples", "epochs", "lr", "wall_s"]), "",
-          *[f"- {r['task']}: `{r.get('command', results.get('command'))}`" for r in rows], "", f"Notes: {results.get('notes', '')}", "",
-          f"`make demo`: {results.get('demo_wall_s')} s, SST-2 dev accuracy {results.get('demo_accuracy')} "
-          f"(`{results.get('demo_command')}`)"]
-    write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(md) + "\n")
+    md = markdown("FP references (MiniLM-L6, CPU)", f"Machine: {results.get('machine')}",
+                  (rows, ["task", "accuracy", "f1", "train_examples", "epochs", "lr", "batch_size", "wall_s"]),
+                  footer="\n".join(f"- {r['task']}: `{r.get('command', results.get('command'))}`" for r in rows))
+    write_results(RESULTS, results, md)
 
 
 def main() -> None:
@@ -64,8 +64,12 @@ def main() -> None:
     parser.add_argument("--config", default="configs/fp_reference.yaml")
     parser.add_argument("--tasks", nargs="*", default=None, help="subset of the config's tasks")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--write-only", action="store_true", help="only rewrite the Markdown from the JSON")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.write_only:
+        write(results)
+        return
     results["machine"] = machine()
     results.update(run_fp(args.config, args.tasks, args.overrides))
     write(results)

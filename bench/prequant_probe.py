@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines import models  # noqa: E402
 from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
-from pipelines.prequant import calibration_sentences  # noqa: E402
-from quant import outliers as ol  # noqa: E402
+from pipelines.prequant_model import calibration_sentences  # noqa: E402
+from quant import prequant as ol  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "prequant_probe.json"
 # (name, QuantConfig, prequant.quantizer, GPTQ)
@@ -39,7 +39,8 @@ OCFG = {"criterion": "activation", "budget": 0.003, "skip": ["*pooler*"]}
 
 
 def glue_rows(task: str, split: str, n: int) -> list[list[str]]:
-    return [line.split("\t") for line in (ROOT / "data" / "glue" / task / f"{split}.tsv").read_text().splitlines()[1:n + 1]]
+    lines = (ROOT / "data" / "glue" / task / f"{split}.tsv").read_text().splitlines()
+    return [line.split("\t") for line in lines[1:n + 1]]
 
 
 def embed(model, tok, texts, pairs=None) -> dict[str, torch.Tensor]:

@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_results  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.io import markdown_table, write_json_atomic, write_text_atomic  # noqa: E402
+from pipelines.io import markdown_table  # noqa: E402
 from pipelines.pretrain import PretrainRunConfig  # noqa: E402
 from pipelines.pretrain_sweep import run_sweep_stage  # noqa: E402
 
@@ -159,8 +160,7 @@ def main() -> None:
         doc = {**table, "targets": check_targets(table), "command": command, "setup": setup_text(cfg),
                "wall_s": round(wall, 1), "config": asdict(cfg)}
         shutil.copy(Path(summary["output_dir"]) / "loss_curves.png", RESULTS / "qpretrain_loss_curves.png")
-    write_json_atomic(RESULTS / "qpretrain.json", doc)
-    write_text_atomic(RESULTS / "qpretrain.md", markdown(doc))
+    write_results(RESULTS / "qpretrain.json", doc, markdown(doc))
     print(markdown(doc))
     print(f"wrote {RESULTS}/qpretrain.json and .md in {wall:.0f} s")
 
@@ -176,8 +176,7 @@ def add_timing(args) -> None:
                   "the mean per-step process CPU time (and wall time, which other jobs on the machine inflate); "
                   "the first 3 steps of each run are not timed", "wall_s": round(time.time() - start, 1),
         "recipes": timing}
-    write_json_atomic(RESULTS / "qpretrain.json", doc)
-    write_text_atomic(RESULTS / "qpretrain.md", markdown(doc))
+    write_results(RESULTS / "qpretrain.json", doc, markdown(doc))
     print(json.dumps(timing, indent=1))
 
 

@@ -17,8 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from pipelines import lora, models
 from pipelines.io import atomic_dir, write_json_atomic
-from quant import load_quantized, save_quantized
-from quant import outliers as ol
+from quant import load_quantized, prequant, save_quantized
 
 META_FILE = "plmq_meta.json"
 
@@ -55,16 +54,19 @@ def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
 
 
 def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:
-    ol.save_outlier_model(model, directory, meta, drop=ol.is_head if meta.get("task_agnostic") else None)
+    """meta["task_agnostic"]: the task head is left out (a pre-quantized base that tasks fine-tune)."""
+    prequant.save_prequantized(model, directory, drop=prequant.is_head if meta.get("task_agnostic") else None)
     model.config.save_pretrained(str(directory))
 
 
 def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
+    """meta["lora"] = {"ranks", "scaling"}: the LoRA adapters to rebuild; a task-agnostic base gets a fresh head."""
     model = models.classifier_from_config(models.model_config(directory))
-    ol.to_skeleton(model, directory)
+    prequant.to_skeleton(model, directory)
     if meta.get("lora"):
         lora.apply_lora(model, meta["lora"]["ranks"], meta["lora"]["scaling"])
-    return ol.load_weights(model, directory)
+    return prequant.load_prequantized(model, directory,
+                                      allow_missing=prequant.is_head if meta.get("task_agnostic") else None)
 
 
 FORMATS: dict[str, Format] = {
@@ -74,14 +76,22 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def save(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> int:
-    """Write `model` in format `fmt` with its tokenizer and metadata, atomically; returns the weights' bytes."""
+def write(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> None:
+    """Write `model` in format `fmt` with its tokenizer and metadata into `directory` (e.g. a Ray Train
+    checkpoint folder); `save` is the atomic version."""
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint format {fmt!r}: use one of {', '.join(FORMATS)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    FORMATS[fmt].save(model, directory, {**meta, "format": fmt})
+    tokenizer.save_pretrained(str(directory))
+    write_json_atomic(directory / META_FILE, {**meta, "format": fmt})
+
+
+def save(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> int:
+    """Write `model` in format `fmt` with its tokenizer and metadata, atomically; returns the weights' bytes."""
     with atomic_dir(directory) as tmp:
-        FORMATS[fmt].save(model, tmp, {**meta, "format": fmt})
-        tokenizer.save_pretrained(str(tmp))
-        write_json_atomic(tmp / META_FILE, {**meta, "format": fmt})
+        write(model, tokenizer, tmp, meta, fmt)
     return weight_bytes(directory)
 
 

@@ -15,9 +15,9 @@ from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+from pipelines.errors import ConfigError
+from pipelines.tasks import check_task
+from quant import QuantConfig
 
 
 POOLINGS = ("cls", "mean")  # finetune.pooling: what a classifier's head reads (pipelines.models.set_pooling)
@@ -81,11 +81,6 @@ class FinetuneConfig:
         if self.pooling not in POOLINGS:
             raise ConfigError(f"finetune.pooling={self.pooling!r}: use {' or '.join(POOLINGS)}")
 
-    def key_fields(self) -> dict:
-        """The settings that change a trained model (cls pooling left out: keys from before it existed hold)."""
-        return {k: v for k, v in asdict(self).items()
-                if k != "log_every" and not (k == "pooling" and v == "cls")}
-
 
 @dataclass
 class EvaluateConfig:
@@ -98,8 +93,6 @@ class EvaluateConfig:
 
 def parse_quant_list(section: str, values: list[str], need_weights: str | None = None) -> list:
     """Parse a section's QuantConfig strings; errors name `section.quant[i]`."""
-    from quant import QuantConfig
-
     parsed = []
     for i, q in enumerate(values):
         try:
@@ -171,41 +164,25 @@ class MremConfig:
 
 @dataclass
 class PrequantConfig:
-    """PreQuant (issue #5, pipelines/prequant.py): quantize the pre-trained model once, fine-tune outliers."""
+    """PreQuant: quantize the pre-trained model once (prequant-quantize), fine-tune a few FP weights per task."""
     METHODS: typing.ClassVar[tuple[str, ...]] = ("fp", "rtn", "prequant", "random", "lora", "bitfit")
     quant: list[str] = field(default_factory=list)  # weight-quantized QuantConfigs, e.g. [w4, w3]; empty = skip
-    # row | row-mse | group-mse | group-mse-asym | minmax | mse | config (quant.outliers.WEIGHT_QUANTIZERS)
+    # row | row-mse | group-mse | group-mse-asym | minmax | mse | config (quant.prequant.WEIGHT_QUANTIZERS)
     quantizer: str = "row"
     # GPTQ rounding onto the quantizer's grid (quant/gptq.py): each column's rounding error goes to
     # the columns not yet rounded and to the FP outlier columns, weighted by the input Hessian on
     # the calib_* text; every method's base (lora/bitfit too). False: round to nearest.
     gptq: bool = False
-    criterion: str = "weight"        # outlier column score: weight | activation | random (quant.outliers.CRITERIA)
+    criterion: str = "weight"        # outlier column score: weight | activation | random (quant.prequant.CRITERIA)
     budget_pct: float = 0.5          # trainable outlier columns (+ biases/LayerNorm), % of the model's parameters
     train_norms: bool = False        # also train biases and LayerNorm (counted in the budget)
-    # FP outlier columns only in the last N transformer blocks: the same budget, N/L-th of the
-    # matrices, so more columns each (the lower blocks stay all low-bit, and backward stops above
-    # them). None: every block.
-    column_blocks: int | None = None
     # Body Linears that belong to the task head (fnmatch patterns on module names): kept FP and
     # trained per task by every method, like the classifier; counted in trainable %, not in the
-    # budget. E.g. ['*pooler*'] for sentence-embedding checkpoints (MiniLM) whose [CLS] pooler
-    # was never trained for classification: full fine-tuning moves it ~25%, the encoder ~4%.
+    # budget. E.g. ['*pooler*'] for sentence-embedding checkpoints whose [CLS] pooler was never
+    # trained for classification.
     head_modules: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["prequant"])  # any of METHODS
-    lr: float = 2e-3                 # of prequant/random/lora/bitfit (5e-4 learnt too slowly on MiniLM)
-    # The task head's lr (classifier + head_modules; None = lr). The FP outlier columns sit on the
-    # largest inputs, so a step moves the output by lr * |x_j|: they may want a smaller lr than a
-    # freshly initialised head (bench/results/prequant.md, RTE).
-    head_lr: float | None = None
-    # Scale each FP outlier column's steps by min(1, median input RMS / its input RMS), measured on
-    # the task's first batches (quant.outliers.set_outlier_lr): every column then moves the
-    # layer's output by about the same amount per step (prequant/random; no effect on lora/bitfit).
-    scale_outlier_lr: bool = False
-    # Dropout inside the frozen low-bit body (embeddings, attention, hidden states) while a PEFT
-    # method fine-tunes; the head keeps the model's own. None: the model's own (BERT: 0.1). On
-    # MiniLM (bench *_g128nodrop_*, *_g128drop20_*) 0 overfits and 0.2 underfits: both cost SST-2 ~2.7 points.
-    body_dropout: float | None = None
+    lr: float = 2e-3                 # learning rate of prequant/random/lora/bitfit (the head's too)
     lora_scaling: float = 2.0        # LoRA alpha / r
     calib_corpus: str = "wikitext2"  # unlabelled text for criterion=activation and gptq: bundled corpus or a file
     calib_samples: int = 256         # sentences
@@ -214,7 +191,7 @@ class PrequantConfig:
     seed: int = 42                   # random criterion; body of the random tiny presets
 
     def validate(self) -> None:
-        from quant.outliers import CRITERIA, WEIGHT_QUANTIZERS
+        from quant.prequant import CRITERIA, WEIGHT_QUANTIZERS
 
         if not 0 < self.budget_pct < 100:
             raise ConfigError(f"prequant.budget_pct={self.budget_pct}: must be in (0, 100), a % of the parameters")
@@ -227,13 +204,6 @@ class PrequantConfig:
                 raise ConfigError(f"prequant.methods: {m!r} is not one of {', '.join(self.METHODS)}")
         if not 0 < self.lr < 1 or self.lora_scaling <= 0:
             raise ConfigError("prequant.lr must be in (0, 1) and prequant.lora_scaling > 0")
-        if self.column_blocks is not None and (isinstance(self.column_blocks, bool) or
-                                               not isinstance(self.column_blocks, int) or self.column_blocks < 1):
-            raise ConfigError(f"prequant.column_blocks={self.column_blocks!r}: a number of blocks >= 1, or null for all")
-        if self.body_dropout is not None and not 0 <= self.body_dropout < 1:
-            raise ConfigError(f"prequant.body_dropout={self.body_dropout}: must be in [0, 1), or null for the model's own")
-        if self.head_lr is not None and not 0 < self.head_lr < 1:
-            raise ConfigError(f"prequant.head_lr={self.head_lr}: must be in (0, 1), or null to use prequant.lr")
         if not all(isinstance(p, str) and p for p in self.head_modules):
             raise ConfigError(f"prequant.head_modules={self.head_modules!r}: expected module-name patterns, "
                               "e.g. ['*pooler*']")
@@ -276,8 +246,6 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
-        from pipelines.data import check_task  # local import: data imports config
-
         if not self.tasks:
             raise ConfigError("tasks must list at least one GLUE task")
         for task in self.tasks:

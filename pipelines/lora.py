@@ -6,14 +6,15 @@ import re
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from quant import outliers as ol
+from quant.prequant import allocate
 
 
-def lora_ranks(manifest: dict, budget_pct: float) -> dict[str, int]:
-    """LoRA rank per quantized Linear so that the adapters hold the budget's parameters."""
-    shapes = {n: info["shape"] for n, info in manifest["modules"].items()}
-    target = int(budget_pct / 100 * manifest["body_params"])
-    return ol.allocate({n: o + i for n, (o, i) in shapes.items()}, {n: min(o, i) for n, (o, i) in shapes.items()},
+def lora_ranks(modules: dict[str, dict], body_params: int, budget_pct: float) -> dict[str, int]:
+    """LoRA rank per quantized Linear (`modules`: a prequant manifest's, each with its [out, in] "shape")
+    so that the adapters hold `budget_pct` % of `body_params`."""
+    shapes = {n: info["shape"] for n, info in modules.items()}
+    target = int(budget_pct / 100 * body_params)
+    return allocate({n: o + i for n, (o, i) in shapes.items()}, {n: min(o, i) for n, (o, i) in shapes.items()},
                        target)
 
 

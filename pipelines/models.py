@@ -6,18 +6,16 @@ from a config (tests); anything else is a Hugging Face name or a local path.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel)
 
-from pipelines.config import POOLINGS, ConfigError
-from pipelines.io import write_json_atomic
+from pipelines.config import POOLINGS
+from pipelines.errors import ConfigError
 
 DEFAULT_MODEL = "minilm-l6"
-META_FILE = "plmq_meta.json"
 
 TINY_PRESETS: dict[str, PretrainedConfig] = {
     "tiny-bert": BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -61,7 +59,7 @@ def _tiny_config(name: str, vocab_size: int, **overrides) -> PretrainedConfig:
     return cfg
 
 
-def _label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
+def label_kwargs(num_labels: int, pad_token_id: int | None) -> dict:
     kwargs = {"num_labels": num_labels}
     if num_labels == 1:
         kwargs["problem_type"] = "regression"
@@ -123,8 +121,6 @@ def set_pooling(model: PreTrainedModel, pooling: str | None = None) -> PreTraine
     pooling = pooling or getattr(model.config, "plmq_pooling", "cls")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
-    if pooling == "cls" and not hasattr(model.config, "plmq_pooling"):
-        return model  # configs written before pooling existed stay byte-identical
     model.config.plmq_pooling = pooling
     body = model.base_model
     if pooling == "mean" and not isinstance(getattr(body, "pooler", None), MeanPooler):
@@ -141,7 +137,7 @@ def load_classifier(name: str, num_labels: int, seed: int = 0, pooling: str = "c
     """A model for sequence classification with a fresh head of `num_labels` outputs."""
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
     tok = load_tokenizer(name)
-    kwargs = _label_kwargs(num_labels, tok.pad_token_id)
+    kwargs = label_kwargs(num_labels, tok.pad_token_id)
     if name in TINY_PRESETS:
         model = AutoModelForSequenceClassification.from_config(_tiny_config(name, len(tok), **kwargs))
     else:
@@ -161,16 +157,6 @@ def load_causal_lm(name: str, vocab_size: int | None = None) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(resolve(name))
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict) -> Path:
-    """safetensors weights + config + tokenizer + plmq metadata in one folder."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
-    return path
-
-
 def checkpoint_identity(path: str | Path) -> str:
     """Where a checkpoint lies and which weights it holds (size and mtime of its weight files, as make does):
     work keyed on it is not resumed or reused once another model is written to the same folder."""
@@ -182,34 +168,9 @@ def checkpoint_identity(path: str | Path) -> str:
     return "|".join([str(path)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
 
 
-def finished_meta(directory: str | Path, key: str, manifest_file: str = META_FILE,
-                  field: str = "config_key") -> dict | None:
-    """The metadata of a finished result made from the same inputs (its `field` equals `key`), else None."""
-    path = Path(directory) / manifest_file
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text())
-    return meta if meta.get(field) == key else None
-
-
-def add_meta(path: str | Path, **fields) -> dict:
-    """Add fields (e.g. the training wall time, known only after the export) to a checkpoint's metadata,
-    so that a later run reusing the checkpoint reports them instead of zeros."""
-    meta_path = Path(path) / META_FILE
-    meta = {**json.loads(meta_path.read_text()), **fields}
-    write_json_atomic(meta_path, meta)
-    return meta
-
-
-def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, object, dict]:
-    """Model, tokenizer and metadata of a folder written by `save_checkpoint`."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a plmq checkpoint (no config.json); run `plmq finetune` first")
-    model = set_pooling(AutoModelForSequenceClassification.from_pretrained(str(path)))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
-    return model, tokenizer, meta
+def identity(name: str) -> dict:
+    """A model by name, and for a local folder also which weights it holds (see checkpoint_identity)."""
+    return {"name": name, "weights": checkpoint_identity(name) if Path(name).is_dir() else None}
 
 
 def model_config(path: str | Path) -> PretrainedConfig:

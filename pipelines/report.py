@@ -1,7 +1,6 @@
-"""Stage `report`: one comparison table (method x task) and a plot of metric vs weight bits.
+"""The comparison report: one table (method x task) and a plot of metric vs weight bits.
 
-Written as Markdown, CSV and PNG into the run folder, and logged to the parent
-MLflow run (the table also as an MLflow table artifact, browsable in the UI).
+Written as Markdown, CSV and PNG into the run folder (the runner logs them to the parent MLflow run).
 """
 from __future__ import annotations
 
@@ -89,21 +88,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def report(rows: list[dict], out_dir: str | Path, log_to_mlflow: bool = True,
-           floors: dict[str, tuple[str, float]] | None = None) -> Report:
+def report(rows: list[dict], out_dir: str | Path, floors: dict[str, tuple[str, float]] | None = None) -> Report:
     """Write report.md / report.csv / accuracy_vs_bits.png (with each task's `floors` row, see
-    comparison_rows); log them to the active (parent) run."""
+    comparison_rows)."""
     out_dir = Path(out_dir)
     table_rows = comparison_rows(rows, floors)
     table = markdown_table(table_rows, COLUMNS)
     md = write_text_atomic(out_dir / "report.md", "# plmq comparison\n\n" + table + "\n")
     csv_path = write_text_atomic(out_dir / "report.csv", _csv_text(table_rows))
     png = plot(table_rows, out_dir / "accuracy_vs_bits.png") if table_rows else None
-    if log_to_mlflow:
-        import mlflow
-
-        mlflow.log_table({c: [r.get(c) for r in table_rows] for c in COLUMNS}, artifact_file="comparison.json")
-        for path in (md, csv_path, png):
-            if path is not None:
-                mlflow.log_artifact(str(path))
     return Report(table_rows, table, str(md), str(csv_path), str(png) if png else None)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.io import write_json_atomic
+from pipelines.io import atomic_dir, write_json_atomic
 
 RECORDS = "stages"
 
@@ -87,12 +86,9 @@ class StageStore:
         """Download a stage's output folder into the local root unless it is there already."""
         local = self.local_root / outputs
         if not local.exists():
-            tmp = local.with_name(local.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            pafs.copy_files(f"{self.base}/{outputs}", str(tmp), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            tmp.rename(local)
+            with atomic_dir(local) as tmp:
+                pafs.copy_files(f"{self.base}/{outputs}", str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
         return local
 
     def forget(self, name: str) -> None:

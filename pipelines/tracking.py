@@ -95,6 +95,28 @@ def stage_run(stage: str, params: dict | None = None, tags: dict | None = None) 
         yield run.info.run_id
 
 
+def log_stage(metrics: dict[str, float], info: dict) -> None:
+    """What every stage's nested run holds: its metrics, its details as result.json, a `warning` tag
+    when its evaluation flagged one (visible in the runs list, not only in the log)."""
+    finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+    if finite:
+        mlflow.log_metrics(finite)
+    mlflow.log_dict(info, "result.json")
+    warning = (info.get("eval") or info).get("extra", {}).get("warning")
+    if warning:
+        mlflow.set_tag("warning", warning[:500])
+
+
+def log_report(info: dict) -> None:
+    """The comparison report in the active (parent) run: its files and the table as an MLflow table."""
+    rows = info.get("comparison") or []
+    if rows:
+        columns = list(rows[0])
+        mlflow.log_table({c: [r.get(c) for r in rows] for c in columns}, artifact_file="comparison.json")
+    for path in info.get("files", []):
+        mlflow.log_artifact(path)
+
+
 class RunLogger:
     """Logs metrics to a known run from any process (Ray workers, actors). Picklable: its MLflow client
     is made on the first `log`, in the process that logs."""

@@ -6,6 +6,9 @@
         for batch in batches:
             model(**batch)
     save_quantized(model, "out/")
+
+PreQuant (quant.prequant): `prequantize(model, OutlierConfig("w4"))` quantizes a pre-trained
+model keeping a few FP columns per Linear; quantized training (quant.qtrain): `convert_qtrain`.
 """
 
 from .config import QuantConfig, TensorQuant, act_spec, weight_spec
@@ -22,8 +25,22 @@ from .convert import (
     quantizers,
 )
 from .export import load_quantized, model_bytes, read_quant_config, save_quantized
-from .modules import QuantEmbedding, QuantLinear, Quantizer, fake_quantize
-from .pack import legacy_width, pack, packed_numel, unpack
+from .modules import QuantEmbedding, Quantizer, QuantLinear, fake_quantize
+from .pack import pack, packed_numel, unpack
+from .prequant import (
+    CRITERIA,
+    WEIGHT_QUANTIZERS,
+    OutlierConfig,
+    OutlierLinear,
+    load_prequantized,
+    mark_trainable,
+    prequantize,
+    save_prequantized,
+    to_skeleton,
+    with_quantizer,
+)
+from .qoptim import QAdamW, StateQuant
+from .qtrain import QTrainLinear, Recipe, convert_qtrain, make_optimizer
 from .ternary import binary_params, binary_quant, ternary_params, ternary_quant
 from .uniform import (
     compute_qparams,
@@ -36,13 +53,56 @@ from .uniform import (
 )
 
 __all__ = [
-    "HEADS", "QuantConfig", "QuantEmbedding", "QuantLinear", "QuantReport", "Quantizer", "TensorQuant",
-    "act_spec", "binary_params", "binary_quant", "calibrate", "compute_qparams", "convert_modules",
-    "dequantize", "dequantized_state_dict", "fake_quant", "fake_quantize", "find_targets", "freeze",
-    "legacy_width", "load_quantized", "lsq_grad_scale", "model_bytes", "pack", "packed_numel", "qparams_from_range",
-    "qrange", "quant_modules", "quantize_int", "quantize_model", "quantizers", "read_quant_config",
-    "save_quantized", "ternary_params", "ternary_quant", "unpack", "weight_spec",
+    "CRITERIA",
+    "HEADS",
+    "WEIGHT_QUANTIZERS",
+    "OutlierConfig",
+    "OutlierLinear",
+    "QAdamW",
+    "QTrainLinear",
+    "QuantConfig",
+    "QuantEmbedding",
+    "QuantLinear",
+    "QuantReport",
+    "Quantizer",
+    "Recipe",
+    "StateQuant",
+    "TensorQuant",
+    "act_spec",
+    "binary_params",
+    "binary_quant",
+    "calibrate",
+    "compute_qparams",
+    "convert_modules",
+    "convert_qtrain",
+    "dequantize",
+    "dequantized_state_dict",
+    "fake_quant",
+    "fake_quantize",
+    "find_targets",
+    "freeze",
+    "load_prequantized",
+    "load_quantized",
+    "lsq_grad_scale",
+    "make_optimizer",
+    "mark_trainable",
+    "model_bytes",
+    "pack",
+    "packed_numel",
+    "prequantize",
+    "qparams_from_range",
+    "qrange",
+    "quant_modules",
+    "quantize_int",
+    "quantize_model",
+    "quantizers",
+    "read_quant_config",
+    "save_prequantized",
+    "save_quantized",
+    "ternary_params",
+    "ternary_quant",
+    "to_skeleton",
+    "unpack",
+    "weight_spec",
+    "with_quantizer",
 ]
-
-from .qtrain import QAdamW, QTrainLinear, Recipe, StateQuant, convert_qtrain, make_optimizer  # noqa: E402,F401 (issue #6)
-from .outliers import CRITERIA, OutlierConfig, OutlierLinear, mark_trainable, prequantize  # noqa: E402,F401 (issue #5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,12 +32,11 @@ from torch import nn
 from .config import QuantConfig, TensorQuant
 from .convert import convert_modules, quant_modules, quantizers
 from .modules import QuantEmbedding, _STATE
-from .pack import is_legacy_format, legacy_width, pack, unpack
+from .pack import pack, unpack
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quant_config.json"
-FORMAT = "plmq-packed-v2"  # v2: dense 3/5/6/7-bit packing
-LEGACY_FORMAT = "plmq-packed-v1"  # still read
+FORMAT = "plmq-packed-v2"
 
 
 def to_unsigned(q: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
@@ -58,10 +58,9 @@ def from_unsigned(u: torch.Tensor, spec: TensorQuant) -> torch.Tensor:
     return u - 2 ** (spec.bits - 1) if spec.symmetric else u
 
 
-def unpack_codes(packed: torch.Tensor, spec: TensorQuant, shape, legacy: bool = False) -> torch.Tensor:
-    """Signed codes of `shape` from a packed tensor; legacy: a format-v1 file (codes in legacy_width bits)."""
-    width = legacy_width(spec.bits) if legacy else None
-    return from_unsigned(unpack(packed, spec.bits, shape, width), spec)
+def unpack_codes(packed: torch.Tensor, spec: TensorQuant, shape: Sequence[int]) -> torch.Tensor:
+    """Signed codes of `shape` from a packed tensor."""
+    return from_unsigned(unpack(packed, spec.bits, shape), spec)
 
 
 def _export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -126,8 +125,10 @@ def model_bytes(directory: str | os.PathLike) -> int:
 
 def read_quant_config(directory: str | os.PathLike) -> dict:
     """The quant_config.json of a saved checkpoint."""
-    meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    meta["legacy"] = is_legacy_format(meta.get("format"), FORMAT, LEGACY_FORMAT, directory)
+    path = Path(directory) / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {meta.get('format')!r} (this plmq reads {FORMAT})")
     return meta
 
 
@@ -162,7 +163,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             continue
         dev, dt = m.weight.device, m.weight.dtype
         packed = tensors.pop(f"{name}.weight.packed")
-        q = unpack_codes(packed, m.weight_q.spec, info["shape"], meta["legacy"]).to(dev)
+        q = unpack_codes(packed, m.weight_q.spec, info["shape"]).to(dev)
         params = {k: tensors.pop(f"{name}.weight.{k}").to(dev, dt) for k in _STATE if f"{name}.weight.{k}" in tensors}
         w = m.weight_q.decode(q, params)
         m.weight_q.set_params(params["step"], params.get("zero_point"), params.get("threshold"))

@@ -11,7 +11,7 @@ Columns listed in `keep_fp` are never rounded: they come last and absorb the err
 others (PreQuant's FP outlier columns, SpQR-style). The grid (step, zero point) is the
 quantizer's, fitted beforehand; only the rounding changes, so the codes pack as before.
 
-    H = outliers.input_stats(model, names, batches, hessian=True)[name]["hessian"]
+    H = prequant.input_stats(model, names, batches, hessian=True)[name]["hessian"]
     w_q = gptq_round(w, H, quantizer, keep_fp=idx)     # on the grid except columns idx
 """
 from __future__ import annotations

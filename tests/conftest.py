@@ -147,7 +147,7 @@ def tiny_teacher(tmp_path):
 
     tok = models.load_tokenizer("tiny-bert")
     model = models.load_classifier("tiny-bert", 2, seed=3)
-    checkpoints.save(model, tok, tmp_path / "fp", {"task": "sst2"}, fmt="fp")
+    checkpoints.save(model, tok, tmp_path / "fp", {"task": "sst2"}, "fp")
     return str(tmp_path / "fp")
 
 
@@ -157,3 +157,15 @@ def tiny_data(separable_glue, cache_dir):
     from pipelines.config import DataConfig
 
     return DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
+
+
+@pytest.fixture
+def tiny_run_cfg(separable_glue, cache_dir, tmp_path):
+    """A RunConfig on tiny-bert and the separable SST-2 folder; extra `key=value` overrides as arguments."""
+    from pipelines.config import load_config
+
+    def make(*overrides: str):
+        return load_config(None, ["model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}",
+                                  "data.source=dir", f"data.dir={separable_glue}", "data.max_length=16",
+                                  f"data.cache_dir={cache_dir}", *overrides])
+    return make

@@ -1,1 +1,34 @@
-"""Stage kinds: the registry the DAG runs them through."""
+"""Stage kinds: one module per kind, all of the shape described in `base`; REGISTRY maps kind -> module.
+
+`plan(cfg)` is the whole pipeline of a config (what `plmq run` runs); `plan_kinds(cfg, kinds, checkpoint)`
+is the plan of a single-stage verb (e.g. `plmq rtn CHECKPOINT`).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from pipelines.config import RunConfig
+from pipelines.stages import evaluate, finetune, prequant_finetune, prequant_quantize, report, rtn
+from pipelines.stages.base import Context, Stage, StageResult
+
+PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, prequant_quantize, prequant_finetune)  # plan order
+REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report)}
+
+__all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]
+
+
+def plan(cfg: RunConfig) -> list[Stage]:
+    """Every stage of a config, dependencies first, and the report over them."""
+    stages = [s for module in PIPELINE for s in module.plan(cfg)]
+    return stages + report.plan(cfg, stages)
+
+
+def plan_kinds(cfg: RunConfig, kinds: tuple[str, ...], checkpoint: str | None = None,
+               with_report: bool = True) -> list[Stage]:
+    """The stages of `kinds` only (a single-stage verb), reading `checkpoint` when given."""
+    stages = [s for k in kinds for s in REGISTRY[k].plan(cfg, checkpoint)]
+    names = {s.name for s in stages}
+    missing = {d for s in stages for d in s.deps if d not in names}
+    if missing:
+        raise ValueError(f"stages {sorted(names)} need {sorted(missing)}, which this command does not run")
+    return stages + (report.plan(cfg, stages) if with_report else [])

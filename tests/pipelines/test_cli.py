@@ -34,3 +34,19 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "finetune" in out.stdout
+
+
+@pytest.mark.ray
+def test_single_stage_verb_runs_through_the_driver(ray_session, mlflow_uri, tiny_teacher, separable_glue, cache_dir,
+                                                    tmp_path):
+    """`plmq evaluate CHECKPOINT` is a plan of one evaluate stage (and its report) run by the same runner:
+    recorded in the store, so the same command again skips it."""
+    args = ["evaluate", tiny_teacher, "--task", "sst2", "--output-dir", str(tmp_path / "out"),
+            "--set", "data.source=dir", "--set", f"data.dir={separable_glue}", "--set", "data.max_length=16",
+            "--set", f"data.cache_dir={cache_dir}", "--set", "experiment=cli-test"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "| sst2 | checkpoint |" in first.output
+    assert (tmp_path / "out" / "stages" / "evaluate__sst2__checkpoint.json").exists()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "1 stage(s) already complete" in again.output

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config
-from pipelines.dag import build, forced, keys
+from pipelines.dag import forced, keys
+from pipelines.runner import run
+from pipelines.stages import plan as build
 from pipelines.report import comparison_rows, family, report
 from pipelines.store import StageStore
 
@@ -48,7 +50,9 @@ def test_plan_has_every_branch_with_its_dependencies(tmp_path):
     stages = {s.name: s for s in build(cfg)}
     assert set(stages) == {"finetune/sst2", "evaluate/sst2/fp", "rtn/sst2/w8a8", "rtn/sst2/w4a8", "calibrate/sst2",
                            "mrem/sst2/w4a8-parallel", "prequant-quantize/w4a16/weight",
-                           "prequant/sst2/prequant-w4a16"}
+                           "prequant/sst2/prequant-w4a16", "report"}
+    assert set(stages["report"].deps) == set(stages) - {"report", "finetune/sst2", "calibrate/sst2",
+                                                        "prequant-quantize/w4a16/weight"}
     assert stages["mrem/sst2/w4a8-parallel"].deps == ("finetune/sst2", "calibrate/sst2")
     assert stages["prequant/sst2/prequant-w4a16"].deps == ("prequant-quantize/w4a16/weight",)
     assert stages["finetune/sst2"].deps == ()
@@ -83,10 +87,10 @@ def test_keys_follow_inputs(tmp_path):
 def test_force_reaches_descendants(tmp_path):
     cfg, _ = tiny_cfg(tmp_path)
     stages = build(cfg)
-    assert forced(stages, ["calibrate"]) == {"calibrate/sst2", "mrem/sst2/w4a8-parallel"}
-    assert forced(stages, ["rtn/sst2/w4a8"]) == {"rtn/sst2/w4a8"}
+    assert forced(stages, ["calibrate"]) == {"calibrate/sst2", "mrem/sst2/w4a8-parallel", "report"}
+    assert forced(stages, ["rtn/sst2/w4a8"]) == {"rtn/sst2/w4a8", "report"}
     assert "prequant-quantize/w4a16/weight" not in forced(stages, ["finetune"])
-    assert len(forced(stages, ["finetune"])) == 6
+    assert len(forced(stages, ["finetune"])) == 7  # with the report
 
 
 # ---------------------------------------------------------------- store
@@ -124,7 +128,7 @@ def test_report_table_csv_and_plot(tmp_path):
     assert [r["method"] for r in rows] == ["fp", "rtn-w8a8", "mrem-parallel-w4a8", "rtn-w4a8"]
     assert {r["method"]: r["drop_vs_fp"] for r in rows} == {"fp": 0, "rtn-w8a8": 0.1, "mrem-parallel-w4a8": 1.0,
                                                            "rtn-w4a8": 4.5}
-    rep = report(ROWS, tmp_path, log_to_mlflow=False)
+    rep = report(ROWS, tmp_path)
     lines = Path(rep.csv).read_text().splitlines()
     assert lines[0].split(",")[:5] == ["task", "method", "bits", "metric", "value"] and len(lines) == 5
     assert Path(rep.plot).read_bytes()[:4] == b"\x89PNG"
@@ -133,7 +137,7 @@ def test_report_table_csv_and_plot(tmp_path):
 
 
 def test_report_shows_each_tasks_majority_class_floor_last(tmp_path):
-    rep = report(ROWS, tmp_path, log_to_mlflow=False, floors={"sst2": ("accuracy", 50.92)})
+    rep = report(ROWS, tmp_path, floors={"sst2": ("accuracy", 50.92)})
     last = rep.rows[-1]
     assert (last["method"], last["value"], last["drop_vs_fp"]) == ("majority-class", 50.92, 39.08)
     assert [r["method"] for r in rep.rows[:-1]] == [r["method"] for r in comparison_rows(ROWS)]
@@ -181,8 +185,6 @@ def _stage_runs(experiment: str) -> dict[str, list[str]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_uri, separable_glue, cache_dir):
-    from pipelines.run import run
-
     cfg, _ = tiny_cfg(tmp_path, [f"data.dir={separable_glue}", f"data.cache_dir={cache_dir}"])
     first = run(cfg)
     methods = {r["method"] for r in first.rows}
@@ -197,20 +199,18 @@ def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_u
     assert any(name.startswith("prequant-finetune/sst2") for name in stage_runs)
 
     second = run(cfg)  # same command again: nothing recomputed, same results
-    assert sorted(second.skipped) == sorted(s.name for s in build(cfg))
+    assert sorted(second.skipped) == sorted(s.name for s in build(cfg) if s.kind != "report")
     assert [(r["method"], r["value"]) for r in second.rows] == [(r["method"], r["value"]) for r in first.rows]
-    assert _stage_runs("dag-test")[second.parent_run_id] == []  # no stage ran, so no stage runs
+    assert _stage_runs("dag-test")[second.parent_run_id] == ["report"]  # only the report is redone, from records
 
     third = run(cfg, force=["rtn"])
-    assert sorted(set(s.name for s in build(cfg)) - set(third.skipped)) == ["rtn/sst2/w4a8", "rtn/sst2/w8a8"]
+    assert sorted(set(s.name for s in build(cfg)) - set(third.skipped)) == ["report", "rtn/sst2/w4a8", "rtn/sst2/w8a8"]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_session, mlflow_uri, separable_glue, cache_dir):
     """Kill `plmq run` once the fine-tune is recorded; the re-run keeps it and completes the rest."""
-    from pipelines.run import run
-
     cfg, path = tiny_cfg(tmp_path, [f"data.dir={separable_glue}", f"data.cache_dir={cache_dir}"])
     data = yaml.safe_load(path.read_text())
     data["data"].update(dir=str(separable_glue), cache_dir=cache_dir)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.data import GLUE_TASKS
-from pipelines.evaluate import glue_metrics
+from pipelines.tasks import GLUE_TASKS
+from pipelines.evaluation import glue_metrics
 
 PREDS = np.array([1, 1, 0, 0, 1, 0])
 LABELS = np.array([1, 0, 0, 1, 1, 0])
@@ -43,7 +43,7 @@ def test_pearson_spearman_stsb():
 
 def test_majority_baseline_on_bundled_tasks():
     from pipelines.config import DataConfig
-    from pipelines.evaluate import majority_baseline
+    from pipelines.evaluation import majority_baseline
 
     assert majority_baseline("rte", DataConfig()) == pytest.approx(146 / 277)  # always "entailment"
     # MRPC always "paraphrase": precision 279/408, recall 1 (dev counts in data/SOURCES.md)
@@ -52,7 +52,7 @@ def test_majority_baseline_on_bundled_tasks():
 
 def test_majority_baseline_takes_the_train_label_not_the_dev_one(tmp_path):
     from pipelines.config import DataConfig
-    from pipelines.evaluate import majority_baseline
+    from pipelines.evaluation import majority_baseline
 
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\nb\t1\nc\t0\n")
@@ -70,8 +70,9 @@ def test_a_model_that_predicts_one_class_is_flagged(tiny_data, mlflow_uri, capsy
 
     from pipelines import models
     from pipelines.config import EvaluateConfig
-    from pipelines.evaluate import evaluate_model
-    from pipelines.run import log_eval
+    from pipelines.evaluation import evaluate_model
+    from pipelines.evaluation import eval_metrics
+    from pipelines.tracking import log_stage
 
     class ByToken(torch.nn.Module):  # label 1 when the first word's token id is odd: both labels occur
         def __init__(self, always: int | None = None):
@@ -87,9 +88,9 @@ def test_a_model_that_predicts_one_class_is_flagged(tiny_data, mlflow_uri, capsy
     result = evaluate_model(ByToken(), tok, "sst2", tiny_data, EvaluateConfig())
     assert result.extra == {"predicted_classes": 2} and "WARNING" not in capsys.readouterr().out
     result = evaluate_model(ByToken(always=1), tok, "sst2", tiny_data, EvaluateConfig())
-    assert result.extra == {"predicted_classes": 1}
+    assert result.extra["predicted_classes"] == 1
     assert "predicts label 1 for all 200 dev examples" in capsys.readouterr().out
     mlflow.set_experiment("one-class")  # an earlier test's experiment id is not in this test's store
     with mlflow.start_run() as run:
-        log_eval(result)
+        log_stage(eval_metrics(result), {"eval": {"extra": result.extra}})
     assert "learned nothing" in mlflow.get_run(run.info.run_id).data.tags["warning"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines import models
-from pipelines.config import ConfigError, DataConfig, FinetuneConfig
-from pipelines.finetune import stage_key
+from pipelines import checkpoints, models
+from pipelines.config import ConfigError, load_config
+from pipelines.dag import keys
+from pipelines.stages import finetune
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
@@ -33,15 +34,16 @@ def test_tiny_gpt2_causal_lm_and_checkpoint_round_trip(tmp_path):
     assert lm(torch.randint(0, 100, (1, 8))).logits.shape == (1, 8, 100)
     tok = models.load_tokenizer("tiny-bert")
     clf = models.load_classifier("tiny-bert", 2)
-    models.save_checkpoint(clf, tok, tmp_path / "ckpt", {"task": "sst2"})
-    loaded, _, meta = models.load_checkpoint(tmp_path / "ckpt")
+    checkpoints.save(clf, tok, tmp_path / "ckpt", {"task": "sst2"}, "fp")
+    loaded = checkpoints.load(tmp_path / "ckpt")
     x = torch.randint(0, 100, (2, 5))
-    assert meta["task"] == "sst2" and torch.equal(loaded.eval()(x).logits, clf.eval()(x).logits)
+    assert loaded.meta == {"task": "sst2", "format": "fp"}
+    assert torch.equal(loaded.model(x).logits, clf.eval()(x).logits)
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `plmq finetune` first"):
-        models.load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a plmq checkpoint .*pass a model folder"):
+        checkpoints.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds no model weights"):
         models.checkpoint_identity(tmp_path)
 
@@ -72,24 +74,21 @@ def test_mean_pooling_averages_the_real_tokens_only():
 def test_mean_pooling_survives_a_checkpoint_round_trip(tmp_path):
     tok = models.load_tokenizer("tiny-bert")
     model = models.load_classifier("tiny-bert", 2, seed=1, pooling="mean").eval()
-    models.save_checkpoint(model, tok, tmp_path / "mean", {})
-    loaded, _, _ = models.load_checkpoint(tmp_path / "mean")
+    checkpoints.save(model, tok, tmp_path / "mean", {}, "fp")
+    loaded = checkpoints.load(tmp_path / "mean").model
     batch = _two_sentences(tok)
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(**batch).logits, model(**batch).logits)
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
     assert isinstance(loaded.bert.pooler, models.MeanPooler)
-    models.save_checkpoint(models.load_classifier("tiny-bert", 2), tok, tmp_path / "cls", {})
-    assert "plmq_pooling" not in (tmp_path / "cls" / "config.json").read_text()  # cls configs as before
 
 
-def test_pooling_is_checked_before_work_and_keys_only_change_for_mean():
+def test_pooling_is_checked_before_work_and_changes_the_key():
     with pytest.raises(ConfigError, match="finetune.pooling=mean: model tiny-gpt2 .*set finetune.pooling=cls"):
         models.check_pooling("tiny-gpt2", "mean")
     with pytest.raises(ConfigError, match="finetune.pooling='max'"):
         models.check_pooling("tiny-bert", "max")
     models.check_pooling("tiny-bert", "mean")
-    data = DataConfig()
-    legacy = FinetuneConfig().key_fields()
-    assert "pooling" not in legacy and "log_every" not in legacy  # keys of stored cls runs still match
-    assert stage_key("sst2", "tiny-bert", data, FinetuneConfig(pooling="mean")) != stage_key(
-        "sst2", "tiny-bert", data, FinetuneConfig())
+    def key(*overrides):
+        cfg = load_config(None, ["model=tiny-bert", *overrides])
+        return keys(cfg, finetune.plan(cfg))["finetune/sst2"]
+    assert key("finetune.pooling=mean") != key() == key("finetune.log_every=3")

@@ -1,54 +1,55 @@
-"""Stage `rtn`: converts, calibrates, exports packed, evaluates the export; driver logs it."""
+"""Stage `rtn`: converts, calibrates, exports packed, evaluates the export."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipelines import models
-from pipelines.config import ConfigError, DataConfig, EvaluateConfig, RtnConfig, load_config
+from pipelines import checkpoints, models
+from pipelines.config import ConfigError, load_config
+from pipelines.evaluation import calibration_batches, quantize_rtn
+from pipelines.stages import Context, rtn
 from quant import QuantConfig
-from pipelines.rtn import calibration_batches, load_packed_checkpoint, quantize_rtn, rtn
+
+TEXTS = ["a good film", "the awful plot and dull acting"]
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    tok = models.load_tokenizer("tiny-bert")
-    model = models.load_classifier("tiny-bert", 2, seed=3)
-    return models.save_checkpoint(model, tok, tmp_path / "fp", {"task": "sst2", "base_model": "tiny-bert"})
+def run_rtn(cfg, checkpoint, quant, root):
+    (stage,) = [s for s in rtn.plan(cfg, checkpoint) if s.quant == quant]
+    return rtn.run(cfg, stage, {}, Context(root, "k1"))
+
+
+def rtn_in_memory(checkpoint, quant, cfg):
+    fp = checkpoints.load(checkpoint)
+    quantize_rtn(fp.model, QuantConfig.parse(quant), calibration_batches("sst2", fp.tokenizer, cfg.data, 64, 32))
+    return fp.model.eval(), fp.tokenizer
 
 
 @pytest.mark.parametrize("quant", ["w8a8", "w4a8-e8", "w2a8"])
-def test_rtn_exports_a_smaller_model_with_the_same_outputs(tiny_checkpoint, separable_glue, cache_dir, tmp_path,
-                                                           quant):
-    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
-    result = rtn(tiny_checkpoint, "sst2", quant, data, RtnConfig(calib_samples=64), EvaluateConfig(),
-                 tmp_path / "rtn")
-    assert result.packed_bytes < result.fp_bytes
-    assert result.converted > 0 and 0.0 <= result.eval.metrics["accuracy"] <= 1.0
-    assert result.eval.model_bytes == result.packed_bytes
+def test_rtn_exports_a_smaller_model_with_the_same_outputs(tiny_teacher, tiny_run_cfg, tmp_path, quant):
+    cfg = tiny_run_cfg(f"rtn.quant=[{quant}]", "rtn.calib_samples=64")
+    result = run_rtn(cfg, tiny_teacher, quant, tmp_path / "run")
+    assert result.info["packed_bytes"] < result.info["fp_bytes"]
+    assert result.info["converted"] > 0 and 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    assert result.metrics["model_bytes"] == result.info["packed_bytes"]
+    assert result.row["method"] == f"rtn-{QuantConfig.parse(quant)}" and result.row["bits"] < 32
 
     # the packed export gives exactly the logits of the in-memory fake-quant model
-    model, tok, _ = models.load_checkpoint(tiny_checkpoint)
-    quantize_rtn(model, QuantConfig.parse(quant),
-                 calibration_batches("sst2", tok, data, 64, 32))
-    loaded, _ = load_packed_checkpoint(result.checkpoint)
-    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+    model, tok = rtn_in_memory(tiny_teacher, quant, cfg)
+    loaded = checkpoints.load(result.checkpoint)
+    assert loaded.meta["format"] == "packed"
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
+        assert torch.equal(model(**batch).logits, loaded.model(**batch).logits)
 
 
-def test_rtn_low_bits_move_outputs_more_than_high_bits(tiny_checkpoint, separable_glue, cache_dir):
-    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
-    fp, tok, _ = models.load_checkpoint(tiny_checkpoint)
-    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+def test_rtn_low_bits_move_outputs_more_than_high_bits(tiny_teacher, tiny_run_cfg):
+    cfg = tiny_run_cfg()
+    fp = checkpoints.load(tiny_teacher)
+    batch = fp.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = fp.eval()(**batch).logits
-        errors = {}
-        for quant in ("w8a8", "w2a8"):
-            model, _, _ = models.load_checkpoint(tiny_checkpoint)
-            quantize_rtn(model, QuantConfig.parse(quant),
-                         calibration_batches("sst2", tok, data, 64, 32))
-            errors[quant] = (model.eval()(**batch).logits - ref).norm().item()
+        ref = fp.model(**batch).logits
+        errors = {q: (rtn_in_memory(tiny_teacher, q, cfg)[0](**batch).logits - ref).norm().item()
+                  for q in ("w8a8", "w2a8")}
     assert 0 < errors["w8a8"] < errors["w2a8"]
 
 
@@ -57,27 +58,15 @@ def test_bad_quant_config_fails_before_work():
         load_config(None, ["rtn.quant=[w17a8]"])
 
 
-def test_evaluate_loads_a_packed_export_not_random_weights(tiny_checkpoint, separable_glue, cache_dir, tmp_path):
-    from pipelines.evaluate import evaluate, load_any
-
-    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
-    result = rtn(tiny_checkpoint, "sst2", "w4a8", data, RtnConfig(calib_samples=64), EvaluateConfig(), tmp_path / "r")
-    again = evaluate(result.checkpoint, "sst2", data, EvaluateConfig())
-    assert again.metrics == result.eval.metrics and again.model_bytes == result.packed_bytes
-    model, _, _ = load_any(result.checkpoint)
-    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
-
-
-def test_packed_export_keeps_mean_pooling(separable_glue, cache_dir, tmp_path):
+def test_packed_export_keeps_mean_pooling(tiny_run_cfg, tmp_path):
     tok = models.load_tokenizer("tiny-bert")
-    fp = models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=3, pooling="mean"), tok,
-                                tmp_path / "fp", {"task": "sst2"})
-    data = DataConfig(source="dir", dir=str(separable_glue), max_length=16, cache_dir=cache_dir)
-    result = rtn(fp, "sst2", "w8a8", data, RtnConfig(calib_samples=32), EvaluateConfig(), tmp_path / "rtn")
-    model, _, _ = models.load_checkpoint(fp)
-    quantize_rtn(model, QuantConfig.parse("w8a8"), calibration_batches("sst2", tok, data, 32, 32))
-    loaded, _ = load_packed_checkpoint(result.checkpoint)
+    checkpoints.save(models.load_classifier("tiny-bert", 2, seed=3, pooling="mean"), tok, tmp_path / "fp",
+                     {"task": "sst2"}, "fp")
+    cfg = tiny_run_cfg("rtn.quant=[w8a8]", "rtn.calib_samples=64")
+    result = run_rtn(cfg, str(tmp_path / "fp"), "w8a8", tmp_path / "run")
+    model, _ = rtn_in_memory(str(tmp_path / "fp"), "w8a8", cfg)
+    loaded = checkpoints.load(result.checkpoint).model
     assert isinstance(loaded.bert.pooler, models.MeanPooler)
-    batch = tok(["a good film", "the awful plot and dull acting"], padding=True, return_tensors="pt")
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import QuantConfig, Quantizer
-from quant import outliers as ol
+from quant import prequant as pq
 from quant.gptq import gptq_round
 
 
@@ -64,9 +64,9 @@ def test_gptq_rejects_what_it_cannot_round():
 
 def test_prequantize_with_hessians_exports_bit_exact_and_is_closer_to_fp(tmp_path, token_ids, model_factory):
     fp = model_factory["bert"]()
-    cfg = ol.OutlierConfig("w3", "activation", budget=0.05)
-    names = ol.targets(fp, cfg)
-    stats = ol.input_stats(fp, names, [{"input_ids": token_ids[i:i + 1]} for i in range(len(token_ids))],
+    cfg = pq.OutlierConfig("w3", "activation", budget=0.05)
+    names = pq.targets(fp, cfg)
+    stats = pq.input_stats(fp, names, [{"input_ids": token_ids[i:i + 1]} for i in range(len(token_ids))],
                            hessian=True)
     assert all(s["hessian"].shape == (s["absmax"].numel(),) * 2 for s in stats.values())
     act = {n: s["absmax"] for n, s in stats.items()}
@@ -75,14 +75,14 @@ def test_prequantize_with_hessians_exports_bit_exact_and_is_closer_to_fp(tmp_pat
     errors = {}
     for rounding in ("nearest", "gptq"):
         model = model_factory["bert"]()
-        ol.prequantize(model, cfg, act, {n: s["hessian"] for n, s in stats.items()} if rounding == "gptq" else None)
+        pq.prequantize(model, cfg, act, {n: s["hessian"] for n, s in stats.items()} if rounding == "gptq" else None)
         with torch.no_grad():
             out = model(input_ids=token_ids).logits
         errors[rounding] = (out - ref).norm().item()
     assert errors["gptq"] < errors["nearest"]
-    ol.save_outlier_model(model, tmp_path)  # the frozen weights are on their grid
+    pq.save_prequantized(model, tmp_path)  # the frozen weights are on their grid
     fresh = model_factory["bert"](seed=7)
-    ol.to_skeleton(fresh, tmp_path)
-    ol.load_weights(fresh, tmp_path)
+    pq.to_skeleton(fresh, tmp_path)
+    pq.load_prequantized(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=token_ids).logits, out)

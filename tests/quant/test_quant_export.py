@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from quant import calibrate, legacy_width, load_quantized, model_bytes, pack, packed_numel, quantize_model, save_quantized, unpack
+from quant import calibrate, load_quantized, model_bytes, pack, packed_numel, quantize_model, save_quantized, unpack
 
 
 @settings(max_examples=50, deadline=None)
@@ -27,15 +27,6 @@ def test_packing_is_dense(bits):
     assert torch.equal(unpack(pack(q, bits), bits, (2, 12)).long(), q)  # max code survives
     assert pack(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1]), 1).item() == 0b10001101  # little-endian bits
     assert pack(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]  # codes straddle bytes
-
-
-@pytest.mark.parametrize("bits", [3, 5, 6, 7])
-def test_legacy_width_reads_v1_layout(bits):
-    q = torch.randint(0, 2**bits, (37,), generator=torch.Generator().manual_seed(bits))
-    width = legacy_width(bits)  # v1 stored 3-bit codes in 4 bits and 5..7 bits in a byte
-    old = pack(q, bits, width)
-    assert old.numel() == packed_numel(37, width) > packed_numel(37, bits)
-    assert torch.equal(unpack(old, bits, 37, width).long(), q)
 
 
 def test_pack_rejects_out_of_range_codes():
@@ -121,24 +112,13 @@ def test_3bit_file_is_smaller_than_4bit(model_factory, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:saving .* uncalibrated")
-def test_loads_v1_checkpoint_with_4bit_storage_of_3bit_codes(model_factory, tmp_path, token_ids):
+def test_load_refuses_another_format(model_factory, tmp_path):
     model = model_factory["bert"]()
     quantize_model(model, "w3a8")
-    with torch.no_grad():
-        expected = model(input_ids=token_ids).logits
     save_quantized(model, tmp_path)
     meta = json.loads((tmp_path / "quant_config.json").read_text())
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    for name, info in meta["modules"].items():  # rewrite as format v1 wrote it
-        codes = unpack(tensors[f"{name}.weight.packed"], info["bits"], info["shape"])
-        tensors[f"{name}.weight.packed"] = pack(codes, info["bits"], legacy_width(info["bits"]))
-    save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "quant_config.json").write_text(json.dumps(meta | {"format": "plmq-packed-v1"}))
-    with torch.no_grad():
-        got = load_quantized(model_factory["bert"](seed=7), tmp_path)(input_ids=token_ids).logits
-    assert torch.equal(got, expected)
-    (tmp_path / "quant_config.json").write_text(json.dumps(meta | {"format": "plmq-packed-v9"}))
-    with pytest.raises(ValueError, match="unknown format 'plmq-packed-v9'.*reads plmq-packed-v2"):
+    with pytest.raises(ValueError, match="unknown format 'plmq-packed-v1'.*reads plmq-packed-v2"):
         load_quantized(model_factory["bert"](seed=7), tmp_path)
 
 

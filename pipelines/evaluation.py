@@ -1,9 +1,10 @@
-"""Stage `evaluate`: GLUE dev metrics (scikit-learn/scipy), model bytes, throughput."""
+"""Scoring a model: GLUE dev metrics (scikit-learn/scipy), the majority-class floor, the report row;
+and the round-to-nearest conversion the stages that quantize share (rtn, mrem's baseline)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,8 +13,12 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipelines import models
 from pipelines.config import DataConfig, EvaluateConfig
-from pipelines.data import GlueTask, check_task, load_split, tokenized_split
-from pipelines.finetune import make_loader
+from pipelines.data import load_split, tokenized_split
+from pipelines.tasks import GlueTask, check_task
+from pipelines.training import make_loader
+from quant import QuantConfig, calibrate, quantize_model
+
+FP_BITS = 32
 
 
 @dataclass
@@ -56,8 +61,7 @@ def majority_floor(tasks: list[str], data: DataConfig) -> dict[str, tuple[str, f
 
 def majority_baseline(task: str, data: DataConfig) -> float | None:
     """The main dev metric of always predicting the training set's most frequent label: what a model that
-    learned nothing scores (RTE accuracy 52.71, MRPC F1 81.22). None for regression (a constant has no
-    correlation)."""
+    learned nothing scores. None for regression (a constant has no correlation)."""
     spec = check_task(task)
     if spec.is_regression:
         return None
@@ -101,38 +105,56 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
             predicted |= set(preds.tolist())
     extra = {} if spec.is_regression else {"predicted_classes": len(predicted)}
     if len(predicted) == 1:  # a fine-tune that learned nothing scores the majority class, silently
-        print(f"[evaluate {task}] WARNING: the model predicts label {predicted.pop()} for all {total} dev examples: "
-              "it learned nothing. Try another lr or seed (PEFT methods on small pair tasks such as RTE: "
-              "prequant.train_norms=true).")
+        extra["warning"] = (f"the model predicts label {predicted.pop()} for all {total} dev examples: "
+                            "it learned nothing. Try another lr or seed (PEFT methods on small pair tasks such "
+                            "as RTE: prequant.train_norms=true).")
+        print(f"[evaluate {task}] WARNING: {extra['warning']}")
     return EvalResult(task=task, metrics=metrics, main_metric=main_metric_name(spec),
                       model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
                       examples=total, examples_per_s=float(np.mean(rates)), extra=extra)
 
 
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes of the weight files in a checkpoint folder."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    """What a stage logs of an evaluation (its MLflow metrics)."""
+    return {**{f"eval_{k}": v for k, v in result.metrics.items()}, "model_bytes": result.model_bytes,
+            "eval_examples_per_s": result.examples_per_s}
 
 
-def load_any(checkpoint: str | Path):
-    """(model, tokenizer, bytes) of an FP checkpoint or a packed low-bit export (rtn, mrem, prequant)."""
-    path = Path(checkpoint)
-    if (path / "prequant.json").exists():
-        from pipelines.prequant import load_prequant_checkpoint
-
-        model, tokenizer, meta = load_prequant_checkpoint(path)
-        return model, tokenizer, meta["bytes"]
-    if (path / "quant_config.json").exists():
-        from pipelines.rtn import load_packed_checkpoint
-        from quant import model_bytes
-
-        model, tokenizer = load_packed_checkpoint(path)
-        return model, tokenizer, model_bytes(path)
-    model, tokenizer, _ = models.load_checkpoint(path)
-    return model, tokenizer, checkpoint_bytes(path)
+def weight_bits(quant: str | None) -> float:
+    """Bits per weight of a QuantConfig (ternary: log2 3), 32 for FP."""
+    if quant is None:
+        return FP_BITS
+    w = QuantConfig.parse(quant).weight
+    return FP_BITS if w is None else (1.58 if w.scheme == "ternary" else w.bits)
 
 
-def evaluate(checkpoint: str | Path, task: str, data: DataConfig, cfg: EvaluateConfig) -> EvalResult:
-    """Evaluate a checkpoint folder: FP (`finetune`) or a packed export (`rtn`, `mrem`, `prequant`)."""
-    model, tokenizer, nbytes = load_any(checkpoint)
-    return evaluate_model(model, tokenizer, task, data, cfg, model_bytes=nbytes)
+def report_row(task: str, method: str, result: EvalResult, wall_s: float, quant: str | None,
+               trainable_pct: float, resources: dict) -> dict:
+    """A stage's line of the comparison report; cpu_s/gpu_s: wall time times the CPUs/GPUs it reserved."""
+    return {"task": task, "method": method, "metric": result.main_metric, "value": round(100 * result.main, 2),
+            "model_MB": round(result.model_bytes / 2**20, 2), "examples_per_s": round(result.examples_per_s, 1),
+            "wall_s": round(wall_s, 1), "metrics": result.metrics, "bits": weight_bits(quant),
+            "trainable_pct": round(trainable_pct, 3), "cpu_s": round(wall_s * resources.get("cpus", 0), 1),
+            "gpu_s": round(wall_s * resources.get("gpus", 0), 1)}
+
+
+def calibration_batches(task: str, tokenizer, data: DataConfig, n: int, batch_size: int, seed: int = 0):
+    """The first `n` shuffled training examples of `task`, as model-input batches."""
+    calib = dataclasses.replace(data, train_examples=n)
+    loader = make_loader(str(tokenized_split(task, "train", tokenizer, calib, seed=seed)), tokenizer,
+                         batch_size, shuffle=False, seed=seed)
+    for batch in loader:
+        batch.pop("labels")
+        yield batch
+
+
+@torch.no_grad()
+def quantize_rtn(model: torch.nn.Module, qcfg: QuantConfig, batches) -> int:
+    """Convert in place to round-to-nearest fake quantization and calibrate activation ranges on
+    `batches`; returns the number of layers converted."""
+    report = quantize_model(model, qcfg)
+    model.eval()
+    with calibrate(model):
+        for batch in batches:
+            model(**batch)
+    return len(report.converted)
