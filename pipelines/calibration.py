@@ -118,7 +118,7 @@ def record(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, specs
         for b in range(len(specs)):
             writer.add(b, {}, final=True)
         meta = {"task": task, "num_samples": len(ds), "seq_len": seq_len, "shard_size": shard_size,
-                "layers": [[s.start, s.end] for s in specs], "nbytes": writer.nbytes}
+                "boundaries": len(specs), "layers": [[s.start, s.end] for s in specs], "nbytes": writer.nbytes}
         write_json_atomic(tmp / META, meta)
     return meta
 

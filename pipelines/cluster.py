@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import ray
 import yaml
 
-from pipelines.config import ConfigError, MremConfig, RunConfig
+from pipelines.config import MremConfig, RunConfig
+from pipelines.errors import ConfigError
 from pipelines.models import num_layers
 
 

@@ -49,7 +49,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     out = {"task": stage.task, "data": to_dict(cfg.data), "modules": modules(cfg),
            "mrem": {k: mrem[k] for k in SETTINGS}}
     if stage.checkpoint:
-        out["checkpoint"] = models.checkpoint_identity(stage.checkpoint)
+        out["checkpoint"] = models.identity(stage.checkpoint)
     return out
 
 

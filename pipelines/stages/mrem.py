@@ -27,9 +27,8 @@ from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
 from pipelines.cluster import WorkerResources, ensure_ray, spread_placement, worker_resources
 from pipelines.config import MremConfig, RunConfig, to_dict
-from pipelines.evaluate import EvalResult, evaluate_model
+from pipelines.evaluation import EvalResult, calibration_batches, eval_metrics, evaluate_model, quantize_rtn, report_row
 from pipelines.reconstruction import assemble, boundary_errors
-from pipelines.rtn import calibration_batches, quantize_rtn
 from pipelines.stages import calibrate
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative, upstream_of
 from pipelines.tracking import RunLogger
@@ -46,11 +45,9 @@ def _canonical(quant: str) -> str:
 
 
 def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
-    """One stage per task and QuantConfig, after the task's fine-tuning and calibration. On a user
-    `checkpoint` the plan is whole: the calibrate stages it needs come first."""
-    if not cfg.mrem.quant:
-        return []
-    stages = calibrate.plan(cfg, checkpoint) if checkpoint else []
+    """One stage per task and QuantConfig, after the task's calibration and (from a config) fine-tuning;
+    on a user `checkpoint` after the calibrate stage `calibrate.plan(cfg, checkpoint)` plans."""
+    stages: list[Stage] = []
     for task in cfg.tasks:
         deps = (calibrate.name(task),) if checkpoint else (f"finetune/{task}", calibrate.name(task))
         stages += [Stage(f"{KIND}/{task}/{_canonical(q)}-{cfg.mrem.mode}", KIND, task, q, deps=deps,
@@ -101,10 +98,10 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
             "wall_s": round(wall_s, 2), "restarts": restarts, "chain_errors": errors[0], "rtn_chain_errors": errors[1],
             "modules_stats": stats, "eval": dataclasses.asdict(result)}
     metrics = {"packed_bytes": packed, "calib_bytes": cache.nbytes, "calib_s": info["calib_s"], "load_s": load_s,
-               "train_s": train_s, "wall_s": wall_s, "restarts": restarts, **_eval_metrics(result)}
+               "train_s": train_s, "wall_s": wall_s, "restarts": restarts, **eval_metrics(result)}
     for k, (mrem_err, rtn_err) in enumerate(zip(*errors)):
         metrics.update({f"module{k}_error": mrem_err, f"module{k}_rtn_error": rtn_err})
-    row = _row(stage.task, f"mrem-{m.mode}-{quant}", result, wall_s, quant, resources)
+    row = report_row(stage.task, f"mrem-{m.mode}-{quant}", result, wall_s, quant, 0.0, resources)
     return StageResult(outputs=relative(out / "model", Path(ctx.root)), checkpoint=str(out / "model"), row=row,
                        metrics=metrics, info=info, resources=resources)
 
@@ -177,20 +174,3 @@ def finish_module_runs(ctx: Context, run_ids: list[str | None], stats: list[dict
         client.set_tag(run_id, "restarted", str(s["restarted"]))
         client.set_terminated(run_id)
 
-
-def _eval_metrics(result: EvalResult) -> dict[str, float]:
-    return {**{f"eval_{k}": v for k, v in result.metrics.items()}, "model_bytes": result.model_bytes,
-            "eval_examples_per_s": result.examples_per_s}
-
-
-def _bits(quant: str) -> float:
-    w = QuantConfig.parse(quant).weight
-    return 1.58 if w.scheme == "ternary" else w.bits
-
-
-def _row(task: str, method: str, result: EvalResult, wall_s: float, quant: str, resources: dict) -> dict:
-    """The stage's line of the comparison report."""
-    return {"task": task, "method": method, "metric": result.main_metric, "value": round(100 * result.main, 2),
-            "model_MB": round(result.model_bytes / 2**20, 2), "examples_per_s": round(result.examples_per_s, 1),
-            "wall_s": round(wall_s, 1), "metrics": result.metrics, "bits": _bits(quant), "trainable_pct": 0.0,
-            "cpu_s": round(wall_s * resources.get("cpus", 0), 1), "gpu_s": round(wall_s * resources.get("gpus", 0), 1)}
