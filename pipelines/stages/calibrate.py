@@ -17,6 +17,7 @@ from pipelines.partition import split_layers
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
 
 KIND = "calibrate"
+TASK_CPUS = 1  # it runs the teacher in its own Ray task
 SETTINGS = ("calib_samples", "calib_batch_size", "shard_size", "seed")  # the mrem settings that decide it
 
 
@@ -33,20 +34,24 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
             for task in cfg.tasks]
 
 
+def configured_modules(cfg: RunConfig) -> int | None:
+    """MREM's module count K as the config holds it: resolved by the driver (resolve_resources), rem is 1."""
+    return 1 if cfg.mrem.mode == "rem" else cfg.mrem.modules
+
+
 def modules(cfg: RunConfig) -> int:
-    """MREM's module count K as the driver resolved it (pipelines.cluster.resolve_resources); rem is 1."""
-    if cfg.mrem.mode == "rem":
-        return 1
-    if cfg.mrem.modules is None:
+    """K for a stage that runs: the driver must have resolved it."""
+    k = configured_modules(cfg)
+    if k is None:
         raise ValueError("mrem.modules is unresolved: resolve the config with pipelines.cluster.resolve_resources "
-                         "before planning MREM stages")
-    return cfg.mrem.modules
+                         "before running MREM stages")
+    return k
 
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The data, the module count and the calibration settings; a user checkpoint by its weights."""
     mrem = to_dict(cfg.mrem)
-    out = {"task": stage.task, "data": to_dict(cfg.data), "modules": modules(cfg),
+    out = {"task": stage.task, "data": to_dict(cfg.data), "modules": configured_modules(cfg),
            "mrem": {k: mrem[k] for k in SETTINGS}}
     if stage.checkpoint:
         out["checkpoint"] = models.identity(stage.checkpoint)
@@ -62,7 +67,7 @@ def folder(cfg: RunConfig, stage: Stage, ctx: Context) -> Path:
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -> StageResult:
     """Record the activations (or find them recorded under the same key) and say where they are."""
-    m = cfg.mrem
+    m, k = cfg.mrem, modules(cfg)
     out, start = folder(cfg, stage, ctx), time.time()
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
@@ -71,7 +76,7 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     if not reused:
         checkpoint = input_checkpoint(stage, upstream)
         teacher = checkpoints.load(checkpoint)
-        specs = split_layers(models.num_layers(checkpoint), modules(cfg))
+        specs = split_layers(models.num_layers(checkpoint), k)
         meta = calibration.record(teacher.model, teacher.tokenizer, stage.task, cfg.data, specs, m.calib_samples,
                                   out, m.calib_batch_size, m.shard_size, m.seed)
     calib_s = time.time() - start

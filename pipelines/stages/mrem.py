@@ -35,6 +35,7 @@ from pipelines.tracking import RunLogger
 from quant import QuantConfig
 
 KIND = "mrem"
+TASK_CPUS = 0  # its module actors ask for their own resources
 QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir"}  # do not change the result
 MODULE_METRICS = ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "pushed_bytes",
                   "pulled_bytes", "resumed_from_step", "repeated_batches", "waited_for_predecessor_s")
@@ -59,7 +60,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The QuantConfig, the mrem settings that change the trained model, the data and the evaluation."""
     mrem = {k: v for k, v in to_dict(cfg.mrem).items() if k not in QUIET}
     return {"task": stage.task, "quant": _canonical(stage.quant), "data": to_dict(cfg.data),
-            "evaluate": to_dict(cfg.evaluate), "mrem": {**mrem, "quant": None, "modules": calibrate.modules(cfg)}}
+            "evaluate": to_dict(cfg.evaluate), "mrem": {**mrem, "quant": None, "modules": calibrate.configured_modules(cfg)}}
 
 
 def settings(cfg: MremConfig, cpus: int) -> TrainerSettings:

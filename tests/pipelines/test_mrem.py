@@ -60,8 +60,8 @@ def test_fragments_hold_what_decides_the_result():
     assert calibrate.fragment(cfg, cal) == calibrate.fragment(small(steps=31, lr=1.0), cal)  # training only
     assert calibrate.fragment(cfg, cal) != calibrate.fragment(small(modules=4), cal)
     assert calibrate.fragment(small(mode="rem", modules=None), cal)["modules"] == 1
-    with pytest.raises(ValueError, match="unresolved"):  # K is decided once, in the driver
-        calibrate.fragment(small(modules=None), cal)
+    with pytest.raises(ValueError, match="unresolved"):  # K is decided once, in the driver, before any stage runs
+        calibrate.run(small(modules=None), cal, {}, Context(root=".", key="k"))
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential", "rem"])
