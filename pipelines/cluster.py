@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import ray
 import yaml
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from pipelines.config import MremConfig, RunConfig
 from pipelines.errors import ConfigError
@@ -53,12 +55,9 @@ def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1) -> WorkerR
     return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
 
 
-def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None):
+def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None) -> PlacementGroup:
     """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
     ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.use_gpu else {})}
     pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
     try:

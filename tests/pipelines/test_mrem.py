@@ -67,9 +67,14 @@ def test_fragments_hold_what_decides_the_result():
 @pytest.mark.parametrize("mode", ["parallel", "sequential", "rem"])
 @pytest.mark.ray
 @pytest.mark.slow
-def test_every_mode_yields_an_evaluable_packed_model(ray_session, tiny_teacher, tiny_data, tmp_path, mode):
+def test_every_mode_yields_an_evaluable_packed_model(ray_session, tiny_teacher, tiny_data, tmp_path, mode, mlflow_uri):
+    import mlflow
+
     cfg = small(tiny_data, quant=["w2a8"], mode=mode, modules=None if mode == "rem" else 2)
-    result = run_mrem(cfg, tiny_teacher, tmp_path, calibrated(cfg, tiny_teacher, tmp_path))
+    client = mlflow.MlflowClient(mlflow_uri)
+    stage_run = client.create_run(client.create_experiment("mrem-test")).info.run_id
+    result = run_mrem(cfg, tiny_teacher, tmp_path, calibrated(cfg, tiny_teacher, tmp_path), run_id=stage_run,
+                      tracking_uri=mlflow_uri)
     info = result.info
     assert info["modules"] == (1 if mode == "rem" else 2) and result.resources["cpus"] == info["modules"]
     assert 0.0 <= result.row["value"] <= 100.0 and result.row["bits"] == 1.58 and info["packed_bytes"] > 0
@@ -78,6 +83,11 @@ def test_every_mode_yields_an_evaluable_packed_model(ray_session, tiny_teacher, 
     assert len(info["chain_errors"]) == info["modules"]
     assert all(m < r for m, r in zip(info["chain_errors"], info["rtn_chain_errors"])), info
     assert result.metrics["module0_error"] == info["chain_errors"][0]
+    # one nested run per module under the stage's run, holding the loss curve its actor logged
+    modules = client.search_runs([client.get_run(stage_run).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{stage_run}'")
+    assert len(modules) == info["modules"]
+    assert all([m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [10, 20, 30] for r in modules)
     if mode == "parallel":  # module 0 fed module 1 directly, actor to actor
         assert info["modules_stats"][0]["pushed_bytes"] > 0 and info["modules_stats"][1]["pulled_bytes"] > 0
 
