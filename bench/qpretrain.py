@@ -1,11 +1,12 @@
-"""Quantized pre-training bench (issue #6): every recipe of configs/pretrain_sweep.yaml on
-tinyshakespeare and WikiText-2 (valid), same model, data, steps and seed; final validation
-loss relative to FP, optimizer-state bytes and step time.
+"""Quantized pre-training bench: every recipe of configs/pretrain_sweep.yaml on tinyshakespeare
+and WikiText-2 (valid), same model, data, steps and seeds; final validation loss relative to FP,
+optimizer-state bytes and step time.
 
     .venv/bin/python bench/qpretrain.py [--set train.steps=250 ...]
 
 Writes bench/results/qpretrain.json, qpretrain.md and qpretrain_loss_curves.png (atomically).
-Runs go through `plmq pretrain --sweep` (Ray tasks, one MLflow run each, under one parent run).
+Runs go through the runner as `plmq pretrain-sweep` does: one pretrain stage per (corpus, seed,
+recipe), then the pretrain-report stage, whose <output_dir>/sweep/sweep_results.json this reads.
 """
 from __future__ import annotations
 
@@ -15,20 +16,25 @@ import json
 import math
 import shlex
 import shutil
-import tempfile
+import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
+from pipelines import runner  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.io import markdown_table  # noqa: E402
-from pipelines.pretrain import PretrainRunConfig  # noqa: E402
-from pipelines.pretrain_sweep import run_sweep_stage  # noqa: E402
+from pipelines.lm_train import LocalSession, prepare, train  # noqa: E402
+from pipelines.pretrain_config import PretrainRunConfig, with_recipe  # noqa: E402
+from pipelines.stages import pretrain, pretrain_report  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # recipe -> (target: val loss within this fraction of FP); from the issue
@@ -58,7 +64,8 @@ def check_targets(table: dict) -> list[dict]:
         for recipe, tol in TARGETS.items():
             r = recipes.get(recipe)
             if r and r.get("gap_mean") is not None:
-                spread = f" ± {r['gap_std']:.2%} (worst {r['gap_max']:+.2%}, {r['seeds']} seeds)" if r["seeds"] > 1 else ""
+                spread = (f" ± {r['gap_std']:.2%} (worst {r['gap_max']:+.2%}, {r['seeds']} seeds)"
+                          if r["seeds"] > 1 else "")
                 checks.append({"corpus": corpus, "target": f"{recipe}: val loss within {tol:.0%} of FP",
                                "measured": f"{r['gap_mean']:+.2%}{spread}",
                                "met": bool(r["gap_mean"] <= tol and not r["diverged"])})
@@ -82,8 +89,9 @@ def markdown(doc: dict) -> str:
             out.append(f"### {corpus}\n\n" + markdown_table(rows, cols) + "\n")
         return out
 
-    parts = [f"# Quantized pre-training bench (issue #6)\n\nCommand: `{doc['command']}`  \n"
-             f"{doc['setup']}  \nWall time {doc['wall_s']:.0f} s.\n", *tables(doc)]
+    head = (f"# Quantized pre-training bench\n\nCommand: `{doc['command']}`  \n"
+            f"{doc['setup']}  \nWall time {doc['wall_s']:.0f} s.\n")
+    parts = [head, *tables(doc)]
     parts.append("## Targets\n\n" + markdown_table(doc["targets"], ["corpus", "target", "measured", "met"]) + "\n")
     parts.append("![loss curves](qpretrain_loss_curves.png)\n")
     if "step_time_sequential" in doc:
@@ -106,14 +114,8 @@ NON_CORPUS = ("targets", "config", "extra", "step_time_sequential", "notes")
 def time_recipes(cfg: PretrainRunConfig, recipes: list[str], steps: int = 15, rounds: int = 3) -> dict:
     """Step time of each recipe measured alone in this process (1 thread), interleaved over
     `rounds` so that load changes on a shared machine hit every recipe alike; median per recipe."""
-    import statistics
-
-    import torch
-
-    from pipelines.pretrain import LocalSession, train, with_recipe, _prepare
-
     torch.set_num_threads(1)
-    data = _prepare(cfg)
+    data = prepare(cfg)
     never = 10**6
     base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=never,
                                                               checkpoint_every=never, log_every=never))
@@ -148,8 +150,10 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(cfg.output_dir, ignore_errors=True)  # measure every run, reuse nothing
     start = time.time()
-    summary = run_sweep_stage(cfg)
+    run_sweep(cfg)
     wall = time.time() - start
+    sweep_dir = Path(cfg.output_dir).resolve() / pretrain_report.FOLDER
+    summary = json.loads((sweep_dir / "sweep_results.json").read_text())
     table = by_corpus(summary["summary"], summary["rows"])
     command = "python bench/qpretrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.extra:
@@ -159,10 +163,15 @@ def main() -> None:
     else:
         doc = {**table, "targets": check_targets(table), "command": command, "setup": setup_text(cfg),
                "wall_s": round(wall, 1), "config": asdict(cfg)}
-        shutil.copy(Path(summary["output_dir"]) / "loss_curves.png", RESULTS / "qpretrain_loss_curves.png")
+        shutil.copy(sweep_dir / "loss_curves.png", RESULTS / "qpretrain_loss_curves.png")
     write_results(RESULTS / "qpretrain.json", doc, markdown(doc))
     print(markdown(doc))
     print(f"wrote {RESULTS}/qpretrain.json and .md in {wall:.0f} s")
+
+
+def run_sweep(cfg: PretrainRunConfig) -> None:
+    """The sweep's stages through the runner (finished stages of an earlier run are reused)."""
+    runner.run(cfg, pretrain.plan_sweep(cfg) + pretrain_report.plan(cfg), force=[])
 
 
 def add_timing(args) -> None:
@@ -187,7 +196,7 @@ def setup_text(cfg: PretrainRunConfig) -> str:
             f"sequences (AdamW lr {t.lr}, warm-up {t.warmup_steps}, cosine, wd {t.weight_decay}, clip "
             f"{t.grad_clip}), seeds {cfg.sweep.seeds or [t.seed]} (each recipe vs the FP run of its seed); "
             f"validation loss on {cfg.data.eval_windows} windows of the last 10%. "
-            f"CPU, 1 thread per run, {cfg.sweep.max_parallel} runs in parallel on a 2-core machine: "
+            f"CPU, {t.cpus_per_worker} thread(s) per run, as many runs at once as the cores hold (2-core machine): "
             "step times are only roughly comparable.")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,9 +17,10 @@ from pipelines.config import RunConfig, load_config
 from pipelines.dag import describe
 from pipelines.errors import ConfigError, DataError
 from pipelines.prequant_model import quant_name
+from pipelines.pretrain_config import PretrainRunConfig
 from pipelines.runner import RunSummary, StageFailure
 from pipelines.runner import run as run_plan
-from pipelines.stages import Stage
+from pipelines.stages import Stage, pretrain, pretrain_report
 from pipelines.tracking import tracking_uri
 
 app = typer.Typer(help="plmq: quantize pre-trained language models on Ray.", no_args_is_help=True,
@@ -43,8 +43,8 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load(config: Optional[Path], overrides: list[str], task: Optional[str] = None, model: Optional[str] = None,
-         output_dir: Optional[str] = None, cls: type = RunConfig):
+def load(config: Path | None, overrides: list[str], task: str | None = None, model: str | None = None,
+         output_dir: str | None = None, cls: type = RunConfig):
     extra = list(overrides)
     extra += [f"tasks=[{task}]"] if task else []
     extra += [f"model={model}"] if model else []
@@ -75,13 +75,13 @@ def execute(cfg, stages: list[Stage] | None, name: str, force: list[str] = (), d
         fail(ui_hint(), 1)
     if summary.table:
         typer.echo("\n" + summary.table + "\n")
-        typer.echo(f"Report: {summary.output_dir}/report.md (+ report.csv, accuracy_vs_bits.png)")
+        typer.echo(f"Report files under {summary.output_dir}")
     typer.echo(f"wall time {summary.wall_s:.0f} s, {len(summary.skipped)} stage(s) already complete")
     typer.echo(ui_hint())
     return summary
 
 
-def single(cfg, kinds: tuple[str, ...], name: str, checkpoint: Optional[Path] = None, dry_run: bool = False):
+def single(cfg, kinds: tuple[str, ...], name: str, checkpoint: Path | None = None, dry_run: bool = False):
     if checkpoint is not None and not checkpoint.is_dir():
         fail(f"checkpoint {checkpoint} is not a folder; pass a model folder written by a plmq stage")
     try:
@@ -92,8 +92,8 @@ def single(cfg, kinds: tuple[str, ...], name: str, checkpoint: Optional[Path] = 
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, task: Optional[str] = TaskOpt,
-        model: Optional[str] = ModelOpt, output_dir: Optional[str] = OutOpt, force: list[str] = ForceOpt,
+def run(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+        model: str | None = ModelOpt, output_dir: str | None = OutOpt, force: list[str] = ForceOpt,
         dry_run: bool = DryOpt) -> None:
     """Run the whole pipeline of a config: finetune, evaluate, rtn, calibrate, mrem, prequant, report.
 
@@ -103,30 +103,62 @@ def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, task:
 
 
 @app.command()
-def finetune(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, task: Optional[str] = TaskOpt,
-             model: Optional[str] = ModelOpt, output_dir: Optional[str] = OutOpt, dry_run: bool = DryOpt) -> None:
+def finetune(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+             model: str | None = ModelOpt, output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
     """Full-precision fine-tuning of the model on each task (Ray Train)."""
     single(load(config, overrides, task, model, output_dir), ("finetune",), "finetune", dry_run=dry_run)
 
 
 @app.command()
 def evaluate(checkpoint: Path = typer.Argument(..., help="model folder written by a plmq stage"),
-             config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt, task: Optional[str] = TaskOpt,
-             output_dir: Optional[str] = OutOpt, dry_run: bool = DryOpt) -> None:
+             config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+             output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
     """GLUE dev metrics of a model folder (FP or any quantized export)."""
     single(load(config, overrides, task, None, output_dir), ("evaluate",), "evaluate", checkpoint, dry_run)
 
 
 @app.command()
 def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder"), quant: list[str] = QuantOpt,
-        config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt, task: Optional[str] = TaskOpt,
-        output_dir: Optional[str] = OutOpt, dry_run: bool = DryOpt) -> None:
+        config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+        output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
     """Round-to-nearest post-training quantization of a checkpoint, exported packed and evaluated."""
     extra = [f"rtn.quant=[{','.join(quant)}]"] if quant else []
     cfg = load(config, list(overrides) + extra, task, None, output_dir)
     if not cfg.rtn.quant:
         fail("config error: no QuantConfig: pass --quant w4a8 or set rtn.quant")
     single(cfg, ("rtn",), "rtn", checkpoint, dry_run)
+
+
+def load_pretrain(config: Path | None, overrides: list[str], recipe: str | None, corpus: str | None,
+                  output_dir: str | None) -> PretrainRunConfig:
+    extra = [f"quant.recipe={recipe}"] if recipe else []
+    extra += [f"data.corpus={corpus}"] if corpus else []
+    return load(config, list(overrides) + extra, None, None, output_dir, cls=PretrainRunConfig)
+
+
+@app.command("pretrain")
+def pretrain_verb(config: Path | None = ConfigArg, overrides: list[str] = SetOpt,
+                  recipe: str | None = typer.Option(None, help="quantization recipe, e.g. fp, w8a8g8, w4, m8v8"),
+                  corpus: str | None = typer.Option(None, help="tinyshakespeare, wikitext2 or a text file"),
+                  output_dir: str | None = OutOpt, force: list[str] = ForceOpt, dry_run: bool = DryOpt,
+                  sweep: bool = typer.Option(False, "--sweep", help="run the config's sweep grid instead")) -> None:
+    """Pre-train a GPT-2 from scratch with quantized weights/activations/gradients/optimizer states."""
+    cfg = load_pretrain(config, overrides, recipe, corpus, output_dir)
+    if sweep:
+        return pretrain_sweep(config, overrides, force, dry_run)
+    execute(cfg, pretrain.plan(cfg), "pretrain", force, dry_run)
+
+
+@app.command("pretrain-sweep")
+def pretrain_sweep(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, force: list[str] = ForceOpt,
+                   dry_run: bool = DryOpt) -> None:
+    """Pre-train every recipe x corpus x seed of the config's sweep section at once, then compare them."""
+    cfg = load_pretrain(config, overrides, None, None, None)
+    try:
+        stages = pretrain.plan_sweep(cfg)
+    except ConfigError as err:
+        fail(f"config error: {err}")
+    execute(cfg, stages + pretrain_report.plan(cfg), "pretrain-sweep", force, dry_run)
 
 
 PrequantQuantOpt = typer.Option([], "--quant", help="QuantConfig with quantized weights, e.g. w4 (repeatable)")
@@ -143,9 +175,9 @@ def prequant_cfg(config, overrides, quant, method, task=None, model=None, output
 
 
 @app.command("prequant-quantize")
-def prequant_quantize(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+def prequant_quantize(config: Path | None = ConfigArg, overrides: list[str] = SetOpt,
                       quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
-                      model: Optional[str] = ModelOpt, output_dir: Optional[str] = OutOpt,
+                      model: str | None = ModelOpt, output_dir: str | None = OutOpt,
                       dry_run: bool = DryOpt) -> None:
     """PreQuant, task-agnostic: quantize the pre-trained model once (low-bit + FP outlier columns)."""
     cfg = prequant_cfg(config, overrides, quant, method, None, model, output_dir)
@@ -153,10 +185,10 @@ def prequant_quantize(config: Optional[Path] = ConfigArg, overrides: list[str] =
 
 
 @app.command("prequant-finetune")
-def prequant_finetune(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt,
+def prequant_finetune(config: Path | None = ConfigArg, overrides: list[str] = SetOpt,
                       quant: list[str] = PrequantQuantOpt, method: list[str] = PrequantMethodOpt,
-                      task: Optional[str] = TaskOpt, model: Optional[str] = ModelOpt,
-                      output_dir: Optional[str] = OutOpt, dry_run: bool = DryOpt) -> None:
+                      task: str | None = TaskOpt, model: str | None = ModelOpt,
+                      output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
     """PreQuant, per task: fine-tune each method from the stored low-bit model (quantized first when the
     store has none with the same inputs), export, evaluate; `fp` and `rtn` in prequant.methods add the FP
     fine-tune and its RTN baselines."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,7 +18,6 @@ import yaml
 from pipelines.errors import ConfigError
 from pipelines.tasks import check_task
 from quant import QuantConfig
-
 
 POOLINGS = ("cls", "mean")  # finetune.pooling: what a classifier's head reads (pipelines.models.set_pooling)
 

@@ -26,6 +26,7 @@ from pipelines import tracking
 from pipelines.stages import REGISTRY, Context, Stage
 from pipelines.store import StageStore, stage_key
 
+
 def keys(cfg: Any, stages: list[Stage]) -> dict[str, str]:
     """Each stage's key: its kind, its config fragment and its upstream stages' keys."""
     out: dict[str, str] = {}

@@ -18,7 +18,7 @@ import datasets
 
 from pipelines.config import DataConfig
 from pipelines.errors import DataError
-from pipelines.tasks import GLUE_TASKS, GlueTask, check_task
+from pipelines.tasks import GlueTask, check_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_GLUE = REPO_ROOT / "data" / "glue"

@@ -5,22 +5,28 @@ A corpus is a bundled name (CORPORA) or a path to a UTF-8 text file. Its last
 byte-level BPE tokenizer (`tokenizers.ByteLevelBPETokenizer`) is trained on the
 training split only. Tokenizer and token ids (uint16/uint32 .npy) are cached on disk,
 keyed by the file's content hash, vocabulary size and split, so workers and re-runs
-load them instead of retraining.
+load them instead of retraining; one folder per key, written atomically under a file lock.
 
 Batches are random windows (nanoGPT style) drawn from a generator seeded by
 (seed, step, rank): the data position of a run is its step, which makes resuming exact.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from pipelines.io import atomic_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = {
@@ -75,26 +81,23 @@ def _cache_key(text: str, vocab_size: int, val_fraction: float) -> str:
 
 
 def _train_tokenizer(train_text: str, vocab_size: int, out: Path) -> None:
-    from tokenizers import ByteLevelBPETokenizer
-
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(train_text.splitlines(keepends=True), vocab_size=vocab_size, min_frequency=2,
                             special_tokens=[SPECIAL], show_progress=False)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tok.save_model(str(tmp))
-    tok.save(str(tmp / "tokenizer.json"))
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    out.mkdir(parents=True)
+    tok.save_model(str(out))
+    tok.save(str(out / "tokenizer.json"))
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
     """The `tokenizers.Tokenizer` saved by prepare_corpus."""
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+
+
+def hf_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The same tokenizer as a `transformers` tokenizer (what a saved checkpoint carries)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"),
+                                   bos_token=SPECIAL, eos_token=SPECIAL, unk_token=SPECIAL)
 
 
 def _encode(tokenizer, text: str, vocab_size: int) -> np.ndarray:
@@ -103,10 +106,28 @@ def _encode(tokenizer, text: str, vocab_size: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time on this machine (parallel stages preparing the same corpus)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(folder: Path, corpus: str, train: str, val: str, vocab_size: int, val_fraction: float) -> None:
+    """Tokenizer, token ids and meta.json of one corpus, written as one folder."""
+    with atomic_dir(folder) as tmp:
+        _train_tokenizer(train, vocab_size, tmp / "tokenizer")
+        tok = load_tokenizer(tmp / "tokenizer")
+        np.save(tmp / "train.npy", _encode(tok, train, vocab_size))
+        np.save(tmp / "val.npy", _encode(tok, val, vocab_size))
+        meta = {"corpus": corpus, "vocab_size": vocab_size, "val_fraction": val_fraction,
+                "train_chars": len(train), "val_chars": len(val)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def prepare_corpus(corpus: str, vocab_size: int = 4096, val_fraction: float = 0.1,
@@ -119,19 +140,13 @@ def prepare_corpus(corpus: str, vocab_size: int = 4096, val_fraction: float = 0.
     name = Path(corpus).stem if corpus not in CORPORA else corpus
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = root / f"{name}-{_cache_key(text, vocab_size, val_fraction)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tok_dir, train_ids, val_ids = folder / "tokenizer", folder / "train.npy", folder / "val.npy"
-    if not (tok_dir / "tokenizer.json").exists():
-        _train_tokenizer(train, vocab_size, tok_dir)
-    if not (train_ids.exists() and val_ids.exists()):
-        tok = load_tokenizer(tok_dir)
-        _save_npy(train_ids, _encode(tok, train, vocab_size))
-        _save_npy(val_ids, _encode(tok, val, vocab_size))
-        meta = {"corpus": corpus, "vocab_size": vocab_size, "val_fraction": val_fraction,
-                "train_chars": len(train), "val_chars": len(val)}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    if not (folder / "meta.json").exists():
+        with _locked(root / f".{folder.name}.lock"):
+            if not (folder / "meta.json").exists():  # another process may have built it meanwhile
+                _build(folder, corpus, train, val, vocab_size, val_fraction)
+    tok_dir = folder / "tokenizer"
     actual_vocab = load_tokenizer(tok_dir).get_vocab_size()
-    return LMData(corpus, str(tok_dir), str(train_ids), str(val_ids), actual_vocab)
+    return LMData(corpus, str(tok_dir), str(folder / "train.npy"), str(folder / "val.npy"), actual_vocab)
 
 
 def get_batch(ids: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,

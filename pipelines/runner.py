@@ -21,7 +21,7 @@ from pipelines.cluster import ensure_ray, resolve_resources
 from pipelines.config import RunConfig, to_dict
 from pipelines.data import check_data
 from pipelines.errors import ConfigError
-from pipelines.stages import Stage, plan
+from pipelines.stages import REGISTRY, Stage, plan
 
 
 @dataclass
@@ -94,8 +94,8 @@ def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = N
         ctx = {"run_dir": run_dir, "local_root": str(local_root), "tracking_uri": tracking.tracking_uri(),
                "experiment_id": mlflow.active_run().info.experiment_id, "parent_run_id": parent_id}
         result = dag.execute(cfg, stages, ctx, force)
-        report = next((result.outcomes[s.name] for s in stages if s.kind == "report" and s.name in result.outcomes),
-                      None)
+        report = next((result.outcomes[s.name] for s in stages if s.name in result.outcomes and
+                       getattr(REGISTRY[s.kind], "FINAL", False)), None)
         if report:
             tracking.log_report(report["info"])
         mlflow.log_metrics({"wall_s": time.time() - start, "stages_skipped": len(result.skipped),

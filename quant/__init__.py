@@ -25,7 +25,8 @@ from .convert import (
     quantizers,
 )
 from .export import load_quantized, model_bytes, read_quant_config, save_quantized
-from .modules import QuantEmbedding, Quantizer, QuantLinear, fake_quantize
+from .layers import QuantEmbedding, QuantLinear
+from .modules import Quantizer, fake_quantize
 from .pack import pack, packed_numel, unpack
 from .prequant import (
     CRITERIA,

@@ -97,7 +97,7 @@ class TensorQuant:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], name: str = "tensor") -> "TensorQuant":
+    def from_dict(cls, d: dict[str, Any], name: str = "tensor") -> TensorQuant:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{name}: unknown field(s) {sorted(unknown)}")
@@ -153,7 +153,7 @@ class QuantConfig:
                 raise ValueError(f"{role}.scheme={spec.scheme!r} is not supported for activations")
 
     @classmethod
-    def parse(cls, s: "str | dict | QuantConfig") -> "QuantConfig":
+    def parse(cls, s: str | dict | QuantConfig) -> QuantConfig:
         """Build a config from a short name (see module docstring) or a dict."""
         if isinstance(s, QuantConfig):
             return s
@@ -168,7 +168,7 @@ class QuantConfig:
         return cfg
 
     @classmethod
-    def _parse_base(cls, base: str) -> "QuantConfig":
+    def _parse_base(cls, base: str) -> QuantConfig:
         m = _NAME_RE.match(base)
         if not m:
             raise ValueError(f"config name {base!r} does not match w<bits>[g<group>][a<bits>][-e<bits>][-o<bits>]")
@@ -181,7 +181,7 @@ class QuantConfig:
             out[role] = _short_spec(role, int(tok[1:]))
         return cls(**out)
 
-    def _apply_overrides(self, overrides: str) -> "QuantConfig":
+    def _apply_overrides(self, overrides: str) -> QuantConfig:
         d = self.to_dict()
         for item in overrides.split(","):
             key, eq, value = item.strip().partition("=")
@@ -227,7 +227,7 @@ class QuantConfig:
         return {r: (getattr(self, r).to_dict() if getattr(self, r) else None) for r in _ROLES}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Accept the `to_dict` form, or {"name": "w4a8", <role>: {partial overrides}}."""
         d = dict(d)
         base = cls.parse(d.pop("name")) if "name" in d else None

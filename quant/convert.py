@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .modules import QuantEmbedding, QuantLinear, Quantizer, _is_conv1d
+from .layers import QuantEmbedding, QuantLinear, _is_conv1d
+from .modules import Quantizer
 
 HEADS = ("classifier", "lm_head", "cls", "qa_outputs", "score")  # first name component
 QuantModule = QuantLinear | QuantEmbedding

@@ -31,7 +31,8 @@ from torch import nn
 
 from .config import QuantConfig, TensorQuant
 from .convert import convert_modules, quant_modules, quantizers
-from .modules import QuantEmbedding, _STATE
+from .layers import QuantEmbedding
+from .modules import _STATE
 from .pack import pack, unpack
 
 WEIGHTS_FILE = "model.safetensors"

@@ -23,15 +23,8 @@ table entry nearest to x / s. Codes:
 Tensors with fewer than `min_quant_numel` elements (biases, LayerNorm) keep FP32 states,
 as bitsandbytes does: quantizing them saves nothing and costs accuracy.
 
-Measured on a noisy quadratic with curvatures over two decades (tests/quant/test_qoptim.py,
-200 steps): 8-bit m (linear) + 8-bit v (sqrt or dynamic) stay within 5% of FP32 AdamW's
-loss at every step; 8-bit *linear* v ends 1e5x above it (exploding updates). The dynamic
-code needs a table search (torch.bucketize), about 10x slower than the arithmetic linear /
-sqrt codes on CPU, so `sqrt` is the default for v. 4-bit m (linear or dynamic, blocks of
-128) is much worse on that quadratic (10-20x the FP loss: most m round to 0 in blocks whose
-absmax is set by a few large values); stochastic rounding of m helps there with noisy
-gradients but hurts with exact ones (a rounded-up m over a tiny v is a large step), so
-`rounding` stays "nearest" by default. The LM results are in bench/results/qpretrain.md.
+`m` uses the linear code and `v` the sqrt code by default (the dynamic code needs a table
+search); `rounding` is "nearest" by default.
 """
 
 from __future__ import annotations

@@ -51,13 +51,13 @@ def default_spec(kind: str, bits: int) -> TensorQuant | StateQuant:
     """The spec a short-name token enables."""
     if kind == "opt_m":
         return StateQuant(bits=bits, block_size=256 if bits == 8 else 128, code="linear")
-    if kind == "opt_v":  # sqrt code: as accurate as 'dynamic' here and ~10x cheaper (no table search)
+    if kind == "opt_v":  # sqrt code: no table search, unlike 'dynamic'
         return StateQuant(bits=bits, block_size=256 if bits == 8 else 128, code="sqrt")
     if not 2 <= bits <= 8:
         raise ValueError(f"{kind}.bits={bits} is out of range 2..8")
     # Gradients round stochastically (unbiased): round-to-nearest zeroes every entry below half a
-    # step of its token's absmax, e.g. the small softmax gradients at the LM head, and stalls the
-    # loss (bench/results/qpretrain.md). "...:grad_output.rounding=nearest" brings it back.
+    # step of its token's absmax, e.g. the small softmax gradients at the LM head.
+    # "...:grad_output.rounding=nearest" selects nearest rounding.
     rounding = "stochastic" if kind.startswith("grad") else "nearest"
     if kind in ("weight", "grad_weight"):
         return TensorQuant(bits=bits, granularity="channel", axis=0, rounding=rounding)
@@ -104,7 +104,7 @@ class Recipe:
         return any(getattr(self, k) is not None for k in LINEAR_KINDS)
 
     @classmethod
-    def parse(cls, name: "str | dict | Recipe") -> "Recipe":
+    def parse(cls, name: str | dict | Recipe) -> Recipe:
         """Recipe from a short name (module docstring), a `to_dict`/`from_dict` mapping, or a Recipe."""
         if isinstance(name, Recipe):
             return name
@@ -119,7 +119,7 @@ class Recipe:
         return recipe
 
     @classmethod
-    def _parse_base(cls, base: str) -> "Recipe":
+    def _parse_base(cls, base: str) -> Recipe:
         if base in ("fp", "fp32", ""):
             return cls()
         specs: dict[str, Any] = {}
@@ -138,14 +138,14 @@ class Recipe:
                              "w<bits> a<bits> g<bits> gx<bits> gw<bits> m<bits> v<bits>")
         return cls(**specs)
 
-    def _override(self, item: str) -> "Recipe":
+    def _override(self, item: str) -> Recipe:
         key, eq, value = item.partition("=")
         kind, _, attr = key.strip().partition(".")
         if not eq or not attr:
             raise ValueError(f"recipe override {item!r} must look like <kind>.<field>=<value>")
         return self.with_overrides({kind: {attr: _scalar(value.strip())}})
 
-    def with_overrides(self, overrides: dict[str, dict[str, Any] | None]) -> "Recipe":
+    def with_overrides(self, overrides: dict[str, dict[str, Any] | None]) -> Recipe:
         """Update fields per kind; a kind that is off is switched on with its 8-bit defaults."""
         d = {k: getattr(self, k) for k in KINDS}
         for kind, upd in overrides.items():
@@ -170,7 +170,7 @@ class Recipe:
         return {k: (dataclasses.asdict(getattr(self, k)) if getattr(self, k) else None) for k in KINDS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         """{"name": "w8a8", <kind>: {fields}} or the to_dict() form."""
         d = dict(d)
         base = cls.parse(d.pop("name", "fp"))
@@ -260,7 +260,7 @@ class QTrainLinear(nn.Module):
         self.out_features, self.in_features = self.linear_weight().shape
 
     @classmethod
-    def from_float(cls, module: nn.Module, recipe: Recipe | str) -> "QTrainLinear":
+    def from_float(cls, module: nn.Module, recipe: Recipe | str) -> QTrainLinear:
         recipe = Recipe.parse(recipe)
         if isinstance(module, nn.Linear):
             return cls(module.weight, module.bias, recipe)

@@ -8,11 +8,20 @@ from __future__ import annotations
 from types import ModuleType
 
 from pipelines.config import RunConfig
-from pipelines.stages import evaluate, finetune, prequant_finetune, prequant_quantize, report, rtn
+from pipelines.stages import (
+    evaluate,
+    finetune,
+    prequant_finetune,
+    prequant_quantize,
+    pretrain,
+    pretrain_report,
+    report,
+    rtn,
+)
 from pipelines.stages.base import Context, Stage, StageResult
 
 PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, prequant_quantize, prequant_finetune)  # plan order
-REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report)}
+REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report, pretrain, pretrain_report)}
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]
 

@@ -29,7 +29,8 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     ft = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in QUIET}
-    return {"task": stage.task, "model": models.identity(cfg.model), "data": dataclasses.asdict(cfg.data), "finetune": ft}
+    return {"task": stage.task, "model": models.identity(cfg.model), "data": dataclasses.asdict(cfg.data),
+            "finetune": ft}
 
 
 def train_resources(ft: FinetuneConfig) -> dict:

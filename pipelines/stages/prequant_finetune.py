@@ -14,14 +14,14 @@ from pathlib import Path
 
 from pipelines import checkpoints, models
 from pipelines.cluster import ensure_ray
-from pipelines.tasks import check_task
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import tokenized_split
 from pipelines.evaluation import evaluate_model, report_row
 from pipelines.prequant_model import PEFT_METHODS, method_label, train_loop
 from pipelines.stages import prequant_quantize
-from pipelines.stages.finetune import train_resources
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
+from pipelines.stages.finetune import train_resources
+from pipelines.tasks import check_task
 from pipelines.training import fit_to_dir
 from quant import QuantConfig
 
@@ -42,7 +42,9 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
     """One stage per task x QuantConfig x PEFT method, after the prequant-quantize stage of its stored model;
     `checkpoint`: a stored model to start every method from instead."""
     methods = [m for m in cfg.prequant.methods if m in PEFT_METHODS]
-    label = lambda method, quant: f"{method_label(method, cfg.prequant)}-{QuantConfig.parse(quant)}"
+
+    def label(method: str, quant: str) -> str:
+        return f"{method_label(method, cfg.prequant)}-{QuantConfig.parse(quant)}"
     if checkpoint:
         quant = _check_checkpoint(checkpoint)["quant"]
         return [Stage(f"prequant/{task}/{label(m, quant)}", KIND, task, quant, m, checkpoint=checkpoint)

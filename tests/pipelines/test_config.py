@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     if path.name.startswith("pretrain"):  # the pre-training stage has its own config class
-        from pipelines.pretrain import PretrainRunConfig
+        from pipelines.pretrain_config import PretrainRunConfig
 
         assert isinstance(load_config(path, cls=PretrainRunConfig), PretrainRunConfig)
         return

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import load_config
 from pipelines.dag import forced, keys
+from pipelines.report import comparison_rows, family, report
 from pipelines.runner import run
 from pipelines.stages import plan as build
-from pipelines.report import comparison_rows, family, report
 from pipelines.store import StageStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,8 @@ def test_keys_follow_inputs(tmp_path):
     after = keys(cfg2, build(cfg2))
     changed = {n for n in before if before[n] != after[n]}
     # the teacher changed: everything downstream of it, but not the task-agnostic prequant model
-    assert {"finetune/sst2", "evaluate/sst2/fp", "rtn/sst2/w4a8", "calibrate/sst2", "mrem/sst2/w4a8-parallel"} <= changed
+    assert {"finetune/sst2", "evaluate/sst2/fp", "rtn/sst2/w4a8", "calibrate/sst2",
+            "mrem/sst2/w4a8-parallel"} <= changed
     assert "prequant-quantize/w4a16/weight" not in changed
     cfg3, _ = tiny_cfg(tmp_path, ["finetune.log_every=7"])  # logging does not change results
     assert keys(cfg3, build(cfg3)) == before

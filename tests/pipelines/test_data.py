@@ -77,7 +77,8 @@ def test_task_not_bundled_says_how_to_bring_it():
 
 def test_wrong_column_count_names_file_and_line(tmp_path):
     _write(tmp_path / "SST-2" / "train.tsv", "sentence\tlabel\ngood film\t1\nbad film\t0\textra\n")
-    with pytest.raises(glue.DataError, match=r"task sst2, .*train.tsv, line 3: expected 2 tab-separated columns, found 3"):
+    with pytest.raises(glue.DataError,
+                       match=r"task sst2, .*train.tsv, line 3: expected 2 tab-separated columns, found 3"):
         glue.load_split("sst2", "train", DataConfig(source="dir", dir=str(tmp_path)))
 
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.tasks import GLUE_TASKS
 from pipelines.evaluation import glue_metrics
+from pipelines.tasks import GLUE_TASKS
 
 PREDS = np.array([1, 1, 0, 0, 1, 0])
 LABELS = np.array([1, 0, 0, 1, 1, 0])
@@ -70,8 +70,7 @@ def test_a_model_that_predicts_one_class_is_flagged(tiny_data, mlflow_uri, capsy
 
     from pipelines import models
     from pipelines.config import EvaluateConfig
-    from pipelines.evaluation import evaluate_model
-    from pipelines.evaluation import eval_metrics
+    from pipelines.evaluation import eval_metrics, evaluate_model
     from pipelines.tracking import log_stage
 
     class ByToken(torch.nn.Module):  # label 1 when the first word's token id is odd: both labels occur

@@ -143,7 +143,8 @@ def test_new_weights_in_a_local_model_folder_change_the_fragment(tmp_path):
 
 @pytest.mark.parametrize("train_norms", [False, True])
 def test_quantize_hits_the_budget_and_is_stored_once_per_key(tmp_path, monkeypatch, train_norms):
-    cfg = load_config(None, ["model=tiny-bert", "prequant.quant=[w4]", "prequant.budget_pct=0.5", f"prequant.train_norms={train_norms}"])
+    cfg = load_config(None, ["model=tiny-bert", "prequant.quant=[w4]", "prequant.budget_pct=0.5",
+                             f"prequant.train_norms={train_norms}"])
     first = quantize(cfg, tmp_path)
     assert first.metrics["reused"] == 0.0 and abs(first.metrics["budget_pct_used"] - 0.5) <= 0.05
     assert first.checkpoint == str(tmp_path / "prequant" / "k1") and first.outputs == "prequant/k1"
@@ -178,9 +179,9 @@ def test_force_and_a_shared_prequant_dir(tmp_path, monkeypatch):
 
 
 def test_gptq_rounds_differently_on_the_same_grid(tmp_path):
-    plain = load_config(None, ["model=tiny-bert", "prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8"])
-    gptq = load_config(None, ["model=tiny-bert", "prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8",
-                              "prequant.gptq=true"])
+    base = ["model=tiny-bert", "prequant.quant=[w4]", "prequant.criterion=activation", "prequant.calib_samples=8"]
+    plain = load_config(None, base)
+    gptq = load_config(None, [*base, "prequant.gptq=true"])
     for method in ("prequant", "lora"):  # LoRA/BitFit start from the same GPTQ base
         stage = Stage(pqz.stage_name(gptq, "w4", method), pqz.KIND, quant="w4", method=method)
         frag = pqz.fragment(gptq, stage)
@@ -288,7 +289,8 @@ def test_methods_train_only_their_parameters_and_export_one_low_bit_model(tmp_pa
     trained = dict(model.named_parameters())
     assert all(not torch.equal(fresh[n], trained[n]) for n in trainable if ALLOWED[method](n))  # all of them moved
     if method == "lora":
-        head_pct = 100 * sum(p.numel() for n, p in trained.items() if n.startswith("bert.pooler.")) / meta["model_params"]
+        pooler_params = sum(p.numel() for n, p in trained.items() if n.startswith("bert.pooler."))
+        head_pct = 100 * pooler_params / meta["model_params"]
         assert abs(meta["trainable_pct"] - 0.5 - (head_pct if pooler else 0)) <= 0.05  # adapters: the same budget
     loaded = checkpoints.load(out)  # with its adapters
     assert isinstance(loaded.model.bert.pooler, models.MeanPooler) == (pooling == "mean")

@@ -1,5 +1,6 @@
-"""Stage `pretrain` (quantized pre-training) and its data: loss goes down under every recipe,
-resume is exact, Ray Train and sweep runs log to MLflow, bad recipes fail before work."""
+"""Quantized pre-training: loss goes down under every recipe, resume is exact (train state read with
+weights_only), the pretrain stage trains on Ray Train and logs to its MLflow run, the report stage
+compares each run with the FP run of its seed, bad recipes fail before work."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.config import ConfigError, load_config
 from pipelines.lm_data import CORPORA, eval_windows, get_batch, prepare_corpus, split_text
-from pipelines.pretrain import PretrainRunConfig, build_model, evaluate, run_pretrain_stage, with_recipe
-from pipelines.pretrain_sweep import compare, summarize, sweep, train_local
+from pipelines.lm_train import LocalSession, build_model, evaluate, prepare, train
+from pipelines.pretrain_config import PretrainRunConfig, with_recipe
+from pipelines.stages import pretrain, pretrain_report
+from pipelines.stages.base import Context
 from quant.qtrain import Recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -52,8 +55,8 @@ def tiny_cfg(corpus, tmp_path, *extra: str) -> PretrainRunConfig:
 
 def test_split_tokenizer_cache_and_batches(corpus):
     path, cache = corpus
-    train, val = split_text(open(path).read(), 0.1)
-    assert train.endswith("\n") and abs(len(val) / (len(train) + len(val)) - 0.1) < 0.01
+    head, val = split_text(Path(path).read_text(), 0.1)
+    assert head.endswith("\n") and abs(len(val) / (len(head) + len(val)) - 0.1) < 0.01
     data = prepare_corpus(path, 300, 0.1, cache)
     tok_file = data.tokenizer_dir + "/tokenizer.json"
     mtime = os.path.getmtime(tok_file)
@@ -68,10 +71,14 @@ def test_split_tokenizer_cache_and_batches(corpus):
     assert not torch.equal(x, get_batch(ids, 4, 16, seed=0, step=7, rank=1)[0])  # ranks read different data
 
 
+def train_local(cfg: PretrainRunConfig, ckpt_dir: Path, stop_at: int | None = None) -> dict:
+    return train(cfg, prepare(cfg), LocalSession(ckpt_dir, stop_at=stop_at))[0]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_lowers_the_loss(corpus, tmp_path, recipe):
     cfg = with_recipe(tiny_cfg(corpus, tmp_path), recipe)
-    result = train_local(cfg)
+    result = train_local(cfg, tmp_path / "ckpt")
     data = prepare_corpus(corpus[0], 300, 0.1, corpus[1])
     untrained = evaluate(build_model(cfg.model, 300, cfg.train.seed), eval_windows(data.load("val"), 32, 16), 8)
     assert result["recipe"] == recipe and result["steps"] == 30 and not result["diverged"]
@@ -82,64 +89,96 @@ def test_every_recipe_lowers_the_loss(corpus, tmp_path, recipe):
 def test_resume_continues_the_same_loss_curve_exactly(corpus, tmp_path):
     """Stochastic rounding and dropout draw from the RNG, which the checkpoint restores; the
     batches are a function of the step. So an interrupted run matches an uninterrupted one bit for bit."""
-    recipe = "w8a8g8m8v8:grad_output.rounding=stochastic"
-    straight = train_local(with_recipe(tiny_cfg(corpus, tmp_path / "a", "train.steps=20"), recipe))
-    cfg = with_recipe(tiny_cfg(corpus, tmp_path / "b", "train.steps=20"), recipe)
-    first = train_local(cfg, stop_at=10)
+    cfg = with_recipe(tiny_cfg(corpus, tmp_path, "train.steps=20"), "w8a8g8m8v8:grad_output.rounding=stochastic")
+    straight = train_local(cfg, tmp_path / "a")
+    first = train_local(cfg, tmp_path / "b", stop_at=10)
     assert first["stopped_at"] == 10 and len(first["history"]["train"]) == 10
-    resumed = train_local(cfg)
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)  # no pickled objects
+    assert state["step"] == 10 and state["optimizer"]["state"]
+    resumed = train_local(cfg, tmp_path / "b")
     assert resumed["history"] == straight["history"]
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def test_plan_and_fragment():
+    cfg = load_config(None, ["quant.recipe=w8", "quant.weight={granularity: group, group_size: 32}",
+                             "sweep.recipes=[fp, w4]", "sweep.seeds=[0, 1]",
+                             "sweep.corpora=[tinyshakespeare, wikitext2]"], cls=PretrainRunConfig)
+    (single,) = pretrain.plan(cfg)
+    assert pretrain.job_config(cfg, single).quant.build() == cfg.quant.build()  # per-kind settings kept in the name
+    assert single.task == "tinyshakespeare" and single.method == "0"
+    stages = pretrain.plan_sweep(cfg)
+    assert [(s.task, s.quant, s.method) for s in stages[:4]] == [
+        ("tinyshakespeare", "fp", "0"), ("tinyshakespeare", "w4", "0"), ("tinyshakespeare", "fp", "1"),
+        ("tinyshakespeare", "w4", "1")]
+    assert len(stages) == 8 and len({s.name for s in stages}) == 8
+    (report,) = pretrain_report.plan(cfg)
+    assert report.deps == tuple(s.name for s in stages)
+    frags = [json.dumps(pretrain.fragment(cfg, s), sort_keys=True) for s in stages]
+    assert len(set(frags)) == 8  # recipe, corpus and seed all change the result
+    quiet = load_config(None, ["train.log_every=3", "train.checkpoint_every=7", "data.cache_dir=/x"],
+                        cls=PretrainRunConfig)
+    base = load_config(None, [], cls=PretrainRunConfig)
+    assert pretrain.fragment(quiet, pretrain.plan(quiet)[0]) == pretrain.fragment(base, pretrain.plan(base)[0])
+    lr = load_config(None, ["train.lr=2e-3"], cls=PretrainRunConfig)
+    assert pretrain.fragment(lr, pretrain.plan(lr)[0]) != pretrain.fragment(base, pretrain.plan(base)[0])
+    with pytest.raises(ConfigError, match="sweep.recipes is empty"):
+        pretrain_report.plan(base)
+
+
 @pytest.mark.ray
-@pytest.mark.slow  # ~35 s on an idle 2-core machine (Ray Train controller and workers), ~75 s under load
-def test_ray_train_stage_logs_nested_runs_and_sweep_writes_table(corpus, tmp_path, ray_session, mlflow_uri):
+@pytest.mark.slow  # Ray Train controller and workers: ~40 s on an idle 2-core machine
+def test_stage_trains_on_ray_train_logs_every_step_and_resumes_by_key(corpus, tmp_path, ray_session, mlflow_uri):
     import mlflow
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     cfg = tiny_cfg(corpus, tmp_path, "train.steps=12", "quant.recipe=w8a8g8m8v8", "train.checkpoint_every=6")
-    result = run_pretrain_stage(cfg)
+    (stage,) = pretrain.plan(cfg)
+    with mlflow.start_run() as active:
+        ctx = Context(root=tmp_path / "out", key="k1", run_id=active.info.run_id, tracking_uri=mlflow_uri)
+        res = pretrain.run(cfg, stage, {}, ctx)
+    result = res.info
     assert result["steps"] == 12 and result["val_loss"] < math.log(300) and result["quantized_layers"] == 17
-    model = GPT2LMHeadModel.from_pretrained(result["checkpoint"])  # a plain HF checkpoint (FP master weights)
-    assert model.config.vocab_size == 300
-    assert json.loads(open(result["checkpoint"] + "/plmq_meta.json").read())["recipe"] == "w8a8g8m8v8"
+    assert res.metrics["val_loss"] == result["val_loss"] and res.outputs.endswith("-k1")
+    model = GPT2LMHeadModel.from_pretrained(res.checkpoint)  # a plain HF checkpoint (FP master weights)
+    assert model.config.vocab_size == 300 and len(AutoTokenizer.from_pretrained(res.checkpoint)) == 300
+    meta = json.loads((Path(res.checkpoint) / "plmq_meta.json").read_text())
+    assert meta["recipe"] == "w8a8g8m8v8" and meta["format"] == "fp"
     client = mlflow.MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("plmq-pretrain").experiment_id])
-    stage = next(r for r in runs if r.data.tags.get("plmq.stage") == "pretrain" and "mlflow.parentRunId" in r.data.tags)
-    assert stage.data.tags["mlflow.parentRunId"] in {r.info.run_id for r in runs}
-    assert len(client.get_metric_history(stage.info.run_id, "train_loss")) == 12  # every step
-    assert "val_loss" in stage.data.metrics
-
-    cfg = tiny_cfg(corpus, tmp_path, "train.steps=6", "sweep.recipes=[fp, w4]", "sweep.seeds=[0, 1]",
-                   "sweep.max_parallel=2")
-    with mlflow.start_run(run_name="sweep-parent") as parent:
-        summary = sweep(cfg, parent.info.run_id, mlflow_uri)
-    rows = {(r["recipe"], r["seed"]): r for r in summary["rows"]}
-    assert sorted(rows) == [("fp", 0), ("fp", 1), ("w4", 0), ("w4", 1)]
-    assert rows["fp", 0]["val_loss"] != rows["fp", 1]["val_loss"]  # the seed changes the run
-    assert rows["fp", 1]["rel_to_fp"] == 1.0 and 0.8 < rows["w4", 1]["rel_to_fp"] < 1.2
-    assert rows["w4", 1]["rel_to_fp"] == rows["w4", 1]["val_loss"] / rows["fp", 1]["val_loss"]  # same-seed FP
-    w4 = next(r for r in summary["summary"] if r["recipe"] == "w4")
-    assert w4["seeds"] == 2 and w4["gap_mean"] == pytest.approx((rows["w4", 0]["rel_to_fp"] + rows["w4", 1]["rel_to_fp"]) / 2 - 1)
-    for name in ("sweep_results.md", "sweep_results.csv", "sweep_results.json", "loss_curves.png"):
-        assert (tmp_path / "out" / "sweep" / name).stat().st_size > 0
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted((c.data.tags["plmq.recipe"], c.data.tags["plmq.seed"]) for c in children) == [
-        ("fp", "0"), ("fp", "1"), ("w4", "0"), ("w4", "1")]
-    assert all(c.info.status == "FINISHED" for c in children)
+    assert len(client.get_metric_history(active.info.run_id, "train_loss")) == 12  # every step, from the worker
+    assert len(client.get_metric_history(active.info.run_id, "val_loss")) == 2
+    (tmp_path / "out" / res.outputs / "model" / "result.json").unlink()  # the stage's output is gone, its run is not
+    again = pretrain.run(cfg, stage, {}, Context(root=tmp_path / "out", key="k1"))
+    assert again.info["step_s"] == result["step_s"]  # the Ray Train run of key k1 re-reported its final model
 
 
-def test_sweep_summary_averages_each_recipe_gap_over_seeds():
-    rows = [{"corpus": "c", "recipe": r, "seed": s, "val_loss": v, "val_ppl": math.exp(v), "diverged": d,
-             "opt_state_bytes": 8, "step_s": 1.0, "quantized_layers": 1, "steps": 5}
-            for r, s, v, d in [("fp", 0, 4.0, False), ("fp", 1, 5.0, False), ("w8", 0, 4.2, False),
-                               ("w8", 1, 5.0, False), ("v8", 0, 400.0, True), ("v8", 1, 5.5, False)]]
-    summary = {r["recipe"]: r for r in summarize(compare(rows))}
+def _outcome(recipe: str, seed: int, val: float, diverged: bool = False) -> dict:
+    info = {"corpus": "c", "recipe": recipe, "seed": seed, "val_loss": val, "val_ppl": math.exp(val),
+            "diverged": diverged, "opt_state_bytes": 8 if recipe == "fp" else 2, "step_s": 1.0,
+            "quantized_layers": 1, "steps": 5, "history": {"train": [(1, val + 1), (5, val)], "val": [(5, val)]}}
+    return {"info": info}
+
+
+def test_report_stage_compares_each_run_with_the_fp_run_of_its_seed(tmp_path):
+    cfg = load_config(None, ["sweep.recipes=[fp, w8, v8]", "sweep.seeds=[0, 1]", "data.corpus=c"],
+                      cls=PretrainRunConfig)
+    (stage,) = pretrain_report.plan(cfg)
+    values = {("fp", 0): 4.0, ("fp", 1): 5.0, ("w8", 0): 4.2, ("w8", 1): 5.0, ("v8", 0): 400.0, ("v8", 1): 5.5}
+    upstream = {s.name: _outcome(s.quant, int(s.method), values[s.quant, int(s.method)], s.quant == "v8" and
+                                 s.method == "0") for s in pretrain.plan_sweep(cfg)}
+    res = pretrain_report.run(cfg, stage, upstream, Context(root=tmp_path, key="k1"))
+    rows = {(r["recipe"], r["seed"]): r for r in res.info["rows"]}
+    assert rows["w8", 0]["rel_to_fp"] == pytest.approx(4.2 / 4.0) and rows["w8", 1]["rel_to_fp"] == 1.0
+    assert rows["w8", 0]["opt_bytes_vs_fp"] == 0.25
+    summary = {r["recipe"]: r for r in res.info["summary"]}
     assert summary["w8"]["seeds"] == 2 and summary["w8"]["gap_mean"] == pytest.approx(0.025)
     assert summary["w8"]["gap_max"] == pytest.approx(0.05) and summary["w8"]["gap_std"] == pytest.approx(0.05 / 2**0.5)
     assert summary["fp"]["gap_mean"] == 0.0 and summary["v8"]["diverged"] == 1
+    out = tmp_path / res.outputs
+    for name in ("sweep_results.md", "sweep_results.csv", "sweep_results.json", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Mean over seeds" in (out / "sweep_results.md").read_text()
+    assert len(json.loads((out / "sweep_results.json").read_text())["runs"]) == 6
 
 
 @pytest.mark.parametrize("override, message", [

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from quant.pack import pack
-from quant.qoptim import (QAdamW, StateQuant, code_table, dequantize_blockwise, dynamic_map, quantize_blockwise,
-                          unpack_nibbles)
+from quant.qoptim import (
+    QAdamW,
+    StateQuant,
+    code_table,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+    unpack_nibbles,
+)
 
 SHAPE = (64, 64)  # 4096 values: 16 blocks of 256
 

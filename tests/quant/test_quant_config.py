@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import QuantConfig, QuantLinear, Quantizer, TensorQuant
+from quant import QuantConfig, Quantizer, QuantLinear, TensorQuant
 
 
 def test_short_names_defaults():

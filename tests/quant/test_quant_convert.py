@@ -3,8 +3,16 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from quant import (QuantEmbedding, QuantLinear, calibrate, dequantized_state_dict, freeze, quant_modules,
-                   quantize_model, quantizers)
+from quant import (
+    QuantEmbedding,
+    QuantLinear,
+    calibrate,
+    dequantized_state_dict,
+    freeze,
+    quant_modules,
+    quantize_model,
+    quantizers,
+)
 
 BERT_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value",
               "attention.output.dense", "intermediate.dense", "output.dense"]

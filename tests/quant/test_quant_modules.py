@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from quant import QuantConfig, QuantEmbedding, QuantLinear, Quantizer, TensorQuant, calibrate
+from quant import QuantConfig, QuantEmbedding, Quantizer, QuantLinear, TensorQuant, calibrate
 
 
 @pytest.mark.parametrize("gran, shape", [("tensor", ()), ("channel", (6, 1)), ("group", (6, 2, 1))])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quant import QuantConfig, QuantLinear, Quantizer, TensorQuant, fake_quantize, ternary_params
+from quant import QuantConfig, Quantizer, QuantLinear, TensorQuant, fake_quantize, ternary_params
 
 TERNARY = TensorQuant(bits=2, scheme="ternary", granularity="channel", axis=0)
 BINARY = TensorQuant(bits=1, scheme="binary", granularity="channel", axis=0)
