@@ -119,7 +119,8 @@ def resolve_resources(cfg: RunConfig, model: str | None = None) -> RunConfig:
     ft = dataclasses.replace(cfg.finetune, use_gpu=_resolve_gpu("finetune", cfg.finetune.use_gpu, has_gpu))
     mrem = dataclasses.replace(cfg.mrem, use_gpu=_resolve_gpu("mrem", cfg.mrem.use_gpu, has_gpu))
     worker = {"CPU": ft.cpus_per_worker, "GPU": 1 if ft.use_gpu == "true" else 0}
-    if _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps) < ft.num_workers and not cfg.cluster.autoscaler_config:
+    room = _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps)
+    if room < ft.num_workers and not cfg.cluster.autoscaler_config:
         raise_short("finetune.num_workers", ft.num_workers, worker)
     if mrem.quant:
         actor = {"CPU": mrem.cpus_per_actor, "GPU": 1 if mrem.use_gpu == "true" else 0}

@@ -85,7 +85,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     info = {"cache_dir": str(out), "modules": len(meta["layers"]), "calib_samples": meta["num_samples"],
             "calib_bytes": meta["nbytes"], "calib_s": round(calib_s, 2), "reused": reused}
     return StageResult(outputs=relative(out, Path(ctx.root)), info=info,
-                       metrics={"calib_s": calib_s, "calib_bytes": meta["nbytes"], "calib_samples": meta["num_samples"]},
+                       metrics={"calib_s": calib_s, "calib_bytes": meta["nbytes"],
+                                "calib_samples": meta["num_samples"]},
                        resources={"cpus": 1, "gpus": 0})
 
 

@@ -59,8 +59,9 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The QuantConfig, the mrem settings that change the trained model, the data and the evaluation."""
     mrem = {k: v for k, v in to_dict(cfg.mrem).items() if k not in QUIET}
+    mrem.update(quant=None, modules=calibrate.configured_modules(cfg))
     return {"task": stage.task, "quant": _canonical(stage.quant), "data": to_dict(cfg.data),
-            "evaluate": to_dict(cfg.evaluate), "mrem": {**mrem, "quant": None, "modules": calibrate.configured_modules(cfg)}}
+            "evaluate": to_dict(cfg.evaluate), "mrem": mrem}
 
 
 def settings(cfg: MremConfig, cpus: int) -> TrainerSettings:
@@ -88,7 +89,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     stats, states, train_s = train(m, checkpoint, quant, cache, work_dir, res, ctx, f"{quant}-{m.mode}")
     for s in stats:
         if s["restarted"] or s["resumed_from_step"]:
-            print(f"[mrem {stage.task}] module {s['module']} was restarted or resumed from step {s['resumed_from_step']}")
+            again = " after a restart" if s["restarted"] else ""
+            print(f"[mrem {stage.task}] module {s['module']} resumed from step {s['resumed_from_step']}{again}")
     result, packed, errors = export_and_evaluate(cfg, stage, quant, checkpoint, states, cache, out / "model")
     wall_s = time.time() - start
     resources = {"cpus": len(stats) * m.cpus_per_actor, "gpus": len(stats) if res.use_gpu else 0}

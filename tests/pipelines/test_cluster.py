@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -24,8 +25,9 @@ def test_cluster_yaml_typo_is_rejected():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(CLUSTER_YAML.read_text())
-    raw["available_node_types"]["gpu_worker"]["max_worker"] = raw["available_node_types"]["gpu_worker"].pop("max_workers")
-    with pytest.raises(Exception):
+    gpu = raw["available_node_types"]["gpu_worker"]
+    gpu["max_worker"] = gpu.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         validate_config(prepare_config(raw))
 
 

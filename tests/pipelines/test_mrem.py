@@ -176,7 +176,8 @@ def test_calibration_is_written_once_under_its_key(ray_session, tiny_teacher, ti
     stored = ray_session.get(cache.boundaries[1][1])
     assert np.array_equal(stored["hidden"], on_disk["hidden"])
     local = calibrated(small(tiny_data), tiny_teacher, tmp_path / "run3", key="c2")["calibrate/sst2"]
-    assert local["outputs"] == "sst2/calibrate-c2" and (tmp_path / "run3" / "sst2" / "calibrate-c2" / "meta.json").is_file()
+    assert local["outputs"] == "sst2/calibrate-c2"
+    assert (tmp_path / "run3" / "sst2" / "calibrate-c2" / "meta.json").is_file()
 
 
 def test_shards_hold_shard_size_rows_whatever_the_batch_size(tiny_teacher, tiny_data, tmp_path):

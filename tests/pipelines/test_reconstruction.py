@@ -8,8 +8,16 @@ import torch
 
 from pipelines import models
 from pipelines.partition import split_layers
-from pipelines.reconstruction import (assemble, boundary_errors, load_state, mix, reconstruction_loss, save_state,
-                                      student_and_teacher, teacher_forcing)
+from pipelines.reconstruction import (
+    assemble,
+    boundary_errors,
+    load_state,
+    mix,
+    reconstruction_loss,
+    save_state,
+    student_and_teacher,
+    teacher_forcing,
+)
 
 
 def _batch(tok):
