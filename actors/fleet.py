@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import ray
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.module_trainer import ModuleTrainer, TrainerSettings
@@ -29,7 +30,7 @@ def trainer_name(key: str, k: int) -> str:
 
 
 def launch(specs: list[PartSpec], checkpoint: str, quant: str, settings: TrainerSettings, shards: Shards,
-           work_dir: str, key: str, mode: str, options: dict, placement_group, loggers: list,
+           work_dir: str, key: str, mode: str, options: dict, placement_group: PlacementGroup, loggers: list,
            device: str) -> list:
     """One actor per module (bundle k of `placement_group`), created last-to-first so that in parallel
     mode each knows the successor it pushes to. `options`: Ray actor options (resources, restarts)."""

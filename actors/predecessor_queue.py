@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class PredecessorQueue:
         self.repeats, self.waited_s, self.bytes = 0, 0.0, 0
         self.rng = np.random.default_rng(seed)
 
-    def put(self, item, nbytes: int = 0) -> None:
+    def put(self, item: Any, nbytes: int = 0) -> None:
         with self.cond:
             self.items.append(item)
             self.bytes += nbytes
@@ -41,7 +42,7 @@ class PredecessorQueue:
         with self.cond:
             return self.cond.wait_for(lambda: self.items or self.recent or self.finished, timeout_s)
 
-    def take(self):
+    def take(self) -> Any:
         """The next push (waited for while the predecessor trains), else a recent one, else None."""
         with self.cond:
             if not self.items and self.recent and not self.finished:

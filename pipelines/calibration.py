@@ -17,6 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from pipelines.config import DataConfig
 from pipelines.data import load_tokenized, tokenized_split
@@ -96,7 +97,7 @@ def _calib_dataset(task: str, tokenizer, data: DataConfig, n: int, seed: int):
 
 
 @torch.no_grad()
-def record(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, specs: list[PartSpec], n: int,
+def record(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig, specs: list[PartSpec], n: int,
            folder: str | Path, batch_size: int = 64, shard_size: int = 512, seed: int = 0,
            device: str = "cpu") -> dict:
     """Run the teacher over `n` training samples of `task`; write the boundary activations into `folder`

@@ -135,7 +135,8 @@ def assemble(model: nn.Module, quant: str, states: list[dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def boundary_errors(model: nn.Module, teacher: nn.Module, specs: list[PartSpec], batches) -> list[float]:
+def boundary_errors(model: nn.Module, teacher: nn.Module, specs: list[PartSpec],
+                    batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
     """Per-module reconstruction error of a whole quantized model against its FP teacher:
     each module fed by its quantized predecessors (hidden-state MSE; logits MSE for the last)."""
     totals, count = [0.0] * len(specs), 0

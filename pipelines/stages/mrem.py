@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -142,7 +143,7 @@ def export_and_evaluate(cfg: RunConfig, stage: Stage, quant: str, checkpoint: st
     teacher = checkpoints.load(checkpoint)
     model = assemble(copy.deepcopy(teacher.model), quant, states)
     rtn_model = copy.deepcopy(teacher.model)
-    def batches():
+    def batches() -> Iterator[dict]:
         return calibration_batches(stage.task, teacher.tokenizer, cfg.data, cfg.mrem.eval_samples, 32)
 
     quantize_rtn(rtn_model, QuantConfig.parse(quant), batches())
