@@ -97,9 +97,9 @@ def _calib_dataset(task: str, tokenizer, data: DataConfig, n: int, seed: int):
 
 
 @torch.no_grad()
-def record(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig, specs: list[PartSpec], n: int,
-           folder: str | Path, batch_size: int = 64, shard_size: int = 512, seed: int = 0,
-           device: str = "cpu") -> dict:
+def record(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig,
+           specs: list[PartSpec], n: int, folder: str | Path, batch_size: int = 64, shard_size: int = 512,
+           seed: int = 0, device: str = "cpu") -> dict:
     """Run the teacher over `n` training samples of `task`; write the boundary activations into `folder`
     (atomically). Returns the folder's metadata."""
     model.eval().to(device)
