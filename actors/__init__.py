@@ -1,1 +1,3 @@
-"""Ray actors of plmq: thin classes that hold state and call quant/ and model code."""
+"""Ray actors: MREM's module trainers (imports only quant/ and the model-part code of pipelines/)."""
+
+__all__ = ["fleet", "module_trainer", "predecessor_queue", "shard_reader"]

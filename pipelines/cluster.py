@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 import ray
 import yaml
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from pipelines.config import MremConfig, RunConfig
+from pipelines.errors import ConfigError
+from pipelines.models import num_layers
 
 
 def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -49,20 +55,9 @@ def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1) -> WorkerR
     return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
 
 
-def available_workers(res: WorkerResources) -> int:
-    """How many workers of `res` the cluster holds now (GPUs, or CPUs on a CPU cluster)."""
-    total = ray.cluster_resources()
-    if res.use_gpu:
-        return max(1, int(total.get("GPU", 0) // res.num_gpus))
-    return max(1, int(total.get("CPU", 1) // res.num_cpus))
-
-
-def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None):
+def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None) -> PlacementGroup:
     """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
     ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.use_gpu else {})}
     pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
     try:
@@ -72,16 +67,6 @@ def spread_placement(res: WorkerResources, count: int, timeout_s: float | None =
         raise TimeoutError(f"waited {timeout_s:.0f} s for {count} workers of {bundle} and the cluster could not "
                            "place them: lower the request (use_gpu, cpus per worker, modules) or add nodes") from None
     return pg
-
-
-def actor_device() -> str:
-    """Inside an actor: its GPU if Ray gave it one and CUDA is real, else the CPU.
-
-    Ray's GPU resources are logical (fake GPUs in tests), so both must hold.
-    """
-    import torch
-
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def node_capacities(autoscaler_config: str | None = None) -> list[dict]:
@@ -101,8 +86,6 @@ def _fits(request: dict, cap: dict) -> int:
 
 
 def _resolve_gpu(section: str, use_gpu: str, has_gpu: bool) -> str:
-    from pipelines.config import ConfigError
-
     if use_gpu == "true" and not has_gpu:
         raise ConfigError(f"{section}.use_gpu=true but no node or autoscaler node type has a GPU; set it to "
                           "auto or false, or name the cluster's config in cluster.autoscaler_config")
@@ -111,8 +94,6 @@ def _resolve_gpu(section: str, use_gpu: str, has_gpu: bool) -> str:
 
 def _check_fits(section: str, request: dict, caps: list[dict]) -> int:
     """Workers of `request` the cluster can hold at most; raises when no node type holds one."""
-    from pipelines.config import ConfigError
-
     total = sum(_fits(request, c) * max(c["max_workers"], 0) for c in caps)
     if total == 0:
         biggest = {k: max(c.get(k, 0) for c in caps) for k in request}
@@ -121,28 +102,33 @@ def _check_fits(section: str, request: dict, caps: list[dict]) -> int:
     return total
 
 
-def resolve_resources(cfg):
-    """Decide GPU use (`auto`) and the MREM module count K once, in the driver, and check that every
-    worker the run will ask for fits some node: a bad request fails before any work starts."""
-    from pipelines.models import num_layers
+def mrem_modules(mrem: MremConfig, room: int, layers: int) -> int:
+    """MREM's module count K: 1 for rem (the whole model), else `mrem.modules` when set, else as many
+    modules as the cluster holds actors at once (`room`), at most one per layer."""
+    if mrem.mode == "rem":
+        return 1
+    return mrem.modules if mrem.modules is not None else min(room, layers)
 
+
+def resolve_resources(cfg: RunConfig, model: str | None = None) -> RunConfig:
+    """Decide GPU use (`auto`) and the MREM module count K once, in the driver, and check that every
+    worker the run will ask for fits some node: a bad request fails before any work starts.
+    `model`: the model MREM splits when it is not `cfg.model` (a user checkpoint)."""
     caps = node_capacities(cfg.cluster.autoscaler_config)
     has_gpu = any(c.get("GPU", 0) >= 1 for c in caps)
     ft = dataclasses.replace(cfg.finetune, use_gpu=_resolve_gpu("finetune", cfg.finetune.use_gpu, has_gpu))
     mrem = dataclasses.replace(cfg.mrem, use_gpu=_resolve_gpu("mrem", cfg.mrem.use_gpu, has_gpu))
     worker = {"CPU": ft.cpus_per_worker, "GPU": 1 if ft.use_gpu == "true" else 0}
-    if _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps) < ft.num_workers and not cfg.cluster.autoscaler_config:
+    room = _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps)
+    if room < ft.num_workers and not cfg.cluster.autoscaler_config:
         raise_short("finetune.num_workers", ft.num_workers, worker)
     if mrem.quant:
         actor = {"CPU": mrem.cpus_per_actor, "GPU": 1 if mrem.use_gpu == "true" else 0}
         room = _check_fits("mrem (cpus_per_actor, use_gpu)", actor, caps)
-        if mrem.modules is None:
-            mrem = dataclasses.replace(mrem, modules=1 if mrem.mode == "rem" else min(room, num_layers(cfg.model)))
+        mrem = dataclasses.replace(mrem, modules=mrem_modules(mrem, room, num_layers(model or cfg.model)))
     return dataclasses.replace(cfg, finetune=ft, mrem=mrem)
 
 
 def raise_short(key: str, wanted: int, request: dict) -> None:
-    from pipelines.config import ConfigError
-
     raise ConfigError(f"{key}={wanted}: the cluster cannot hold {wanted} workers of {request} at once; "
                       "lower it or add nodes")

@@ -139,27 +139,3 @@ def part_forward(model: nn.Module, spec: PartSpec, x: torch.Tensor, attention_ma
     if spec.last:
         return _head(fam, x, attention_mask), outs
     return x, outs
-
-
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over real (unpadded) tokens."""
-    w = mask.unsqueeze(-1).to(a.dtype)
-    return ((a - b) ** 2 * w).sum() / (w.sum() * a.shape[-1]).clamp_min(1)
-
-
-@torch.no_grad()
-def boundary_errors(model: nn.Module, teacher: nn.Module, specs: list[PartSpec], batches) -> list[float]:
-    """Per-module reconstruction error of a whole quantized model against its FP teacher:
-    each module fed by its quantized predecessors (hidden-state MSE; logits MSE for the last)."""
-    totals, count = [0.0] * len(specs), 0
-    model.eval(), teacher.eval()
-    for batch in batches:
-        mask, tt = batch["attention_mask"], batch.get("token_type_ids")
-        xs = xt = batch["input_ids"]
-        for s in specs:
-            xs, _ = part_forward(model, s, xs, mask, tt if s.first else None)
-            xt, _ = part_forward(teacher, s, xt, mask, tt if s.first else None)
-            err = torch.nn.functional.mse_loss(xs, xt) if s.last else masked_mse(xs, xt, mask)
-            totals[s.index] += float(err)
-        count += 1
-    return [t / max(count, 1) for t in totals]

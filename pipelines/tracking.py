@@ -118,14 +118,20 @@ def log_report(info: dict) -> None:
 
 
 class RunLogger:
-    """Logs metrics to a known run from any process (Ray workers, actors)."""
+    """Logs metrics to a known run from any process (Ray workers, actors). Picklable: its MLflow client
+    is made on the first `log`, in the process that logs."""
 
-    def __init__(self, uri: str, run_id: str | None):
-        self.run_id = run_id
-        self.client = MlflowClient(uri) if run_id else None
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
+        if not self.run_id:
             return
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
         for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step)
+            self._client.log_metric(self.run_id, key, float(value), step=step)

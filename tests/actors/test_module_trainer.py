@@ -1,46 +1,74 @@
 """ModuleTrainer used directly (plain class) and as Ray actors pinned to (fake) GPUs."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
+from actors import fleet
 from actors.module_trainer import ModuleTrainer, TrainerSettings
-from pipelines.calibrate import calibrate
-from pipelines.config import MremConfig
-from pipelines.mrem import launch_trainers
+from pipelines import calibration, checkpoints
+from pipelines.cluster import spread_placement, worker_resources
 from pipelines.partition import split_layers
+from pipelines.tracking import RunLogger
 
 pytestmark = pytest.mark.ray
 
 
-def _trainer(teacher, cache, spec, work_dir, steps, **extra):
+def _cache(teacher, data, folder, k: int, n: int):
+    """Calibration shards of `teacher` for a K-module split, written to `folder` and put into the object store."""
+    loaded = checkpoints.load(teacher)
+    calibration.record(loaded.model, loaded.tokenizer, "sst2", data, split_layers(4, k), n, folder, shard_size=64)
+    return calibration.load_into_store(folder)
+
+
+def _trainer(teacher, cache, spec, work_dir, steps, logger=None, **extra):
     settings = TrainerSettings(steps=steps, batch_size=16, lr=1e-4, lr_quant=1e-3, teacher_forcing_steps=0,
-                               checkpoint_every=10, eval_samples=64, **extra)
+                               checkpoint_every=10, eval_samples=64, log_every=5, **extra)
     return ModuleTrainer(spec, teacher, "w2a8", settings, cache.boundaries[spec.index], cache.boundaries[0],
-                         cache.num_samples, cache.shard_size, str(work_dir))
+                         cache.num_samples, cache.shard_size, str(work_dir), logger=logger)
+
+
+class _Recorder:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, metrics))
 
 
 def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, tiny_teacher, tiny_data, tmp_path):
-    teacher, data = tiny_teacher, tiny_data
-    specs = split_layers(4, 2)
-    cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
-    trainer = _trainer(teacher, cache, specs[1], tmp_path / "work", steps=20)
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 128)
+    logger = _Recorder()
+    trainer = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "work", steps=20, logger=logger)
     stats = trainer.train()
     # initial_error is the RTN starting point: min-max weights, calibrated activation ranges
     assert stats["final_error"] < stats["initial_error"]
     assert stats["steps"] == 20 and stats["resumed_from_step"] == 0 and not stats["restarted"]
+    assert [step for step, _ in logger.logged] == [5, 10, 15, 20] and "loss" in logger.logged[0][1]
 
-    again = _trainer(teacher, cache, specs[1], tmp_path / "work", steps=30)  # same work dir: resumes
+    again = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "work", steps=30)  # same work dir: resumes
     assert again.step == 20 and again.resumed_from == 20
     more = again.train()
     assert more["steps"] == 30 and more["initial_error"] == stats["initial_error"]
 
 
+def test_module_checkpoints_are_not_unpickled(ray_session, tiny_teacher, tiny_data, tmp_path):
+    """A module checkpoint holding an arbitrary object is refused, not executed."""
+    import torch
+
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
+    (tmp_path / "work" / "module1").mkdir(parents=True)
+    torch.save({"step": 3, "payload": _Recorder()}, tmp_path / "work" / "module1" / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "work", steps=5)
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 def test_student_dropout_is_off_unless_asked_for(ray_session, tiny_teacher, tiny_data, tmp_path, dropout):
-    specs = split_layers(4, 2)
-    cache = calibrate(tiny_teacher, "sst2", tiny_data, specs, n=64, shard_size=64)
-    trainer = _trainer(tiny_teacher, cache, specs[1], tmp_path / "w", steps=1, student_dropout=dropout)
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
+    trainer = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=1, student_dropout=dropout)
     idx = np.arange(16)
     outs = [trainer._loss(idx, None, 1.0)[1].detach() for _ in range(2)]
     assert trainer.student.training  # quantizers still train (stochastic rounding, LSQ)
@@ -49,14 +77,12 @@ def test_student_dropout_is_off_unless_asked_for(ray_session, tiny_teacher, tiny
 
 
 def test_sequential_input_comes_from_the_predecessor(ray_session, tiny_teacher, tiny_data, tmp_path):
-    teacher, data = tiny_teacher, tiny_data
-    specs = split_layers(4, 2)
-    cache = calibrate(teacher, "sst2", data, specs, n=128, shard_size=64)
-    first = _trainer(teacher, cache, specs[0], tmp_path / "w", steps=5)
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 128)
+    first = _trainer(tiny_teacher, cache, cache.specs[0], tmp_path / "w", steps=5)
     first.train()
     refs = first.propagate()
     assert len(refs) == len(cache.boundaries[1])
-    second = _trainer(teacher, cache, specs[1], tmp_path / "w", steps=5)
+    second = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=5)
     second.set_predecessor_outputs(refs)
     idx, pred = second._next_input(np.random.default_rng(0))
     teacher_in = second.inputs.rows(idx, "hidden")
@@ -65,17 +91,29 @@ def test_sequential_input_comes_from_the_predecessor(ray_session, tiny_teacher, 
 
 
 def test_four_actors_get_distinct_fake_gpus(ray_fake_gpus, tiny_teacher, tiny_data, tmp_path):
-    teacher, data = tiny_teacher, tiny_data
-    specs = split_layers(4, 4)
-    cache = calibrate(teacher, "sst2", data, specs, n=64, shard_size=64)
-    cfg = MremConfig(quant=["w4a8"], use_gpu="auto", modules=4)
-    trainers, pg = launch_trainers(specs, teacher, "w4a8", cfg, cache, tmp_path / "w", [None] * 4, None)
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 4, 64)
+    res = worker_resources("auto")
+    pg = spread_placement(res, 4, timeout_s=60)
+    trainers = []
     try:
+        trainers = fleet.launch(cache.specs, tiny_teacher, "w4a8", TrainerSettings(), cache, str(tmp_path / "w"),
+                                "gpus", "parallel", res.as_options(), pg, [None] * 4, res.torch_device)
         where = ray_fake_gpus.get([t.placement.remote() for t in trainers])
     finally:
-        for t in trainers:
-            ray_fake_gpus.kill(t)
+        fleet.stop(trainers)
         ray_fake_gpus.util.remove_placement_group(pg)
     gpu_ids = [w["gpu_ids"] for w in where]
     assert all(len(g) == 1 for g in gpu_ids) and len({g[0] for g in gpu_ids}) == 4
     assert {w["device"] for w in where} == {"cpu"}  # logical GPUs, no CUDA here: tensors stay on the CPU
+
+
+def test_run_logger_travels_to_actors_and_logs_there(mlflow_uri):
+    import mlflow
+
+    run_id = mlflow.MlflowClient(mlflow_uri).create_run("0").info.run_id
+    logger = RunLogger(mlflow_uri, run_id)
+    logger.log({"loss": 1.0}, 1)  # its client exists now; a copy must still pickle
+    copy = pickle.loads(pickle.dumps(logger))
+    copy.log({"loss": 0.5}, 2)
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from actors.module_trainer import PredecessorQueue
+from actors.predecessor_queue import PredecessorQueue
 
 
 def _put_later(q: PredecessorQueue, item, delay: float) -> threading.Thread:

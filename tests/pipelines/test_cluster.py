@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -24,8 +25,9 @@ def test_cluster_yaml_typo_is_rejected():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(CLUSTER_YAML.read_text())
-    raw["available_node_types"]["gpu_worker"]["max_worker"] = raw["available_node_types"]["gpu_worker"].pop("max_workers")
-    with pytest.raises(Exception):
+    gpu = raw["available_node_types"]["gpu_worker"]
+    gpu["max_worker"] = gpu.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         validate_config(prepare_config(raw))
 
 
@@ -62,3 +64,25 @@ def test_autoscaler_node_types_count_as_capacity(ray_session):
     with pytest.raises(ConfigError, match="largest node"):
         resolve_resources(load_config(None, ["model=tiny-bert", "mrem.quant=[w4a8]", "mrem.cpus_per_actor=16",
                                              f"cluster.autoscaler_config={cluster_yaml}"]))
+
+
+def test_mrem_module_count_is_decided_in_one_place():
+    from pipelines.cluster import mrem_modules
+    from pipelines.config import MremConfig
+
+    assert mrem_modules(MremConfig(mode="rem", modules=3), room=8, layers=4) == 1  # rem: the whole model
+    assert mrem_modules(MremConfig(modules=3), room=8, layers=4) == 3               # as configured
+    assert mrem_modules(MremConfig(), room=8, layers=4) == 4                        # one module per layer at most
+    assert mrem_modules(MremConfig(mode="sequential"), room=2, layers=4) == 2       # as many actors as fit
+
+
+@pytest.mark.ray
+def test_k_follows_the_model_mrem_splits(ray_session):
+    """A single-stage verb splits the user's checkpoint, not `model`: K counts that checkpoint's layers."""
+    from pipelines.cluster import resolve_resources
+    from pipelines.config import load_config
+
+    cluster_yaml = str(Path(__file__).resolve().parents[2] / "cluster.yaml")
+    cfg = load_config(None, ["model=minilm-l6", "mrem.quant=[w4a8]", f"cluster.autoscaler_config={cluster_yaml}"])
+    assert resolve_resources(cfg).mrem.modules == 6
+    assert resolve_resources(cfg, model="tiny-bert").mrem.modules == 4

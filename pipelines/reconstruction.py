@@ -1,0 +1,165 @@
+"""MREM's reconstruction math on one module of a partitioned model (pipelines/partition.py).
+
+A student (the quantized module) learns to reproduce its FP teacher's output at every layer
+of the module (plus the logits in the last module). Its input is the teacher's, its
+predecessor's quantized outputs, or a mix of both (annealed teacher forcing). The trained
+modules' state dicts use the full model's key names, so `assemble` loads their union.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.io import atomic_dir
+from pipelines.partition import PartSpec, part_forward, prune_to_part
+from quant import QuantConfig, calibrate, quantize_model
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]   # input, attention mask, token types
+STATE_FILE = "state.pt"
+
+
+def learnable(qcfg: QuantConfig) -> QuantConfig:
+    """LSQ: the uniform weight/activation step sizes are trained with the weights."""
+    out = QuantConfig.from_dict(qcfg.to_dict())
+    for role in ("weight", "act", "embedding", "output"):
+        spec = getattr(out, role)
+        # per-token/per-group activation steps are recomputed on every call: nothing to learn
+        dynamic = role in ("act", "output") and spec is not None and spec.granularity in ("token", "group")
+        if spec is not None and spec.scheme == "uniform" and not dynamic:
+            spec.learnable = True
+    return out
+
+
+def student_and_teacher(model: nn.Module, spec: PartSpec, quant: str,
+                        student_dropout: bool = False) -> tuple[nn.Module, nn.Module]:
+    """Module `spec` of an FP model twice: a quantized student (training mode) and a frozen FP teacher.
+    `model` becomes the student (quantized whole first, so names and embeddings are as in the export)."""
+    teacher = prune_to_part(copy.deepcopy(model), spec).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    quantize_model(model, learnable(QuantConfig.parse(quant)))
+    student = prune_to_part(model, spec)
+    student.train()  # quantizers train (stochastic rounding, LSQ); dropout only if asked for
+    if not student_dropout:
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0  # HF attention reads its dropout probability from these modules too
+    return student, teacher
+
+
+def is_quant_param(name: str) -> bool:
+    """Quantizer parameters (LSQ steps, offsets) live in `*.weight_q` / `*.act_q` submodules."""
+    parts = name.split(".")
+    return len(parts) > 1 and parts[-2].endswith("_q")
+
+
+def optimizer(student: nn.Module, lr: float, lr_quant: float) -> torch.optim.Optimizer:
+    """Adam with two groups: the weights (lr) and the quantizer step sizes (lr_quant)."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    weights = [p for n, p in named if not is_quant_param(n)]
+    steps = [p for n, p in named if is_quant_param(n)]
+    return torch.optim.Adam([{"params": weights, "lr": lr}, {"params": steps, "lr": lr_quant}])
+
+
+def cosine(step: int, steps: int) -> float:
+    """The learning-rate factor at `step` of a cosine decay over `steps`."""
+    return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def teacher_forcing(step: int, t0: int) -> float:
+    """lambda_t = max(1 - t/T0, 0): the teacher's share of a student input (0 once t >= T0)."""
+    return max(1.0 - step / t0, 0.0) if t0 > 0 else 0.0
+
+
+def mix(teacher_in: torch.Tensor, predecessor: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """The student's input: lambda * teacher + (1 - lambda) * quantized predecessor."""
+    return teacher_in if predecessor is None else lam * teacher_in + (1 - lam) * predecessor
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real (unpadded) tokens."""
+    w = mask.unsqueeze(-1).to(a.dtype)
+    return ((a - b) ** 2 * w).sum() / (w.sum() * a.shape[-1]).clamp_min(1)
+
+
+def reconstruction_loss(student: nn.Module, teacher: nn.Module, spec: PartSpec, batch: Batch,
+                        student_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, student output): the layer outputs' MSE against the teacher fed `batch`'s input
+    (plus the logits' in the last module); the student is fed `student_in` when given."""
+    x, mask, tt = batch
+    with torch.no_grad():
+        t_out, t_layers = part_forward(teacher, spec, x, mask, tt)
+    s_out, s_layers = part_forward(student, spec, x if student_in is None else student_in, mask, tt)
+    loss = sum(masked_mse(s, t, mask) for s, t in zip(s_layers, t_layers))
+    if spec.last:
+        loss = loss + nn.functional.mse_loss(s_out, t_out)
+    return loss, s_out
+
+
+@torch.no_grad()
+def module_error(student: nn.Module, teacher: nn.Module, spec: PartSpec, batches: Iterable[Batch]) -> float:
+    """Module-local error: the layer outputs' MSE, student and teacher fed the same (teacher) inputs."""
+    was_training = student.training
+    student.eval()
+    errs = []
+    for x, mask, tt in batches:
+        _, t_layers = part_forward(teacher, spec, x, mask, tt)
+        _, s_layers = part_forward(student, spec, x, mask, tt)
+        errs.append(float(sum(masked_mse(s, t, mask) for s, t in zip(s_layers, t_layers))))
+    student.train(was_training)
+    return sum(errs) / max(len(errs), 1)
+
+
+@torch.no_grad()
+def init_ranges(student: nn.Module, spec: PartSpec, batches: Iterable[Batch]) -> None:
+    """Activation quantizers start from min-max ranges of teacher inputs (as RTN does)."""
+    with calibrate(student):
+        for x, mask, tt in batches:
+            part_forward(student, spec, x, mask, tt)
+
+
+def assemble(model: nn.Module, quant: str, states: list[dict[str, torch.Tensor]]) -> nn.Module:
+    """The FP `model`, quantized, with every module's trained weights and quantizer parameters."""
+    quantize_model(model, learnable(QuantConfig.parse(quant)))
+    merged = {k: v for state in states for k, v in state.items()}
+    missing = set(model.state_dict()) - set(merged)
+    if missing:
+        raise RuntimeError(f"assembled MREM model lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(merged)
+    return model.eval()
+
+
+@torch.no_grad()
+def boundary_errors(model: nn.Module, teacher: nn.Module, specs: list[PartSpec],
+                    batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
+    """Per-module reconstruction error of a whole quantized model against its FP teacher:
+    each module fed by its quantized predecessors (hidden-state MSE; logits MSE for the last)."""
+    totals, count = [0.0] * len(specs), 0
+    model.eval(), teacher.eval()
+    for batch in batches:
+        mask, tt = batch["attention_mask"], batch.get("token_type_ids")
+        xs = xt = batch["input_ids"]
+        for s in specs:
+            xs, _ = part_forward(model, s, xs, mask, tt if s.first else None)
+            xt, _ = part_forward(teacher, s, xt, mask, tt if s.first else None)
+            err = nn.functional.mse_loss(xs, xt) if s.last else masked_mse(xs, xt, mask)
+            totals[s.index] += float(err)
+        count += 1
+    return [t / max(count, 1) for t in totals]
+
+
+def save_state(folder: str | Path, state: dict) -> None:
+    """A module's training state (state dicts, step, losses), written atomically into `folder`."""
+    with atomic_dir(folder) as tmp:
+        torch.save(state, tmp / STATE_FILE)
+
+
+def load_state(folder: str | Path, device: str) -> dict | None:
+    """The state `save_state` wrote, or None; tensors, numbers and lists only (nothing unpickled)."""
+    path = Path(folder) / STATE_FILE
+    return torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
