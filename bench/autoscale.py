@@ -1,7 +1,7 @@
 """Autoscaling for real on one machine: the MREM stage makes Ray's autoscaler launch GPU worker nodes.
 
     python bench/autoscale.py --record          # writes bench/results/autoscale.json
-    python bench/autoscale.py --out result.json # what tests/pipelines/test_autoscale.py runs
+    python bench/autoscale.py --out result.json # what tests/system/test_autoscale.py runs
 
 Ray's fake multi-node provider stands in for the cloud: its GPU worker type is derived
 from cluster.yaml (its name and GPUs per node; 1 CPU per node so that it fits on
@@ -20,6 +20,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,17 +78,34 @@ def autoscaling_head(config: dict, port: int):
         stop_process_group(head, timeout=60)
 
 
-def tiny_inputs(tmp: Path):
-    """A tiny-bert teacher and a separable SST-2 folder (no downloads)."""
-    from pipelines import models
-    from pipelines.config import DataConfig
+def tiny_inputs(tmp: Path, modules: int):
+    """A tiny-bert teacher and a run config on a separable SST-2 folder (no downloads)."""
+    from pipelines import checkpoints, models
+    from pipelines.config import load_config
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_separable_sst2
 
     glue = write_separable_sst2(tmp / "glue", n_train=200, n_dev=64)
-    teacher = models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=3), models.load_tokenizer("tiny-bert"),
-                                     tmp / "teacher", {"task": "sst2"})
-    return str(teacher), DataConfig(source="dir", dir=str(glue), max_length=16, cache_dir=str(tmp / "tok"))
+    checkpoints.save(models.load_classifier("tiny-bert", 2, seed=3), models.load_tokenizer("tiny-bert"),
+                     tmp / "teacher", {"task": "sst2"}, "fp")
+    cfg = load_config(None, [
+        "model=tiny-bert", "tasks=[sst2]", "data.source=dir", f"data.dir={glue}", "data.max_length=16",
+        f"data.cache_dir={tmp / 'tok'}", "evaluate.batch_size=32", "mrem.quant=[w4a8]", f"mrem.modules={modules}",
+        "mrem.use_gpu=true", "mrem.steps=4", "mrem.batch_size=8", "mrem.calib_samples=32", "mrem.shard_size=16",
+        "mrem.calib_batch_size=16", "mrem.checkpoint_every=2", "mrem.eval_samples=16", "mrem.log_every=2",
+        "mrem.placement_timeout_s=300"])
+    return str(tmp / "teacher"), cfg
+
+
+def run_mrem(cfg, teacher: str, root: Path):
+    """The calibrate and mrem stages on the teacher, run here (the actors ask the autoscaler for GPU nodes)."""
+    import dataclasses
+
+    from pipelines.stages import Context, calibrate, mrem
+
+    (cal_stage,), (mrem_stage,) = calibrate.plan(cfg, teacher), mrem.plan(cfg, teacher)
+    cal = calibrate.run(cfg, cal_stage, {}, Context(root, "calibrate"))
+    return mrem.run(cfg, mrem_stage, {cal_stage.name: dataclasses.asdict(cal)}, Context(root, "mrem"))
 
 
 def alive_workers(ray) -> list[str]:
@@ -97,31 +115,37 @@ def alive_workers(ray) -> list[str]:
 def measure(modules: int, cluster_yaml: Path) -> dict:
     import ray
 
-    from pipelines.config import EvaluateConfig, MremConfig
-    from pipelines.mrem import mrem
-
     port = free_port()
     config = fake_cluster_config(cluster_yaml, port, modules)
     with tempfile.TemporaryDirectory() as tmp, autoscaling_head(config, port) as (address, _):
-        teacher, data = tiny_inputs(Path(tmp))
+        teacher, cfg = tiny_inputs(Path(tmp), modules)
         ray.init(address=address, log_to_driver=False)
         assert not alive_workers(ray), "worker nodes before any request"
-        cfg = MremConfig(quant=["w4a8"], modules=modules, use_gpu="true", steps=4, batch_size=8, calib_samples=32,
-                         shard_size=16, calib_batch_size=16, checkpoint_every=2, eval_samples=16, log_every=2,
-                         placement_timeout_s=300)
-        start = time.time()
-        result = mrem(teacher, "sst2", "w4a8", data, cfg, EvaluateConfig(batch_size=32), Path(tmp) / "out")
-        slots = sorted({(s["node_id"], tuple(s["gpu_ids"])) for s in result.modules_stats})
-        launched = len(alive_workers(ray))
+        start, seen, done = time.time(), set(), threading.Event()
+
+        def watch() -> None:  # idle nodes may be released before MREM returns: count every node seen alive
+            while not done.is_set():
+                seen.update(alive_workers(ray))
+                time.sleep(0.5)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            result = run_mrem(cfg, teacher, Path(tmp) / "out")
+        finally:
+            done.set()
+            watcher.join()
+        stats = result.info["modules_stats"]
+        slots = sorted({(s["node_id"], tuple(s["gpu_ids"])) for s in stats})
+        launched = len(seen | {s["node_id"] for s in stats})
         t_end = time.time()
         while alive_workers(ray) and time.time() - t_end < 180:
             time.sleep(1)
         return {"modules": modules, "nodes_launched": launched,
-                "seconds_to_all_actors": round(max(s["wait_s"] for s in result.modules_stats), 1),
+                "seconds_to_all_actors": round(max(s["wait_s"] for s in stats), 1),
                 "distinct_node_gpu_slots": len(slots),
                 "actor_slots": [f"node ..{n[-8:]} gpu {','.join(g)}" for n, g in slots],
                 "nodes_left_after_s": len(alive_workers(ray)), "released_within_s": round(time.time() - t_end, 1),
-                "mrem_wall_s": round(time.time() - start, 1), "accuracy": result.eval.main,
+                "mrem_wall_s": round(time.time() - start, 1), "accuracy": result.metrics["eval_accuracy"],
                 "worker_type": {k: v["resources"] for k, v in config["available_node_types"].items()
                                 if k != "ray.head.default"}}
 

@@ -93,7 +93,7 @@ def _single_process_peak(checkpoint: str, cache: str, quant: str, queue) -> None
     import torch
 
     from pipelines import checkpoints
-    from pipelines.calibrate import read_shard
+    from pipelines.calibration import read_shard
     from quant import QuantConfig, quantize_model
 
     torch.set_num_threads(1)
@@ -121,8 +121,8 @@ def measure_memory(task: str, plan: common.Plan, args) -> dict:
     import multiprocessing as mp
 
     cfg = load_config(ROOT / plan.config, [f"tasks=[{task}]", *args.set])
-    metas = {c.parent: json.loads(c.read_text()) for c in sorted(Path(cfg.mrem.cache_dir).glob(f"*{task}*/meta.json"),
-                                                                 key=lambda p: p.stat().st_mtime)}
+    found = sorted(Path(cfg.mrem.cache_dir).glob("*/meta.json"), key=lambda p: p.stat().st_mtime)
+    metas = {c.parent: m for c in found if (m := json.loads(c.read_text())).get("task") == task}
     multi = [d for d, m in metas.items() if m["boundaries"] > 1 and m["num_samples"] == cfg.mrem.calib_samples]
     if not multi:
         raise SystemExit(f"no activation cache of {cfg.mrem.calib_samples} samples for {task} in {cfg.mrem.cache_dir}: "

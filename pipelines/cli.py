@@ -129,6 +129,22 @@ def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder"), 
     single(cfg, ("rtn",), "rtn", checkpoint, dry_run)
 
 
+@app.command()
+def mrem(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder (the teacher)"),
+         quant: list[str] = QuantOpt, mode: str | None = typer.Option(None, help="parallel | sequential | rem"),
+         cache_dir: str | None = typer.Option(None, "--cache-dir", help="where calibration shards are kept"),
+         config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+         output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
+    """Module-wise reconstruction (MREM) on Ray actors: calibrate, train modules, export, evaluate."""
+    extra = [f"mrem.quant=[{','.join(quant)}]"] if quant else []
+    extra += [f"mrem.mode={mode}"] if mode else []
+    extra += [f"mrem.cache_dir={cache_dir}"] if cache_dir else []
+    cfg = load(config, list(overrides) + extra, task, None, output_dir)
+    if not cfg.mrem.quant:
+        fail("config error: no QuantConfig: pass --quant w4a8 or set mrem.quant")
+    single(cfg, ("calibrate", "mrem"), "mrem", checkpoint, dry_run)
+
+
 def load_pretrain(config: Path | None, overrides: list[str], recipe: str | None, corpus: str | None,
                   output_dir: str | None) -> PretrainRunConfig:
     extra = [f"quant.recipe={recipe}"] if recipe else []

@@ -69,13 +69,14 @@ def run_tags(cfg: Any) -> dict:
                                               if not k.startswith(("node:", "accelerator_type"))})}
 
 
-def prepare(cfg: Any) -> Any:
-    """Checks that need no work (data present, workers that fit), with Ray up; returns the resolved config."""
+def prepare(cfg: Any, model: str | None = None) -> Any:
+    """Checks that need no work (data present, workers that fit), with Ray up; returns the resolved config.
+    `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
     if isinstance(cfg, RunConfig):
         for task in cfg.tasks:
             check_data(task, cfg.data)
     ensure_ray()
-    return resolve_resources(cfg) if isinstance(cfg, RunConfig) else cfg
+    return resolve_resources(cfg, model) if isinstance(cfg, RunConfig) else cfg
 
 
 def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = None,
@@ -83,7 +84,8 @@ def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = N
     """Run `stages` (default: the config's whole plan), skipping those already complete, under one MLflow
     parent run; raises StageFailure when any failed (after recording the others)."""
     start = time.time()
-    cfg = prepare(cfg)
+    given = next((s.checkpoint for s in stages or [] if s.checkpoint), None)
+    cfg = prepare(cfg, given)
     stages = plan(cfg) if stages is None else stages
     bad = dag.unknown_force(stages, force or [])
     if bad:

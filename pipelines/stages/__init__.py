@@ -9,8 +9,10 @@ from types import ModuleType
 
 from pipelines.config import RunConfig
 from pipelines.stages import (
+    calibrate,
     evaluate,
     finetune,
+    mrem,
     prequant_finetune,
     prequant_quantize,
     pretrain,
@@ -20,7 +22,7 @@ from pipelines.stages import (
 )
 from pipelines.stages.base import Context, Stage, StageResult
 
-PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, prequant_quantize, prequant_finetune)  # plan order
+PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, calibrate, mrem, prequant_quantize, prequant_finetune)
 REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report, pretrain, pretrain_report)}
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]

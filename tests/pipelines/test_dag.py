@@ -197,7 +197,7 @@ def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_u
     assert "| sst2 | majority-class |" in (out / "report.md").read_text()
     stage_runs = _stage_runs("dag-test")[first.parent_run_id]
     assert {"finetune/sst2", "evaluate/sst2/fp", "rtn/sst2/w4a8", "mrem/sst2/w4a8-parallel"} <= set(stage_runs)
-    assert any(name.startswith("prequant-finetune/sst2") for name in stage_runs)
+    assert any(name.startswith("prequant/sst2/") for name in stage_runs)
 
     second = run(cfg)  # same command again: nothing recomputed, same results
     assert sorted(second.skipped) == sorted(s.name for s in build(cfg) if s.kind != "report")
