@@ -18,6 +18,7 @@ import yaml
 from pipelines.errors import ConfigError
 from pipelines.tasks import check_task
 from quant import QuantConfig
+from quant.prequant import CRITERIA, WEIGHT_QUANTIZERS
 
 POOLINGS = ("cls", "mean")  # finetune.pooling: what a classifier's head reads (pipelines.models.set_pooling)
 
@@ -190,8 +191,6 @@ class PrequantConfig:
     seed: int = 42                   # random criterion; body of the random tiny presets
 
     def validate(self) -> None:
-        from quant.prequant import CRITERIA, WEIGHT_QUANTIZERS
-
         if not 0 < self.budget_pct < 100:
             raise ConfigError(f"prequant.budget_pct={self.budget_pct}: must be in (0, 100), a % of the parameters")
         if self.quantizer not in WEIGHT_QUANTIZERS:

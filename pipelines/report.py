@@ -9,6 +9,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from pipelines.io import markdown_table, write_text_atomic
 
 # wall_s: the stage's time from its start (queueing for workers included); cpu_s/gpu_s: wall_s times the
@@ -62,13 +64,9 @@ def family(method: str) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Metric vs weight bits, one panel per task, one line per method family (FP as a dashed line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    fig = Figure(figsize=(5 * len(tasks), 3.8))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
         for fam in sorted({family(r["method"]) for r in mine if r["method"] not in LINES}):
@@ -84,7 +82,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
