@@ -21,7 +21,6 @@ from typing import Any
 import ray.train
 import torch
 import torch.nn.functional as F
-from mlflow.entities import Metric
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -256,13 +255,11 @@ class Progress:
 
     def __init__(self, tag: str, total: int, every: int, rank: int, uri: str | None, run_id: str | None):
         self.tag, self.total, self.every, self.rank = tag, total, every, rank
-        self.logger = RunLogger(uri, run_id if rank == 0 else None)
-        self.buffer: list[Metric] = []
+        self.logger = RunLogger(uri, run_id if rank == 0 else None, buffer_steps=every)
         self.smooth, self.tick, self.tick_step = float("nan"), time.time(), 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        self.logger.log(metrics, step)
 
     def step(self, step: int, loss: float, lr: float, step_s: float) -> None:
         self.smooth = loss if math.isnan(self.smooth) else 0.9 * self.smooth + 0.1 * loss
@@ -276,10 +273,7 @@ class Progress:
             self.flush()
 
     def flush(self) -> None:
-        if self.logger.client is not None and self.buffer:
-            for i in range(0, len(self.buffer), 900):  # MLflow caps a batch at 1000 metrics
-                self.logger.client.log_batch(self.logger.run_id, metrics=self.buffer[i:i + 900])
-        self.buffer = []
+        self.logger.flush()
 
 
 def train(cfg: PretrainRunConfig, data: LMData, session, tag: str = "", run_id: str | None = None,

@@ -6,12 +6,15 @@ run by id through `MlflowClient`, so they only need the tracking URI and run id.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import yaml
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -119,19 +122,32 @@ def log_report(info: dict) -> None:
 
 class RunLogger:
     """Logs metrics to a known run from any process (Ray workers, actors). Picklable: its MLflow client
-    is made on the first `log`, in the process that logs."""
+    is made in the process that logs. `buffer_steps` > 1 sends the metrics of that many steps as one batch
+    (call `flush` at the end)."""
 
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str | None, run_id: str | None, buffer_steps: int = 1):
+        self.uri, self.run_id, self.buffer_steps = uri, run_id, buffer_steps
         self._client: MlflowClient | None = None
+        self._pending: list[Metric] = []
+        self._steps = 0
 
     def __getstate__(self) -> dict:
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+        return {**self.__dict__, "_client": None, "_pending": [], "_steps": 0}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.run_id:
             return
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        self._steps += 1
+        if self._steps >= self.buffer_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.run_id or not self._pending:
+            return
         if self._client is None:
             self._client = MlflowClient(self.uri)
-        for key, value in metrics.items():
-            self._client.log_metric(self.run_id, key, float(value), step=step)
+        for i in range(0, len(self._pending), 900):  # MLflow caps a batch at 1000 metrics
+            self._client.log_batch(self.run_id, metrics=self._pending[i:i + 900])
+        self._pending, self._steps = [], 0
