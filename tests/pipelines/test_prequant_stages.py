@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipelines import checkpoints, models, prequant_model
 from pipelines.config import ConfigError, load_config
 from pipelines.data import tokenized_split
-from pipelines.evaluate import evaluate_model
+from pipelines.evaluation import evaluate_model
 from pipelines.stages import prequant_finetune as pft
 from pipelines.stages import prequant_quantize as pqz
 from pipelines.stages.base import Context, Stage
@@ -132,11 +132,11 @@ def test_new_weights_in_a_local_model_folder_change_the_fragment(tmp_path):
     cfg = load_config(None, ["prequant.quant=[w4]"])
     tok, folder = models.load_tokenizer("tiny-bert"), tmp_path / "pretrained"
     (stage,) = pqz.plan(cfg, str(folder))
-    models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=1), tok, folder, {})
-    first = pqz.fragment(cfg, stage)
-    models.save_checkpoint(models.load_classifier("tiny-bert", 2, seed=2), tok, folder, {})
-    assert pqz.fragment(cfg, stage)["weights"] != first["weights"] and first["model"] == str(folder)
-    assert pqz.fragment(cfg, pqz.plan(cfg)[0])["weights"] is None  # presets and hub names: keyed by name
+    checkpoints.save(models.load_classifier("tiny-bert", 2, seed=1), tok, folder, {}, "fp")
+    first = pqz.fragment(cfg, stage)["model"]
+    checkpoints.save(models.load_classifier("tiny-bert", 2, seed=2), tok, folder, {}, "fp")
+    assert pqz.fragment(cfg, stage)["model"]["weights"] != first["weights"] and first["name"] == str(folder)
+    assert pqz.fragment(cfg, pqz.plan(cfg)[0])["model"]["weights"] is None  # presets and hub names: keyed by name
 
 # ---------------------------------------------------------------- prequant-quantize
 
