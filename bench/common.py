@@ -248,6 +248,15 @@ def markdown(title: str, intro: str, main: tuple[list[dict], list[str]],
     return "\n".join(parts)
 
 
+def write_or_log(args: argparse.Namespace, results: dict, path: Path, plan: Plan, write, log, experiment: str) -> bool:
+    """--write-only rewrites the pages from the recorded JSON, --log-only logs it to MLflow; True when either ran."""
+    if args.write_only:
+        write(results, path, plan)
+    elif args.log_only:
+        print(f"MLflow run {log(results, path, plan, experiment)} ({experiment})")
+    return bool(args.write_only or args.log_only)
+
+
 def write_results(path: Path, results: dict, md: str) -> None:
     """The figures (JSON) and their page (Markdown beside it), each written atomically."""
     write_json_atomic(path, results)

@@ -234,11 +234,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     base = load_config(ROOT / plan.config)
     experiment = base.experiment_name
-    if args.write_only or args.log_only:
-        if args.write_only:
-            write(results, path, plan)
-        else:
-            print(f"MLflow run {log_to_mlflow(results, path, plan, experiment)} ({experiment})")
+    if common.write_or_log(args, results, path, plan, write, log_to_mlflow, experiment):
         return
     args.command = " ".join(["python -m bench.mrem", *sys.argv[1:]])
     if not (args.speed or args.memory or args.seed is not None):  # these record their own command

@@ -181,11 +181,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     base = load_config(ROOT / args.config)
     experiment = base.experiment_name
-    if args.write_only or args.log_only:
-        if args.write_only:
-            write(results, path, plan)
-        else:
-            print(f"MLflow run {log_to_mlflow(results, path, plan, experiment)} ({experiment})")
+    if common.write_or_log(args, results, path, plan, write, log_to_mlflow, experiment):
         return
     if not args.smoke:  # a smoke run writes under runs/, never into the recorded figures
         check_set(args)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .layers import QuantEmbedding, QuantLinear, _is_conv1d
+from .layers import QuantEmbedding, QuantLinear, is_conv1d
 from .modules import Quantizer
 
 HEADS = ("classifier", "lm_head", "cls", "qa_outputs", "score")  # first name component
@@ -56,7 +56,7 @@ def find_targets(
     lin_on = any(x is not None for x in (config.weight, config.act, config.output))
     convert, kept = [], []
     for name, m in model.named_modules():
-        is_lin = isinstance(m, nn.Linear) or _is_conv1d(m)
+        is_lin = isinstance(m, nn.Linear) or is_conv1d(m)
         is_emb = name == emb_name and isinstance(m, nn.Embedding)
         if not (is_lin or is_emb):
             continue

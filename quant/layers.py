@@ -62,7 +62,7 @@ class QuantLinear(_CachedWeight, nn.Module):
             return QuantEmbedding.from_float(module, config)
         if isinstance(module, nn.Linear):
             return cls(module.weight, module.bias, config)
-        if _is_conv1d(module):
+        if is_conv1d(module):
             return cls(module.weight, module.bias, config, transposed=True)
         raise TypeError(f"cannot quantize {type(module).__name__}")
 
@@ -126,7 +126,8 @@ class QuantEmbedding(_CachedWeight, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.config}"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is Hugging Face's Conv1D (GPT-2), a Linear with its weight stored [in, out]."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is optional for plain-torch users

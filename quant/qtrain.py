@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TensorQuant
+from .layers import is_conv1d
 from .qoptim import QAdamW, StateQuant
 from .uniform import fake_quantize
 
@@ -264,7 +265,7 @@ class QTrainLinear(nn.Module):
         recipe = Recipe.parse(recipe)
         if isinstance(module, nn.Linear):
             return cls(module.weight, module.bias, recipe)
-        if _is_conv1d(module):
+        if is_conv1d(module):
             return cls(module.weight, module.bias, recipe, transposed=True)
         raise TypeError(f"cannot convert {type(module).__name__} to QTrainLinear")
 
@@ -278,14 +279,6 @@ class QTrainLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, recipe={self.recipe}, transposed={self.transposed}"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return isinstance(module, Conv1D)
-
-
 def convert_qtrain(model: nn.Module, recipe: Recipe | str, include_head: bool = True,
                    skip: tuple[str, ...] = ()) -> list[str]:
     """Replace every nn.Linear / Conv1D (GPT-2: c_attn, c_proj, c_fc, mlp.c_proj and, as in
@@ -295,7 +288,7 @@ def convert_qtrain(model: nn.Module, recipe: Recipe | str, include_head: bool = 
     if not recipe.quantizes_linear:
         return []
     names = [n for n, m in model.named_modules()
-             if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n not in skip
+             if (isinstance(m, nn.Linear) or is_conv1d(m)) and n not in skip
              and (include_head or n.split(".")[0] != "lm_head")]
     for name in names:
         parent_name, _, child = name.rpartition(".")
