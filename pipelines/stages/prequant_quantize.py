@@ -25,6 +25,7 @@ from pipelines.prequant_model import (
 from pipelines.stages.base import Context, Stage, StageResult, relative
 
 KIND = "prequant-quantize"
+TASK_CPUS = 1  # it quantizes (GPTQ, statistics) in its own Ray task
 
 
 def stage_name(cfg: RunConfig, quant: str, method: str) -> str:
