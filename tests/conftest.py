@@ -102,6 +102,7 @@ def mlflow_uri(_mlflow_template, tmp_path, monkeypatch):
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # not an experiment id an earlier test's store had active
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
