@@ -99,7 +99,7 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     result = evaluate_model(loaded.model, loaded.tokenizer, stage.task, cfg.data, cfg.evaluate, loaded.nbytes)
     meta, res = loaded.meta, train_resources(cfg.finetune)
     wall_s = meta.get("train_s", 0.0) + time.time() - start
-    label = f"{method_label(stage.method, cfg.prequant)}-{ameta['quant']}"
+    label = f"{method_label(stage.method, cfg.prequant)}-{QuantConfig.parse(ameta['quant']).short_name()}"
     row = report_row(stage.task, label, result, wall_s, ameta["quant"], meta["trainable_pct"], res)
     numbers = {k: meta[k] for k in ("trainable_params", "trainable_pct", "optimizer_state_bytes", "peak_rss_mb",
                                     "steps")}
