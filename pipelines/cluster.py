@@ -107,6 +107,9 @@ def mrem_modules(mrem: MremConfig, room: int, layers: int) -> int:
     modules as the cluster holds actors at once (`room`), at most one per layer."""
     if mrem.mode == "rem":
         return 1
+    if mrem.modules is not None and mrem.modules > layers:
+        raise ConfigError(f"mrem.modules={mrem.modules}: the model has {layers} layers, so at most {layers} modules "
+                          "(or null: as many as the cluster holds actors at once)")
     return mrem.modules if mrem.modules is not None else min(room, layers)
 
 

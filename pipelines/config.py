@@ -7,6 +7,7 @@ typo in a YAML file fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,12 +71,17 @@ class FinetuneConfig:
         self.use_gpu = gpu_flag(self.use_gpu)
 
     def validate(self) -> None:
-        if self.epochs <= 0:
-            raise ConfigError(f"finetune.epochs={self.epochs}: must be > 0")
-        if self.batch_size <= 0 or self.num_workers <= 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("finetune.batch_size, num_workers and cpus_per_worker must be >= 1")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"finetune.epochs={self.epochs}: must be a finite number > 0, e.g. 3")
+        for name in ("batch_size", "num_workers", "cpus_per_worker", "log_every"):
+            at_least_one("finetune", name, getattr(self, name))
         if not 0 < self.lr < 1:
             raise ConfigError(f"finetune.lr={self.lr}: expected a small positive number such as 5e-5")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"finetune.weight_decay={self.weight_decay}: expected a value in [0, 1), e.g. 0.01")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"finetune.warmup_ratio={self.warmup_ratio}: the share of steps that warm up, "
+                              "in [0, 1), e.g. 0.1")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"finetune.use_gpu={self.use_gpu!r}: use auto, true or false")
         if self.pooling not in POOLINGS:
@@ -89,6 +95,11 @@ class EvaluateConfig:
     def validate(self) -> None:
         if self.batch_size <= 0:
             raise ConfigError(f"evaluate.batch_size={self.batch_size}: must be >= 1")
+
+
+def at_least_one(section: str, name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{section}.{name}={value}: must be >= 1")
 
 
 def parse_quant_list(section: str, values: list[str], need_weights: str | None = None) -> list:
@@ -134,7 +145,7 @@ class MremConfig:
     calib_samples: int = 4096
     calib_batch_size: int = 64
     shard_size: int = 512
-    cache_dir: str | None = None     # Arrow copy of the calibration shards, reused by later runs
+    cache_dir: str | None = None     # where calibrate keeps its shards (a folder per stage key); default: the run
     checkpoint_every: int = 100
     queue_size: int = 8
     log_every: int = 25
@@ -152,9 +163,15 @@ class MremConfig:
         if self.mode not in ("parallel", "sequential", "rem"):
             raise ConfigError(f"mrem.mode={self.mode!r}: use parallel, sequential or rem")
         for name in ("steps", "batch_size", "calib_samples", "calib_batch_size", "shard_size",
-                     "checkpoint_every", "queue_size", "cpus_per_actor"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"mrem.{name}={getattr(self, name)}: must be >= 1")
+                     "checkpoint_every", "queue_size", "cpus_per_actor", "log_every", "eval_samples"):
+            at_least_one("mrem", name, getattr(self, name))
+        for name in ("lr", "lr_quant"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"mrem.{name}={getattr(self, name)}: expected a small positive number such as 1e-4")
+        if self.teacher_forcing_steps is not None and self.teacher_forcing_steps < 0:
+            raise ConfigError(f"mrem.teacher_forcing_steps={self.teacher_forcing_steps}: must be >= 0 or null")
+        if self.max_restarts < 0 or not self.placement_timeout_s > 0:
+            raise ConfigError("mrem.max_restarts must be >= 0 and mrem.placement_timeout_s > 0")
         if self.modules is not None and self.modules < 1:
             raise ConfigError(f"mrem.modules={self.modules}: must be >= 1 or null")
         if self.use_gpu not in ("auto", "true", "false"):
@@ -335,7 +352,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. finetune.epochs=1")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                              "quote lists like 'tasks=[sst2,rte]'") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -347,7 +369,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     apply_overrides(data, overrides or [])

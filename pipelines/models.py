@@ -188,6 +188,19 @@ def model_config(path: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(resolve(str(path)))
 
 
+def check_max_length(name: str, max_length: int) -> None:
+    """Before any work: `max_length` fits the model's position embeddings."""
+    try:
+        hf = model_config(name)
+    except OSError as err:
+        raise ConfigError(f"model={name!r}: no model config found ({str(err).splitlines()[0]}); use minilm-l6, a "
+                          "tiny preset, a local model folder, or a hub name with internet access") from None
+    positions = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+    if positions and max_length > positions:
+        raise ConfigError(f"data.max_length={max_length}: model {name} has {positions} positions; "
+                          f"set data.max_length to at most {positions}")
+
+
 def num_layers(path: str | Path) -> int:
     hf = model_config(path)
     return getattr(hf, "num_hidden_layers", None) or hf.n_layer

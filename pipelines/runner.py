@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 import ray
 
-from pipelines import dag, tracking
+from pipelines import dag, models, tracking
 from pipelines.cluster import ensure_ray, resolve_resources
 from pipelines.config import RunConfig, to_dict
 from pipelines.data import check_data
@@ -75,6 +75,7 @@ def prepare(cfg: Any, model: str | None = None) -> Any:
     if isinstance(cfg, RunConfig):
         for task in cfg.tasks:
             check_data(task, cfg.data)
+        models.check_max_length(model or cfg.model, cfg.data.max_length)
     ensure_ray()
     return resolve_resources(cfg, model) if isinstance(cfg, RunConfig) else cfg
 
