@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from pipelines import checkpoints
 from pipelines.config import RunConfig
+from pipelines.errors import ConfigError
 from pipelines.stages import (
     calibrate,
     evaluate,
@@ -34,9 +36,20 @@ def plan(cfg: RunConfig) -> list[Stage]:
     return stages + report.plan(cfg, stages)
 
 
+def check_tasks(checkpoint: str, tasks: list[str]) -> None:
+    """A model fine-tuned on one task is not scored or quantized for another: its head answers that task."""
+    trained_on = checkpoints.read_meta(checkpoint).get("task")
+    for task in tasks:
+        if trained_on and task != trained_on:
+            raise ConfigError(f"{checkpoint} was fine-tuned on {trained_on}, so its head does not answer {task}: "
+                              f"pass --task {trained_on} (or a model fine-tuned on {task})")
+
+
 def plan_kinds(cfg: RunConfig, kinds: tuple[str, ...], checkpoint: str | None = None,
                with_report: bool = True) -> list[Stage]:
     """The stages of `kinds` only (a single-stage verb), reading `checkpoint` when given."""
+    if checkpoint:
+        check_tasks(checkpoint, cfg.tasks)
     stages = [s for k in kinds for s in REGISTRY[k].plan(cfg, checkpoint)]
     names = {s.name for s in stages}
     missing = {d for s in stages for d in s.deps if d not in names}

@@ -50,3 +50,11 @@ def test_single_stage_verb_runs_through_the_driver(ray_session, mlflow_uri, tiny
     assert (tmp_path / "out" / "stages" / "evaluate__sst2__checkpoint.json").exists()
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "1 stage(s) already complete" in again.output
+
+
+def test_a_checkpoint_is_not_used_for_another_task(tiny_teacher, separable_glue):
+    """tiny_teacher was fine-tuned for sst2: evaluating or quantizing it as an RTE model fails before work."""
+    for verb in (["evaluate", tiny_teacher], ["rtn", tiny_teacher, "--quant", "w8a8"]):
+        result = runner.invoke(app, [*verb, "--task", "rte"])
+        assert result.exit_code == 2
+        assert "was fine-tuned on sst2, so its head does not answer rte: pass --task sst2" in result.output
