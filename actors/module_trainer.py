@@ -24,7 +24,7 @@ from actors.predecessor_queue import PredecessorQueue
 from actors.shard_reader import ShardReader
 from pipelines import checkpoints
 from pipelines import reconstruction as rc
-from pipelines.partition import PartSpec, part_forward
+from pipelines.partition import PartSpec, part_forward, part_state
 
 
 @dataclass
@@ -93,24 +93,28 @@ class ModuleTrainer:
                                        "step": self.step, "losses": self.losses, "initial_error": self.initial_error})
 
     # ---- data --------------------------------------------------------------------------
-    def _batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-        """Teacher input, mask and token types for rows `idx`, trimmed to their longest sequence."""
+    def _batch(self, idx: np.ndarray) -> rc.Batch:
+        """Token ids, mask, token types and the teacher's hidden states entering the module for rows
+        `idx`, trimmed to their longest sequence."""
         mask = torch.from_numpy(self.tokens.rows(idx, "attention_mask"))
         length = int(mask.sum(1).max())
-        key = "input_ids" if self.spec.first else "hidden"
-        x = torch.from_numpy(self.inputs.rows(idx, key))[:, :length]
+        ids = torch.from_numpy(self.tokens.rows(idx, "input_ids"))[:, :length].to(self.device)
         tt = None
-        if self.spec.first and self.tokens.has("token_type_ids"):
+        if self.tokens.has("token_type_ids"):
             tt = torch.from_numpy(self.tokens.rows(idx, "token_type_ids"))[:, :length].to(self.device)
-        return x.to(self.device), mask[:, :length].to(self.device), tt, length
+        hidden = None
+        if not self.spec.first:
+            rows = self.inputs.rows(idx, "hidden")[:, :length]
+            hidden = torch.tensor(rows, device=self.device)  # a copy: object-store arrays are read-only
+        return ids, mask[:, :length].to(self.device), tt, hidden
 
     def _random_batches(self, count: int, rng: np.random.Generator) -> Iterator[rc.Batch]:
         for _ in range(count):
-            yield self._batch(rng.choice(self.num_samples, self.s.batch_size, replace=False))[:3]
+            yield self._batch(rng.choice(self.num_samples, self.s.batch_size, replace=False))
 
     def _first_batches(self, n: int, size: int = 32) -> Iterator[rc.Batch]:
         for start in range(0, n, size):
-            yield self._batch(np.arange(start, min(start + size, n)))[:3]
+            yield self._batch(np.arange(start, min(start + size, n)))
 
     def push(self, idx: np.ndarray, outputs: np.ndarray) -> None:
         """Called by the predecessor: its quantized outputs for sample rows `idx`."""
@@ -139,11 +143,12 @@ class ModuleTrainer:
 
     # ---- training ----------------------------------------------------------------------
     def _loss(self, idx: np.ndarray, pred: np.ndarray | None, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x, mask, tt, length = self._batch(idx)
-        p = None
-        if pred is not None and not self.spec.first:
-            p = torch.tensor(pred[:, :length], device=self.device)  # a copy: object-store arrays are read-only
-        return rc.reconstruction_loss(self.student, self.teacher, self.spec, (x, mask, tt), rc.mix(x, p, lam))
+        batch = self._batch(idx)
+        ids, hidden = batch[0], batch[3]
+        if hidden is None:  # the first module starts from the token ids
+            return rc.reconstruction_loss(self.student, self.teacher, self.spec, batch)
+        p = None if pred is None else torch.tensor(pred[:, :ids.shape[1]], device=self.device)
+        return rc.reconstruction_loss(self.student, self.teacher, self.spec, batch, rc.mix(hidden, p, lam))
 
     def _step(self, rng: np.random.Generator) -> None:
         factor = rc.cosine(self.step, self.s.steps)
@@ -209,15 +214,17 @@ class ModuleTrainer:
     # ---- after training ----------------------------------------------------------------
     @torch.no_grad()
     def _outputs(self, idx: np.ndarray) -> np.ndarray:
-        """Quantized outputs for rows `idx`, fed by the predecessor's outputs in MREM-S."""
+        """Quantized outputs for rows `idx` (full length), fed by the predecessor's outputs in MREM-S."""
         mask = torch.from_numpy(self.tokens.rows(idx, "attention_mask")).to(self.device)
-        key = "input_ids" if self.spec.first else "hidden"
-        source = self.pred if (self.pred is not None and not self.spec.first) else self.inputs
-        x = torch.from_numpy(np.ascontiguousarray(source.rows(idx, key))).to(self.device)
+        ids = torch.from_numpy(self.tokens.rows(idx, "input_ids")).to(self.device)
         tt = None
-        if self.spec.first and self.tokens.has("token_type_ids"):
+        if self.tokens.has("token_type_ids"):
             tt = torch.from_numpy(self.tokens.rows(idx, "token_type_ids")).to(self.device)
-        return part_forward(self.student, self.spec, x, mask, tt)[0].float().cpu().numpy()
+        hidden = None
+        if not self.spec.first:
+            source = self.pred if self.pred is not None else self.inputs
+            hidden = torch.from_numpy(np.ascontiguousarray(source.rows(idx, "hidden"))).to(self.device)
+        return part_forward(self.student, self.spec, ids, mask, tt, hidden)[0].float().cpu().numpy()
 
     def propagate(self) -> list:
         """MREM-S: this module's quantized outputs for every sample, as shards like the inputs'."""
@@ -232,7 +239,7 @@ class ModuleTrainer:
 
     def export(self) -> dict[str, torch.Tensor]:
         """The trained student module's state (full-model key names), on the CPU."""
-        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in part_state(self.student, self.spec).items()}
 
     def placement(self) -> dict:
         """Where this actor runs: node id, Ray GPU ids, torch device."""

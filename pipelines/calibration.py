@@ -111,10 +111,11 @@ def record(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str
             feats = [{k: f[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in f} for f in feats]
             batch = tokenizer.pad(feats, padding="max_length", max_length=seq_len, return_tensors="pt")
             writer.add(0, {k: v.numpy() for k, v in batch.items()})
-            x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            tt = batch.get("token_type_ids")
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            tt = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
+            x = None
             for spec in specs[:-1]:
-                x, _ = part_forward(model, spec, x, mask, tt.to(device) if tt is not None and spec.first else None)
+                x, _ = part_forward(model, spec, ids, mask, tt, x)
                 writer.add(spec.index + 1, {"hidden": x.float().cpu().numpy()})
         for b in range(len(specs)):
             writer.add(b, {}, final=True)

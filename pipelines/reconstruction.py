@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from pipelines.io import atomic_dir
-from pipelines.partition import PartSpec, part_forward, prune_to_part
+from pipelines.partition import PartSpec, layout, part_forward, prune_to_part
 from quant import QuantConfig, calibrate, quantize_model
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]   # input, attention mask, token types
+# token ids, attention mask, token types, hidden states entering the module (None for the first module)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 STATE_FILE = "state.pt"
 
 
@@ -39,6 +40,7 @@ def student_and_teacher(model: nn.Module, spec: PartSpec, quant: str,
                         student_dropout: bool = False) -> tuple[nn.Module, nn.Module]:
     """Module `spec` of an FP model twice: a quantized student (training mode) and a frozen FP teacher.
     `model` becomes the student (quantized whole first, so names and embeddings are as in the export)."""
+    layout(model)  # found on the FP model, kept by both copies
     teacher = prune_to_part(copy.deepcopy(model), spec).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -90,11 +92,11 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
 def reconstruction_loss(student: nn.Module, teacher: nn.Module, spec: PartSpec, batch: Batch,
                         student_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, student output): the layer outputs' MSE against the teacher fed `batch`'s input
-    (plus the logits' in the last module); the student is fed `student_in` when given."""
-    x, mask, tt = batch
+    (plus the logits' in the last module); the student is fed hidden states `student_in` when given."""
+    ids, mask, tt, hidden = batch
     with torch.no_grad():
-        t_out, t_layers = part_forward(teacher, spec, x, mask, tt)
-    s_out, s_layers = part_forward(student, spec, x if student_in is None else student_in, mask, tt)
+        t_out, t_layers = part_forward(teacher, spec, ids, mask, tt, hidden)
+    s_out, s_layers = part_forward(student, spec, ids, mask, tt, hidden if student_in is None else student_in)
     loss = sum(masked_mse(s, t, mask) for s, t in zip(s_layers, t_layers))
     if spec.last:
         loss = loss + nn.functional.mse_loss(s_out, t_out)
@@ -107,9 +109,9 @@ def module_error(student: nn.Module, teacher: nn.Module, spec: PartSpec, batches
     was_training = student.training
     student.eval()
     errs = []
-    for x, mask, tt in batches:
-        _, t_layers = part_forward(teacher, spec, x, mask, tt)
-        _, s_layers = part_forward(student, spec, x, mask, tt)
+    for ids, mask, tt, hidden in batches:
+        _, t_layers = part_forward(teacher, spec, ids, mask, tt, hidden)
+        _, s_layers = part_forward(student, spec, ids, mask, tt, hidden)
         errs.append(float(sum(masked_mse(s, t, mask) for s, t in zip(s_layers, t_layers))))
     student.train(was_training)
     return sum(errs) / max(len(errs), 1)
@@ -119,12 +121,13 @@ def module_error(student: nn.Module, teacher: nn.Module, spec: PartSpec, batches
 def init_ranges(student: nn.Module, spec: PartSpec, batches: Iterable[Batch]) -> None:
     """Activation quantizers start from min-max ranges of teacher inputs (as RTN does)."""
     with calibrate(student):
-        for x, mask, tt in batches:
-            part_forward(student, spec, x, mask, tt)
+        for ids, mask, tt, hidden in batches:
+            part_forward(student, spec, ids, mask, tt, hidden)
 
 
 def assemble(model: nn.Module, quant: str, states: list[dict[str, torch.Tensor]]) -> nn.Module:
     """The FP `model`, quantized, with every module's trained weights and quantizer parameters."""
+    layout(model)
     quantize_model(model, learnable(QuantConfig.parse(quant)))
     merged = {k: v for state in states for k, v in state.items()}
     missing = set(model.state_dict()) - set(merged)
@@ -142,11 +145,11 @@ def boundary_errors(model: nn.Module, teacher: nn.Module, specs: list[PartSpec],
     totals, count = [0.0] * len(specs), 0
     model.eval(), teacher.eval()
     for batch in batches:
-        mask, tt = batch["attention_mask"], batch.get("token_type_ids")
-        xs = xt = batch["input_ids"]
+        ids, mask, tt = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        xs = xt = None
         for s in specs:
-            xs, _ = part_forward(model, s, xs, mask, tt if s.first else None)
-            xt, _ = part_forward(teacher, s, xt, mask, tt if s.first else None)
+            xs, _ = part_forward(model, s, ids, mask, tt, xs)
+            xt, _ = part_forward(teacher, s, ids, mask, tt, xt)
             err = nn.functional.mse_loss(xs, xt) if s.last else masked_mse(xs, xt, mask)
             totals[s.index] += float(err)
         count += 1

@@ -1,13 +1,22 @@
-"""MREM partitioning: K contiguous modules whose chain reproduces the full model."""
+"""MREM partitioning of any transformer: K contiguous modules whose chain reproduces the full model."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 from pipelines import models
-from pipelines.partition import num_layers, part_forward, prune_to_part, split_layers
+from pipelines.partition import (
+    UnsupportedModel,
+    layout,
+    num_layers,
+    part_forward,
+    part_state,
+    prune_to_part,
+    split_layers,
+)
 
 
 def test_split_is_contiguous_and_uneven_splits_front_load():
@@ -23,27 +32,55 @@ def test_bad_module_count_is_rejected(k):
         split_layers(6, k)
 
 
+def _batch(name: str):
+    tok = models.load_tokenizer(name)
+    return tok(["a short one", "a somewhat longer sentence than that"], padding=True, return_tensors="pt")
+
+
+def _chain(model, batch, k):
+    x, states = None, {}
+    for spec in split_layers(num_layers(model), k):
+        part = prune_to_part(copy.deepcopy(model), spec)
+        x, outs = part_forward(part, spec, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), x)
+        assert len(outs) == spec.end - spec.start
+        owned = part_state(part, spec)
+        assert not set(owned) & set(states)  # every tensor has one owner
+        states.update(owned)
+    return x, states
+
+
 @pytest.mark.parametrize("name,pooling", [("tiny-bert", "cls"), ("tiny-gpt2", "cls"), ("tiny-bert", "mean")])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_chained_modules_equal_the_full_model(name, pooling, k):
-    tok = models.load_tokenizer(name)
     model = models.load_classifier(name, 2, seed=0, pooling=pooling).eval()
-    batch = tok(["a short one", "a somewhat longer sentence than that"], padding=True, return_tensors="pt")
+    batch = _batch(name)
     with torch.no_grad():
         ref = model(**batch).logits
-        x = batch["input_ids"]
-        for spec in split_layers(num_layers(model), k):
-            part = prune_to_part(copy.deepcopy(model), spec)
-            x, outs = part_forward(part, spec, x, batch["attention_mask"], batch.get("token_type_ids"))
-            assert len(outs) == spec.end - spec.start
-    assert torch.allclose(x, ref, atol=1e-6)
+        out, states = _chain(model, batch, k)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert set(states) == set(model.state_dict())
 
 
 def test_pruned_module_keeps_only_its_parameters_under_full_names():
     model = models.load_classifier("tiny-bert", 2)
     first, last = split_layers(4, 2)
-    keys0 = set(prune_to_part(copy.deepcopy(model), first).state_dict())
-    keys1 = set(prune_to_part(copy.deepcopy(model), last).state_dict())
+    keys0 = set(part_state(prune_to_part(copy.deepcopy(model), first), first))
+    pruned1 = prune_to_part(copy.deepcopy(model), last)
+    keys1 = set(part_state(pruned1, last))
     assert any(k.startswith("bert.embeddings.") for k in keys0) and not any("layer.2." in k for k in keys0)
     assert any(k.startswith("classifier.") for k in keys1) and not any("embeddings" in k for k in keys1)
     assert keys0 | keys1 == set(model.state_dict()) and not keys0 & keys1
+    # the later module runs the embeddings' position tables (masks, shapes) but does not train them
+    trainable = {n for n, p in pruned1.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= keys1
+
+
+def test_layout_finds_blocks_prefix_and_suffix():
+    lay = layout(models.load_causal_lm("tiny-llama"))
+    assert (lay.blocks, lay.count) == ("model.layers", 4)
+    assert "model.embed_tokens" in lay.prefix and set(lay.suffix) == {"model.norm", "lm_head"}
+
+
+def test_a_model_without_a_block_stack_fails_naming_what_was_missing():
+    with pytest.raises(UnsupportedModel, match="no stack of transformer blocks"):
+        layout(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))

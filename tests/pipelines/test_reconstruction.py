@@ -36,7 +36,7 @@ def test_the_student_starts_near_its_frozen_teacher_and_only_it_learns():
     spec = split_layers(4, 2)[0]
     student, teacher = student_and_teacher(model, spec, "w8a8")
     batch = _batch(tok)
-    loss, out = reconstruction_loss(student, teacher, spec, (batch["input_ids"], batch["attention_mask"], None))
+    loss, out = reconstruction_loss(student, teacher, spec, (batch["input_ids"], batch["attention_mask"], None, None))
     assert 0 < float(loss.detach()) < 1e-2 and out.shape[:2] == batch["input_ids"].shape
     assert not any(p.requires_grad for p in teacher.parameters()) and student.training and not teacher.training
     loss.backward()

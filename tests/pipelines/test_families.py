@@ -1,0 +1,121 @@
+"""Every model family through the same code: partition and assembly, MREM against RTN, export and load.
+
+Tiny random models built offline from each family's config class (pipelines.models.TINY_PRESETS):
+encoders with a classification head, decoders as causal LMs.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from pipelines import checkpoints, models
+from pipelines import reconstruction as rc
+from pipelines.evaluation import quantize_rtn
+from pipelines.partition import layout, part_forward, part_state, prune_to_part, split_layers
+from quant import QuantConfig
+
+ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2"]
+DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-opt"]
+FAMILIES = ENCODERS + DECODERS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster than two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(name: str) -> torch.nn.Module:
+    if name in ENCODERS:
+        return models.load_classifier(name, 2, seed=0).eval()
+    torch.manual_seed(0)
+    return models.load_causal_lm(name).eval()
+
+
+@functools.cache
+def _tokenizer(name: str):
+    return models.load_tokenizer(name)
+
+
+def _batch(name: str, n: int = 8, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids from the middle of the vocabulary, the second half of the rows right-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[n // 2:, length * 3 // 4:] = 0
+    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    if "token_type_ids" in _tokenizer(name).model_input_names:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    return batch
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_partition_then_assemble_reproduces_the_model(name):
+    model, batch = _model(name), _batch(name)
+    ref = _logits(model, batch)
+    for k in (2, 3):
+        x, states = None, {}
+        for spec in split_layers(layout(model).count, k):
+            part = prune_to_part(copy.deepcopy(model), spec)
+            with torch.no_grad():
+                x, _ = part_forward(part, spec, batch["input_ids"], batch["attention_mask"],
+                                    batch.get("token_type_ids"), x)
+            states.update(part_state(part, spec))
+        assert torch.allclose(x, ref, atol=1e-5), f"{name}, K={k}: chained modules differ from the model"
+        assembled = copy.deepcopy(model)
+        assembled.load_state_dict(states)
+        assert torch.equal(_logits(assembled, batch), ref)
+
+
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_mrem_lowers_the_module_error_below_rtn(name):
+    """RTN's error is the student's at step 0 (calibrated ranges); 40 MREM steps must lower it."""
+    model = _model(name)
+    before, spec, _ = split_layers(layout(model).count, 3)  # the middle module: blocks only
+    batches = []
+    for seed in range(4):
+        b = _batch(name, seed=seed)
+        ids, mask, tt = b["input_ids"], b["attention_mask"], b.get("token_type_ids")
+        with torch.no_grad():
+            hidden, _ = part_forward(model, before, ids, mask, tt)
+        batches.append((ids, mask, tt, hidden))
+    torch.manual_seed(0)
+    student, teacher = rc.student_and_teacher(copy.deepcopy(model), spec, "w3a8")
+    rc.init_ranges(student, spec, batches)
+    rtn_error = rc.module_error(student, teacher, spec, batches)
+    opt = rc.optimizer(student, 1e-4, 1e-4)
+    for step in range(40):
+        loss, _ = rc.reconstruction_loss(student, teacher, spec, batches[step % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mrem_error = rc.module_error(student, teacher, spec, batches)
+    assert 0 < mrem_error < 0.8 * rtn_error, f"{name}: MREM {mrem_error:.3g} vs RTN {rtn_error:.3g}"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("quant", ["w4a8", "w4g16"])
+def test_packed_export_loads_back_to_the_same_outputs(name, quant, tmp_path):
+    model, batch = _model(name), _batch(name)
+    tok = _tokenizer(name)
+    checkpoints.save(model, tok, tmp_path / "fp", {"task": "t"})
+    fp = checkpoints.load(tmp_path / "fp")
+    assert type(fp.model) is type(model) and torch.equal(_logits(fp.model, batch), _logits(model, batch))
+    quantize_rtn(fp.model, QuantConfig.parse(quant), [_batch(name, seed=s) for s in range(2)])
+    checkpoints.save(fp.model, tok, tmp_path / "q", {"task": "t", "quant": quant}, fmt="packed")
+    loaded = checkpoints.load(tmp_path / "q")
+    assert type(loaded.model) is type(model)
+    assert torch.equal(_logits(loaded.model, batch), _logits(fp.model, batch))
