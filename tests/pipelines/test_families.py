@@ -14,6 +14,7 @@ import torch
 from pipelines import checkpoints, models
 from pipelines import reconstruction as rc
 from pipelines.evaluation import quantize_rtn
+from pipelines.part_loader import load_part, probe_layout, resident_bytes
 from pipelines.partition import layout, part_forward, part_state, prune_to_part, split_layers
 from quant import QuantConfig
 
@@ -119,3 +120,21 @@ def test_packed_export_loads_back_to_the_same_outputs(name, quant, tmp_path):
     loaded = checkpoints.load(tmp_path / "q")
     assert type(loaded.model) is type(model)
     assert torch.equal(_logits(loaded.model, batch), _logits(fp.model, batch))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_modules_loaded_from_safetensors_hold_only_their_share(name, tmp_path):
+    model, batch = _model(name), _batch(name)
+    checkpoints.save(model, _tokenizer(name), tmp_path / "fp", {"task": "t"})
+    lay = probe_layout(tmp_path / "fp")
+    assert lay == layout(model)
+    x, sizes = None, []
+    with torch.no_grad():
+        for spec in split_layers(lay.count, 3):
+            part = load_part(tmp_path / "fp", spec, lay)
+            x, _ = part_forward(part, spec, batch["input_ids"], batch["attention_mask"],
+                                batch.get("token_type_ids"), x)
+            sizes.append(resident_bytes(part))
+    assert torch.equal(x, _logits(model, batch))
+    assert sizes[1] < 0.05 * resident_bytes(model)  # the middle module: its blocks, no embeddings or head
+    assert max(sizes) < resident_bytes(model)
