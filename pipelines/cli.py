@@ -29,7 +29,8 @@ app = typer.Typer(help="plmq: quantize pre-trained language models on Ray.", no_
 ConfigArg = typer.Argument(None, help="YAML config file (see configs/)")
 ConfigOpt = typer.Option(None, "--config", help="YAML config file (see configs/)")
 SetOpt = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable)")
-TaskOpt = typer.Option(None, "--task", help="GLUE task (overrides tasks)")
+TaskOpt = typer.Option(None, "--task", help="GLUE task, or language-modelling task: wikitext2, tinyshakespeare, "
+                       "text:<file>, hub:<dataset>[:<config>] (overrides tasks)")
 ModelOpt = typer.Option(None, "--model", help="model name or path")
 OutOpt = typer.Option(None, "--output-dir", help="run directory: local path or pyarrow.fs URI")
 QuantOpt = typer.Option([], "--quant", help="QuantConfig string, e.g. w4a8 (repeatable)")
@@ -105,7 +106,7 @@ def run(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, task: st
 @app.command()
 def finetune(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
              model: str | None = ModelOpt, output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
-    """Full-precision fine-tuning of the model on each task (Ray Train)."""
+    """Full-precision fine-tuning of the model on each GLUE task (Ray Train); an LM task adopts the model as is."""
     single(load(config, overrides, task, model, output_dir), ("finetune",), "finetune", dry_run=dry_run)
 
 
@@ -113,7 +114,7 @@ def finetune(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, tas
 def evaluate(checkpoint: Path = typer.Argument(..., help="model folder written by a plmq stage"),
              config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
              output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
-    """GLUE dev metrics of a model folder (FP or any quantized export)."""
+    """GLUE dev metrics, or perplexity on a language-modelling task, of a model folder (FP or any quantized export)."""
     single(load(config, overrides, task, None, output_dir), ("evaluate",), "evaluate", checkpoint, dry_run)
 
 

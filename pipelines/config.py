@@ -33,9 +33,9 @@ def gpu_flag(value: str | bool) -> str:
 class DataConfig:
     source: str = "bundled"          # bundled | dir | hub
     dir: str | None = None           # glue_data/-style folder when source == "dir"
-    max_length: int = 128
+    max_length: int = 128            # GLUE: tokens per example; LM tasks: the context (tokens per window)
     train_examples: int | None = None  # first N (shuffled with seed) training rows; None = all
-    eval_examples: int | None = None   # first N dev rows; None = all
+    eval_examples: int | None = None   # first N dev rows (LM tasks: evaluation windows); None = all
     cache_dir: str | None = None       # tokenized Arrow cache; default ~/.cache/plmq
 
     def validate(self) -> None:
@@ -90,7 +90,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 128
+    batch_size: int = 128            # GLUE: examples per forward pass; LM: windows (fewer if logits are large)
 
     def validate(self) -> None:
         if self.batch_size <= 0:
@@ -119,7 +119,7 @@ def parse_quant_list(section: str, values: list[str], need_weights: str | None =
 @dataclass
 class RtnConfig:
     quant: list[str] = field(default_factory=list)  # QuantConfig strings, e.g. [w8a8, w4a8]; empty = skip
-    calib_samples: int = 512
+    calib_samples: int = 512         # GLUE: training examples; LM tasks: random windows of data.max_length tokens
     batch_size: int = 32
     seed: int = 0
 
@@ -261,17 +261,28 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
+        """Also rewrites each task name as `check_task` spells it (text:<file> with an absolute path, so stages
+        read the same file wherever they run). GLUE and language-modelling tasks may share a run; MREM and
+        PreQuant run on GLUE tasks only."""
         if not self.tasks:
-            raise ConfigError("tasks must list at least one GLUE task")
-        for task in self.tasks:
-            check_task(task)
+            raise ConfigError("tasks must list at least one task: a GLUE task such as sst2, or a language-modelling "
+                              "task such as wikitext2")
+        specs = [check_task(task) for task in self.tasks]
+        self.tasks = [spec.name for spec in specs]
+        lm = ", ".join(spec.name for spec in specs if spec.kind == "lm")
+        for section, quant in (("mrem", self.mrem.quant), ("prequant", self.prequant.quant)):
+            if lm and quant:
+                raise ConfigError(f"{section}.quant={quant}: {section} runs on GLUE tasks only, not on the "
+                                  f"language-modelling task(s) {lm}; set {section}.quant=[] or run those "
+                                  "tasks in another config")
         for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant, self.cluster):
             section.validate()
 
     @property
     def experiment_name(self) -> str:
         """Default: by model and tasks, e.g. plmq-minilm-l6-sst2."""
-        return self.experiment or f"plmq-{Path(self.model).name}-{'-'.join(self.tasks)}"
+        slugs = "-".join(check_task(task).slug for task in self.tasks)
+        return self.experiment or f"plmq-{Path(self.model).name}-{slugs}"
 
 
 def _type_name(tp: Any) -> str:

@@ -17,12 +17,20 @@ from pathlib import Path
 import datasets
 
 from pipelines.config import DataConfig
-from pipelines.errors import DataError
+from pipelines.errors import ConfigError, DataError
 from pipelines.tasks import GlueTask, check_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_GLUE = REPO_ROOT / "data" / "glue"
 csv.field_size_limit(sys.maxsize)
+
+
+def glue_task(name: str) -> GlueTask:
+    """The GLUE task `name`; a language-modelling task has no GLUE splits (see pipelines.lm_eval)."""
+    task = check_task(name)
+    if task.kind != "glue":
+        raise ConfigError(f"task {name!r} is a language-modelling task: it has no GLUE splits")
+    return task
 
 
 def _parse_label(task: GlueTask, raw: str, where: str) -> float | int:
@@ -80,7 +88,7 @@ def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
 
 def check_data(task_name: str, cfg: DataConfig) -> None:
     """Fail before any work when a task's split files are missing (local sources only)."""
-    task = check_task(task_name)
+    task = glue_task(task_name)
     if cfg.source == "hub":
         return
     root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
@@ -96,7 +104,7 @@ def check_data(task_name: str, cfg: DataConfig) -> None:
 
 def load_split(task_name: str, split: str, cfg: DataConfig) -> datasets.Dataset:
     """One split ("train", "dev", "dev_matched", ...) of a task as text_a/text_b/label."""
-    task = check_task(task_name)
+    task = glue_task(task_name)
     if split != "train" and split not in task.dev_splits:
         raise DataError(f"task {task.name} has no split {split!r}; splits: train, {', '.join(task.dev_splits)}")
     if cfg.source == "hub":
@@ -120,7 +128,7 @@ def _fingerprint(tokenizer, task: str, split: str, cfg: DataConfig, seed: int) -
              type(tokenizer).__name__, hashlib.sha256(vocab.encode()).hexdigest()]
     if cfg.source != "hub":
         root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
-        f = root / check_task(task).folder / f"{split}.tsv"
+        f = root / glue_task(task).folder / f"{split}.tsv"
         parts.append(f"{f.stat().st_size}-{f.stat().st_mtime_ns}" if f.exists() else "missing")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 

@@ -1,8 +1,11 @@
-"""Scoring a model: GLUE dev metrics (scikit-learn/scipy), the majority-class floor, the report row;
-and the round-to-nearest conversion the stages that quantize share (rtn, mrem's baseline)."""
+"""Scoring a model on any task: GLUE dev metrics (scikit-learn/scipy) and the majority-class floor, or the
+perplexity of a language-modelling task (`pipelines.lm_eval`); the report row; calibration batches; the checks
+of a run's inputs before any work; and the round-to-nearest conversion the stages that quantize share (rtn,
+mrem's baseline). Code that differs between the task kinds branches here, on `check_task(task).kind`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -11,12 +14,13 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from pipelines import models
-from pipelines.config import DataConfig, EvaluateConfig
-from pipelines.data import load_split, tokenized_split
+from pipelines import lm_eval, models
+from pipelines.config import DataConfig, EvaluateConfig, RunConfig
+from pipelines.data import check_data, glue_task, load_split, tokenized_split
+from pipelines.errors import ConfigError
 from pipelines.tasks import GlueTask, check_task
 from pipelines.training import make_loader
-from quant import QuantConfig, calibrate, quantize_model
+from quant import QuantConfig, calibrate, find_targets, quantize_model
 
 FP_BITS = 32
 
@@ -24,7 +28,7 @@ FP_BITS = 32
 @dataclass
 class EvalResult:
     task: str
-    metrics: dict[str, float]          # in [0, 1]; per dev split for MNLI (prefixed)
+    metrics: dict[str, float]          # GLUE: in [0, 1], per dev split for MNLI (prefixed); LM: ppl, nll
     main_metric: str
     model_bytes: int
     examples: int
@@ -54,15 +58,16 @@ def main_metric_name(spec: GlueTask) -> str:
 
 
 def majority_floor(tasks: list[str], data: DataConfig) -> dict[str, tuple[str, float]]:
-    """Per classification task, (main metric, points) of always predicting the majority train label."""
-    floors = {t: majority_baseline(t, data) for t in tasks}
+    """Per classification task, (main metric, points) of always predicting the majority train label
+    (language-modelling tasks have none)."""
+    floors = {t: majority_baseline(t, data) for t in tasks if check_task(t).kind == "glue"}
     return {t: (main_metric_name(check_task(t)), round(100 * v, 2)) for t, v in floors.items() if v is not None}
 
 
 def majority_baseline(task: str, data: DataConfig) -> float | None:
     """The main dev metric of always predicting the training set's most frequent label: what a model that
     learned nothing scores. None for regression (a constant has no correlation)."""
-    spec = check_task(task)
+    spec = glue_task(task)
     if spec.is_regression:
         return None
     guess = np.bincount(np.asarray(load_split(task, "train", data)["label"], dtype=int)).argmax()
@@ -88,9 +93,11 @@ def predict(model: torch.nn.Module, loader, device: str = "cpu") -> tuple[np.nda
 
 def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, cfg: EvaluateConfig,
                    model_bytes: int | None = None, device: str | None = None) -> EvalResult:
-    """Evaluate an in-memory model on every dev split of `task`."""
+    """Evaluate an in-memory model on every dev split of a GLUE `task`, or its perplexity on an LM task's text."""
     spec = check_task(task)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.kind == "lm":
+        return evaluate_lm(model, tokenizer, task, data, cfg, model_bytes, device)
     metrics, total, rates, predicted = {}, 0, [], set()
     for split in spec.dev_splits:
         loader = make_loader(str(tokenized_split(task, split, tokenizer, data)), tokenizer,
@@ -114,6 +121,17 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
                       examples=total, examples_per_s=float(np.mean(rates)), extra=extra)
 
 
+def evaluate_lm(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, cfg: EvaluateConfig,
+                model_bytes: int | None = None, device: str = "cpu") -> EvalResult:
+    """Perplexity on an LM task's evaluation text (lm_eval.perplexity); its examples are the windows."""
+    p = lm_eval.perplexity(model, tokenizer, task, data, cfg, device)
+    extra = {"context": p.context, "windows": p.windows, "tokens": p.tokens, "text_tokens": p.text_tokens,
+             "tokens_per_s": p.tokens / max(p.seconds, 1e-9)}
+    return EvalResult(task=task, metrics={"ppl": p.ppl, "nll": p.nll}, main_metric="ppl",
+                      model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
+                      examples=p.windows, examples_per_s=p.windows / max(p.seconds, 1e-9), extra=extra)
+
+
 def eval_metrics(result: EvalResult) -> dict[str, float]:
     """What a stage logs of an evaluation (its MLflow metrics)."""
     return {**{f"eval_{k}": v for k, v in result.metrics.items()}, "model_bytes": result.model_bytes,
@@ -130,8 +148,10 @@ def weight_bits(quant: str | None) -> float:
 
 def report_row(task: str, method: str, result: EvalResult, wall_s: float, quant: str | None,
                trainable_pct: float, resources: dict) -> dict:
-    """A stage's line of the comparison report; cpu_s/gpu_s: wall time times the CPUs/GPUs it reserved."""
-    return {"task": task, "method": method, "metric": result.main_metric, "value": round(100 * result.main, 2),
+    """A stage's line of the comparison report: the main metric in points (GLUE) or as is (perplexity);
+    cpu_s/gpu_s: wall time times the CPUs/GPUs it reserved."""
+    scale = 1 if check_task(task).kind == "lm" else 100
+    return {"task": task, "method": method, "metric": result.main_metric, "value": round(scale * result.main, 2),
             "model_MB": round(result.model_bytes / 2**20, 2), "examples_per_s": round(result.examples_per_s, 1),
             "wall_s": round(wall_s, 1), "metrics": result.metrics, "bits": weight_bits(quant),
             "trainable_pct": round(trainable_pct, 3), "cpu_s": round(wall_s * resources.get("cpus", 0), 1),
@@ -139,7 +159,11 @@ def report_row(task: str, method: str, result: EvalResult, wall_s: float, quant:
 
 
 def calibration_batches(task: str, tokenizer, data: DataConfig, n: int, batch_size: int, seed: int = 0):
-    """The first `n` shuffled training examples of `task`, as model-input batches."""
+    """Model-input batches: the first `n` shuffled training examples of a GLUE `task`, or `n` random windows of
+    data.max_length tokens of an LM task's calibration text (lm_eval.calibration_batches)."""
+    if check_task(task).kind == "lm":
+        yield from lm_eval.calibration_batches(task, tokenizer, data, n, batch_size, seed)
+        return
     calib = dataclasses.replace(data, train_examples=n)
     loader = make_loader(str(tokenized_split(task, "train", tokenizer, calib, seed=seed)), tokenizer,
                          batch_size, shuffle=False, seed=seed)
@@ -158,3 +182,51 @@ def quantize_rtn(model: torch.nn.Module, qcfg: QuantConfig, batches) -> int:
         for batch in batches:
             model(**batch)
     return len(report.converted)
+
+
+def task_fragment(task: str) -> dict:
+    """What a stage key holds of its task beyond the name: an LM task's texts (lm_eval.text_identity)."""
+    return {"text": lm_eval.text_identity(task)} if check_task(task).kind == "lm" else {}
+
+
+def check_inputs(cfg: RunConfig, model: str) -> None:
+    """Before any work, for a run that starts from `model`: GLUE split files, the context against the model's
+    positions, LM texts and their token counts, and that grouped QuantConfigs fit the model's layers."""
+    for task in cfg.tasks:
+        if check_task(task).kind == "glue":
+            check_data(task, cfg.data)
+    models.check_max_length(model, cfg.data.max_length)
+    lm_eval.check_lm_tasks(cfg, model)
+    check_group_sizes(model, "rtn", cfg.rtn.quant)
+    check_group_sizes(model, "mrem", cfg.mrem.quant)
+
+
+def _input_width(layer: torch.nn.Module) -> int:
+    """The size of the dim weight groups run along: a Linear's inputs (Conv1D stores [in, out]), an
+    embedding's width."""
+    if isinstance(layer, torch.nn.Embedding):
+        return layer.embedding_dim
+    return layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0]
+
+
+def check_group_sizes(model: str, section: str, quants: list[str]) -> None:
+    """Before any work: each weight group size in `quants` divides the input width of every layer it quantizes
+    in `model` (built on the meta device from its config: no weights are read)."""
+    grouped = [(i, q, QuantConfig.parse(q)) for i, q in enumerate(quants)]
+    grouped = [g for g in grouped if any(s is not None and s.granularity == "group"
+                                         for s in (g[2].weight, g[2].embedding))]
+    if not grouped:
+        return
+    config = models.model_config(model)
+    with torch.device("meta"):
+        skeleton = models.from_config(config.__class__.from_dict(config.to_dict()))
+    for i, q, qcfg in grouped:
+        layers = {name: skeleton.get_submodule(name) for name in find_targets(skeleton, qcfg)[0]}
+        widths = sorted({_input_width(m) for m in layers.values()})
+        for name, layer in layers.items():
+            spec = qcfg.embedding if isinstance(layer, torch.nn.Embedding) else qcfg.weight
+            if spec is not None and spec.granularity == "group" and _input_width(layer) % spec.group_size:
+                raise ConfigError(f"{section}.quant[{i}]={q!r}: groups of {spec.group_size} weights do not divide "
+                                  f"the input width {_input_width(layer)} of {name}; the layers it quantizes in "
+                                  f"{model} have input widths {widths}: use a group size that divides "
+                                  f"{math.gcd(*widths)} (e.g. g{math.gcd(*widths)})")

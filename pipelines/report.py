@@ -14,9 +14,12 @@ from matplotlib.figure import Figure
 from pipelines.io import markdown_table, write_text_atomic
 
 # wall_s: the stage's time from its start (queueing for workers included); cpu_s/gpu_s: wall_s times the
-# CPUs/GPUs its workers reserved; value and drop_vs_fp in points of the task's main metric.
+# CPUs/GPUs its workers reserved; value and drop_vs_fp in points of the task's main metric (perplexity: as is).
 COLUMNS = ["task", "method", "bits", "metric", "value", "drop_vs_fp", "trainable_pct", "model_MB",
            "wall_s", "cpu_s", "gpu_s"]
+LOWER_IS_BETTER = ("ppl",)  # metrics whose rise is the loss: their rows show the increase over FP, not a drop
+# After drop_vs_fp when any row's metric is lower-is-better: value - FP value, and that in % of the FP value.
+INCREASE_COLUMNS = ["increase_vs_fp", "increase_pct"]
 
 
 FLOOR = "majority-class"
@@ -33,23 +36,51 @@ class Report:
     plot: str | None
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """The report's columns: COLUMNS, with INCREASE_COLUMNS when any row's metric is lower-is-better."""
+    if not any(r.get("metric") in LOWER_IS_BETTER for r in rows):
+        return COLUMNS
+    at = COLUMNS.index("drop_vs_fp") + 1
+    return COLUMNS[:at] + INCREASE_COLUMNS + COLUMNS[at:]
+
+
+def versus_fp(row: dict, fp: float | None) -> dict:
+    """A row against its task's FP value: the drop in points, or for a lower-is-better metric (perplexity)
+    the increase, absolute and in % of FP."""
+    if fp is None:
+        return {"drop_vs_fp": None}
+    if row.get("metric") in LOWER_IS_BETTER:
+        rise = row["value"] - fp
+        return {"drop_vs_fp": None, "increase_vs_fp": round(rise, 2) + 0.0,  # + 0.0: no "-0"
+                "increase_pct": round(100 * rise / fp, 2) + 0.0 if fp else None}
+    return {"drop_vs_fp": round(fp - row["value"], 2)}
+
+
 def comparison_rows(rows: list[dict], floors: dict[str, tuple[str, float]] | None = None) -> list[dict]:
-    """Rows ordered by task then bits (FP first), with the drop vs the task's FP reference; each task's
-    floor (`floors`: metric and value of always predicting the majority train label) last, as method
-    `majority-class`: a model at it learned nothing."""
+    """Rows ordered by task then bits (FP first), with the drop vs the task's FP reference (perplexity: the
+    increase); each task's floor (`floors`: metric and value of always predicting the majority train label)
+    last, as method `majority-class`: a model at it learned nothing."""
     fp = {r["task"]: r["value"] for r in rows if r["method"] == "fp"}
     rows = rows + [{"task": t, "method": FLOOR, "metric": m, "value": v, "trainable_pct": 0.0}
                    for t, (m, v) in (floors or {}).items()]
+    cols = columns(rows)
     out = []
     for r in sorted(rows, key=lambda r: (r["task"], r["method"] == FLOOR, -r.get("bits", 32), r["method"])):
-        drop = round(fp[r["task"]] - r["value"], 2) if r["task"] in fp else None
-        out.append({**{c: r.get(c) for c in COLUMNS}, "drop_vs_fp": drop})
+        out.append({**{c: r.get(c) for c in cols}, **versus_fp(r, fp.get(r["task"]))})
     return out
+
+
+def readable(row: dict) -> dict:
+    """A row as the Markdown table shows it: a lower-is-better metric's value and increase with two decimals
+    (perplexities of random models run to tens of thousands); other rows as they are."""
+    if row.get("metric") not in LOWER_IS_BETTER:
+        return row
+    return {**row, **{c: f"{row[c]:.2f}" for c in ("value", *INCREASE_COLUMNS) if isinstance(row.get(c), float)}}
 
 
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -77,6 +108,9 @@ def plot(rows: list[dict], path: Path) -> Path:
             style, color, label = LINES[r["method"]]
             ax.axhline(r["value"], linestyle=style, color=color, label=label)
         ax.set(title=task, xlabel="weight bits", ylabel=mine[0]["metric"] if mine else "metric")
+        values = [r["value"] for r in mine if r["value"]]
+        if mine and mine[0]["metric"] in LOWER_IS_BETTER and values and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # perplexities that grow by factors at low bits
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -90,7 +124,7 @@ def report(rows: list[dict], out_dir: str | Path, floors: dict[str, tuple[str, f
     comparison_rows)."""
     out_dir = Path(out_dir)
     table_rows = comparison_rows(rows, floors)
-    table = markdown_table(table_rows, COLUMNS)
+    table = markdown_table([readable(r) for r in table_rows], columns(table_rows))
     md = write_text_atomic(out_dir / "report.md", "# plmq comparison\n\n" + table + "\n")
     csv_path = write_text_atomic(out_dir / "report.csv", _csv_text(table_rows))
     png = plot(table_rows, out_dir / "accuracy_vs_bits.png") if table_rows else None

@@ -16,11 +16,11 @@ from typing import Any
 import mlflow
 import ray
 
-from pipelines import dag, models, tracking
+from pipelines import dag, tracking
 from pipelines.cluster import ensure_ray, resolve_resources
 from pipelines.config import RunConfig, to_dict
-from pipelines.data import check_data
 from pipelines.errors import ConfigError
+from pipelines.evaluation import check_inputs
 from pipelines.stages import REGISTRY, Stage, plan
 
 
@@ -70,12 +70,11 @@ def run_tags(cfg: Any) -> dict:
 
 
 def prepare(cfg: Any, model: str | None = None) -> Any:
-    """Checks that need no work (data present, workers that fit), with Ray up; returns the resolved config.
+    """Checks before any work (data present, the context fits the model, LM texts long enough, quantization
+    groups that fit, workers that fit), with Ray up; returns the resolved config.
     `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
     if isinstance(cfg, RunConfig):
-        for task in cfg.tasks:
-            check_data(task, cfg.data)
-        models.check_max_length(model or cfg.model, cfg.data.max_length)
+        check_inputs(cfg, model or cfg.model)
     ensure_ray()
     return resolve_resources(cfg, model) if isinstance(cfg, RunConfig) else cfg
 

@@ -1,7 +1,14 @@
-"""The GLUE tasks plmq knows: columns, labels, dev splits and the metric each is judged by."""
+"""The tasks plmq knows, of two kinds: GLUE classification (columns, labels, dev splits, the metric each is
+judged by) and language modelling (where the calibration and evaluation texts come from; judged by perplexity).
+`check_task` looks a name up among both; `kind` ("glue" / "lm") is what code branches on."""
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from pipelines.errors import ConfigError
 
@@ -17,6 +24,12 @@ class GlueTask:
     dev_splits: tuple[str, ...] = ("dev",)
     header: bool = True
     main_metric: str = "accuracy"
+    kind: ClassVar[str] = "glue"
+
+    @property
+    def slug(self) -> str:
+        """The task's folder name in a run directory."""
+        return self.name
 
     @property
     def num_labels(self) -> int:
@@ -49,7 +62,74 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
 ]}
 
 
-def check_task(name: str) -> GlueTask:
-    if name not in GLUE_TASKS:
-        raise ConfigError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[name]
+@dataclass(frozen=True)
+class TextSource:
+    """Where a text comes from: a bundled corpus (`pipelines.lm_data.CORPORA`), a UTF-8 file, or one split of a
+    Hugging Face dataset (its `text` column, rows joined by blank lines); `part` keeps all of it, or its head
+    (first 90%) or tail (last 10%), cut at a line."""
+    kind: str                     # corpus | file | hub
+    ref: str                      # corpus name, file path or dataset name
+    part: str = "all"             # all | head | tail
+    config: str | None = None     # hub: the dataset's config
+    split: str | None = None      # hub: the split
+
+
+@dataclass(frozen=True)
+class LMTask:
+    """A causal-language-modelling task: calibrate on `calibration` text, score perplexity on `evaluation` text."""
+    name: str
+    calibration: TextSource
+    evaluation: TextSource
+    main_metric: str = "ppl"      # lower is better
+    kind: ClassVar[str] = "lm"
+
+    @property
+    def slug(self) -> str:
+        """The task's folder name in a run directory (a user's file or dataset name made path-safe)."""
+        if self.calibration.kind == "corpus":
+            return self.name
+        if self.calibration.kind == "file":
+            digest = hashlib.sha256(self.calibration.ref.encode()).hexdigest()[:8]
+            return f"text-{Path(self.calibration.ref).stem}-{digest}"
+        return "hub-" + re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.removeprefix("hub:"))
+
+
+def _split_source(kind: str, ref: str) -> tuple[TextSource, TextSource]:
+    return TextSource(kind, ref, "head"), TextSource(kind, ref, "tail")
+
+
+LM_TASKS: dict[str, LMTask] = {
+    "wikitext2": LMTask("wikitext2", TextSource("corpus", "wikitext2"), TextSource("corpus", "wikitext2-test")),
+    "tinyshakespeare": LMTask("tinyshakespeare", *_split_source("corpus", "tinyshakespeare")),
+}
+LM_PREFIXES = ("text:<file>", "hub:<dataset>[:<config>]")
+
+
+def _text_task(path: str) -> LMTask:
+    file = Path(os.path.expanduser(path))  # os.path leaves an unknown ~user as it is
+    if not path or not file.is_file():
+        raise ConfigError(f"task text:{path}: no such file; give a UTF-8 text file, e.g. text:data/my_corpus.txt")
+    file = file.resolve()
+    return LMTask(f"text:{file}", *_split_source("file", str(file)))
+
+
+def _hub_task(spec: str) -> LMTask:
+    dataset, _, config = spec.partition(":")
+    if not dataset:
+        raise ConfigError("task hub:: name a Hugging Face dataset, e.g. hub:wikitext:wikitext-2-raw-v1")
+    return LMTask(f"hub:{spec}", TextSource("hub", dataset, config=config or None, split="train"),
+                  TextSource("hub", dataset, config=config or None, split="test"))
+
+
+def check_task(name: str) -> GlueTask | LMTask:
+    """The task named `name`: a GLUE task, a bundled LM task, `text:<file>` or `hub:<dataset>[:<config>]`."""
+    if name in GLUE_TASKS:
+        return GLUE_TASKS[name]
+    if name in LM_TASKS:
+        return LM_TASKS[name]
+    if name.startswith("text:"):
+        return _text_task(name.removeprefix("text:"))
+    if name.startswith("hub:"):
+        return _hub_task(name.removeprefix("hub:"))
+    raise ConfigError(f"unknown task {name!r}; GLUE tasks: {', '.join(GLUE_TASKS)}; language-modelling tasks: "
+                      f"{', '.join([*LM_TASKS, *LM_PREFIXES])}")

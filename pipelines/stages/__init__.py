@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import checkpoints
+from pipelines import checkpoints, models
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError
 from pipelines.stages import (
@@ -23,6 +23,7 @@ from pipelines.stages import (
     rtn,
 )
 from pipelines.stages.base import Context, Stage, StageResult
+from pipelines.tasks import check_task
 
 PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, calibrate, mrem, prequant_quantize, prequant_finetune)
 REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report, pretrain, pretrain_report)}
@@ -37,10 +38,21 @@ def plan(cfg: RunConfig) -> list[Stage]:
 
 
 def check_tasks(checkpoint: str, tasks: list[str]) -> None:
-    """A model fine-tuned on one task is not scored or quantized for another: its head answers that task."""
+    """A model fine-tuned on one GLUE task is not scored or quantized for another: its head answers that task.
+    A causal LM answers every language-modelling task and no GLUE task; a classifier no LM task."""
     trained_on = checkpoints.read_meta(checkpoint).get("task")
+    head = models.head_of(models.model_config(checkpoint))
     for task in tasks:
-        if trained_on and task != trained_on:
+        kind = check_task(task).kind
+        if kind == "lm" and head != "causal-lm":
+            raise ConfigError(f"{checkpoint} is a classifier (fine-tuned on {trained_on}): it predicts no tokens, so "
+                              f"it cannot be scored on the language-modelling task {task}; pass a causal LM "
+                              f"checkpoint (e.g. <output_dir>/{check_task(task).slug}/finetune/model of an LM run)")
+        if kind == "glue" and head == "causal-lm":
+            raise ConfigError(f"{checkpoint} is a causal language model: it has no classifier head for the GLUE "
+                              f"task {task}; pass --task with a language-modelling task (e.g. wikitext2), or a "
+                              f"model fine-tuned on {task}")
+        if kind == "glue" and trained_on and task != trained_on:
             raise ConfigError(f"{checkpoint} was fine-tuned on {trained_on}, so its head does not answer {task}: "
                               f"pass --task {trained_on} (or a model fine-tuned on {task})")
 

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: GLUE dev metrics of a model folder of any format (checkpoints.load)."""
+"""Stage `evaluate`: GLUE dev metrics, or perplexity on a language-modelling task, of a model folder of any
+format (checkpoints.load)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ import time
 
 from pipelines import checkpoints, models
 from pipelines.config import RunConfig
-from pipelines.evaluation import eval_metrics, evaluate_model, report_row
+from pipelines.evaluation import eval_metrics, evaluate_model, report_row, task_fragment
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, upstream_of
 
 KIND = "evaluate"
@@ -22,7 +23,7 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     given = {"checkpoint": models.identity(stage.checkpoint)} if stage.checkpoint else {}
-    return {"task": stage.task, **given, "data": dataclasses.asdict(cfg.data),
+    return {"task": stage.task, **task_fragment(stage.task), **given, "data": dataclasses.asdict(cfg.data),
             "evaluate": dataclasses.asdict(cfg.evaluate)}
 
 

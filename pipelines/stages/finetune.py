@@ -1,4 +1,5 @@
-"""Stage `finetune`: full-precision fine-tuning of the model on one GLUE task with Ray Train.
+"""Stage `finetune`: full-precision fine-tuning of the model on one GLUE task with Ray Train; on a
+language-modelling task it trains nothing and adopts the configured causal LM as it is.
 
 The final model (format `fp`) is the reference for evaluation and the teacher of RTN and MREM.
 """
@@ -10,6 +11,7 @@ import os
 import shutil
 import time
 
+import torch
 from ray.train.torch import prepare_data_loader, prepare_model
 
 from pipelines import checkpoints, models
@@ -28,6 +30,8 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
 
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
+    if check_task(stage.task).kind == "lm":  # adopted as is: only the model (and a tiny preset's seed) decide it
+        return {"task": stage.task, "model": models.identity(cfg.model), "adopt": {"seed": cfg.finetune.seed}}
     ft = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in QUIET}
     return {"task": stage.task, "model": models.identity(cfg.model), "data": dataclasses.asdict(cfg.data),
             "finetune": ft}
@@ -57,9 +61,27 @@ def train_loop(cfg: dict) -> None:
     run_loop(cfg, _setup, _save)
 
 
+def adopt(cfg: RunConfig, stage: Stage, ctx: Context) -> StageResult:
+    """An LM task's FP model: `cfg.model` as a causal LM (a tiny preset's random weights seeded by
+    finetune.seed), written as the task's fp checkpoint; no training, no Ray Train."""
+    start = time.time()
+    out = ctx.root / check_task(stage.task).slug / "finetune" / "model"
+    torch.manual_seed(cfg.finetune.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_causal_lm(cfg.model, vocab_size=len(tokenizer))
+    meta = {"task": stage.task, "head": "causal-lm", "base_model": cfg.model, "adopted": True, "steps": 0,
+            "config_key": ctx.key}
+    nbytes = checkpoints.save(model, tokenizer, out, meta, fmt="fp")
+    info = {"adopted": cfg.model, "steps": 0, "fp_bytes": nbytes, "wall_s": time.time() - start}
+    return StageResult(outputs=relative(out, ctx.root), checkpoint=str(out), info=info,
+                       metrics={"fp_bytes": nbytes, "wall_s": info["wall_s"]}, resources={"cpus": 1, "gpus": 0})
+
+
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
     task, ft = stage.task, cfg.finetune
     spec = check_task(task)
+    if spec.kind == "lm":
+        return adopt(cfg, stage, ctx)
     models.check_pooling(cfg.model, ft.pooling)
     out = ctx.root / task / "finetune"
     if ctx.force:

@@ -1,8 +1,8 @@
 """Stage `rtn`: post-training round-to-nearest quantization, the floor MREM and PreQuant must beat.
 
 Loads a fine-tuned checkpoint, converts it with a QuantConfig, calibrates the activation ranges on
-`rtn.calib_samples` training examples, exports the packed low-bit model and evaluates what was
-exported (so the reported size and metric belong together).
+`rtn.calib_samples` training examples (LM tasks: random windows of the calibration text), exports the packed
+low-bit model and evaluates what was exported (so the reported size and metric belong together).
 """
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import time
 
 from pipelines import checkpoints, models
 from pipelines.config import RunConfig
-from pipelines.evaluation import calibration_batches, eval_metrics, evaluate_model, quantize_rtn, report_row
+from pipelines.evaluation import (
+    calibration_batches,
+    eval_metrics,
+    evaluate_model,
+    quantize_rtn,
+    report_row,
+    task_fragment,
+)
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
+from pipelines.tasks import check_task
 from quant import QuantConfig
 
 KIND = "rtn"
@@ -34,14 +42,14 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     given = {"checkpoint": models.identity(stage.checkpoint)} if stage.checkpoint else {}
     rtn = {**dataclasses.asdict(cfg.rtn), "quant": str(QuantConfig.parse(stage.quant))}
-    return {"task": stage.task, **given, "data": dataclasses.asdict(cfg.data),
+    return {"task": stage.task, **task_fragment(stage.task), **given, "data": dataclasses.asdict(cfg.data),
             "evaluate": dataclasses.asdict(cfg.evaluate), "rtn": rtn}
 
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
     qcfg = QuantConfig.parse(stage.quant)
     source = input_checkpoint(stage, upstream)
-    out = ctx.root / stage.task / "rtn" / str(qcfg)
+    out = ctx.root / check_task(stage.task).slug / "rtn" / str(qcfg)
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
     start = time.time()

@@ -21,7 +21,7 @@ def test_help_lists_stages():
 
 @pytest.mark.parametrize("args,message", [
     (["run", "--set", "finetune.epoch=1"], "unknown config key 'finetune.epoch'"),
-    (["run", "--task", "sst3"], "unknown GLUE task 'sst3'"),
+    (["run", "--task", "sst3"], "unknown task 'sst3'"),
     (["finetune", "missing.yaml"], "missing.yaml does not exist"),
 ])
 def test_bad_config_fails_fast(args, message):

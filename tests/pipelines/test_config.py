@@ -35,7 +35,7 @@ def test_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["finetune.epoch=2"], "unknown config key 'finetune.epoch'"),
     (["finetune.batch_size=big"], "finetune.batch_size: expected int, got str"),
-    (["tasks=[sst3]"], "unknown GLUE task 'sst3'"),
+    (["tasks=[sst3]"], "unknown task 'sst3'"),
     (["data.source=web"], "data.source='web'"),
     (["finetune.use_gpu=maybe"], "finetune.use_gpu"),
     (["finetune.pooling=max"], "finetune.pooling='max': use cls or mean"),

@@ -60,7 +60,7 @@ def test_dir_source_reads_cola_stsb_and_mnli(tmp_path):
 
 
 def test_unknown_task_is_rejected_with_the_known_list():
-    with pytest.raises(ConfigError, match="unknown GLUE task 'sst3'.*sst2"):
+    with pytest.raises(ConfigError, match="unknown task 'sst3'.*sst2"):
         glue.load_split("sst3", "train", DataConfig())
 
 
