@@ -98,7 +98,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, dev
 def prepare(cfg: PretrainRunConfig) -> LMData:
     """cfg's corpus split and tokenized (cached)."""
     d = cfg.data
-    return prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir)
+    return prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir, d.eval_corpus)
 
 
 def save_model(model: torch.nn.Module, data: LMData, result: dict, cfg: PretrainRunConfig, path: str | Path) -> None:
@@ -106,7 +106,7 @@ def save_model(model: torch.nn.Module, data: LMData, result: dict, cfg: Pretrain
     *LMHeadModel) with its tokenizer, the recipe to re-apply in plmq_meta.json, and result.json, into `path`
     (a Ray Train checkpoint folder, which becomes the stage's model folder atomically)."""
     meta = {"recipe": result["recipe"], "include_head": cfg.quant.include_head, "corpus": cfg.data.corpus,
-            "config": asdict(cfg)}
+            "eval_corpus": cfg.data.eval_corpus, "config": asdict(cfg)}
     checkpoints.write(model, hf_tokenizer(data.tokenizer_dir), path, meta, fmt="fp")
     write_json_atomic(Path(path) / "result.json", result)
 
@@ -329,7 +329,8 @@ def _result(cfg: PretrainRunConfig, data: LMData, run: TrainRun, recipe: Recipe,
     timed = run.step_times[3:] or run.step_times  # the first steps include one-off allocation
     cpu = run.step_cpu[3:] or run.step_cpu
     diverged = run.diverged or not math.isfinite(val) or val >= math.log(data.vocab_size)
-    return {"corpus": cfg.data.corpus, "recipe": str(recipe), "seed": cfg.train.seed, "steps": run.step,
+    return {"corpus": cfg.data.corpus, "eval_corpus": cfg.data.eval_corpus, "recipe": str(recipe),
+            "seed": cfg.train.seed, "steps": run.step,
             "val_loss": val, "val_ppl": math.exp(min(val, 50)) if math.isfinite(val) else float("nan"),
             "diverged": diverged,
             "final_train_loss": run.history["train"][-1][1] if run.history["train"] else float("nan"),

@@ -50,9 +50,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "tinyshakespeare"  # tinyshakespeare | wikitext2 | path to a text file
-    vocab_size: int = 4096           # byte-level BPE trained on the training split
-    val_fraction: float = 0.1        # the last 10% of the text is the validation split
+    corpus: str = "tinyshakespeare"  # tinyshakespeare | wikitext2 | wikitext2-test | a text file; several joined by +
+    eval_corpus: str | None = None   # the validation text (a corpus as above); None = the last val_fraction of corpus
+    vocab_size: int = 4096           # byte-level BPE trained on the training text
+    val_fraction: float = 0.1        # the last 10% of the text is the validation split (unless eval_corpus is set)
     eval_windows: int = 64           # validation windows of block_size tokens
     cache_dir: str | None = None     # tokenizer + token ids; default ~/.cache/plmq/lm
 

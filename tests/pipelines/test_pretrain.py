@@ -1,11 +1,14 @@
-"""Quantized pre-training: loss goes down under every recipe, resume is exact (train state read with
-weights_only), the pretrain stage trains on Ray Train and logs to its MLflow run, the report stage
-compares each run with the FP run of its seed, bad recipes fail before work."""
+"""Quantized pre-training: loss goes down under every recipe (GPT-2 and Llama), resume is exact (train
+state read with weights_only), the pretrain stage trains on Ray Train and logs to its MLflow run, the
+report stage compares each run with the FP run of its seed, bad recipes and corpora fail before work;
+several corpora train the tokenizer and an evaluation corpus is the validation text; Llama widths,
+grouped-query attention and checkpoints that load back with identical logits."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,16 @@ from typer.testing import CliRunner
 from pipelines import checkpoints
 from pipelines.cli import app
 from pipelines.config import ConfigError, load_config
-from pipelines.lm_data import CORPORA, eval_windows, get_batch, prepare_corpus, split_text
+from pipelines.lm_data import (
+    CORPORA,
+    corpus_label,
+    eval_windows,
+    get_batch,
+    load_tokenizer,
+    prepare_corpus,
+    read_corpus,
+    split_text,
+)
 from pipelines.lm_train import LocalSession, build_model, evaluate, prepare, save_model, train
 from pipelines.pretrain_config import ModelSection, PretrainRunConfig, with_recipe
 from pipelines.stages import pretrain, pretrain_report
@@ -71,6 +83,66 @@ def test_split_tokenizer_cache_and_batches(corpus):
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(x, get_batch(ids, 4, 16, seed=0, step=7)[0])  # the position is a function of the step
     assert not torch.equal(x, get_batch(ids, 4, 16, seed=0, step=7, rank=1)[0])  # ranks read different data
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_several_corpora_train_the_tokenizer_and_an_eval_corpus_is_the_validation_text(tmp_path):
+    """The training text is the corpora joined by a newline; the tokenizer never sees the evaluation text
+    (which is full of 'z', a letter the training text lacks); the validation ids are the whole eval text."""
+    a = _write(tmp_path / "a.txt", [f"the cat sat on the mat {i % 7}" for i in range(400)])
+    b = _write(tmp_path / "b.txt", [f"a bird in the hand is worth two in the bush {i % 5}" for i in range(400)])
+    e = _write(tmp_path / "e.txt", [f"zyzzyva buzz fizz quizzical {i}" for i in range(300)])
+    cache = tmp_path / "cache"
+    data = prepare_corpus(f"{a}+{b}", 300, cache_dir=cache, eval_corpus=e)
+    tok = load_tokenizer(data.tokenizer_dir)
+    joined = Path(a).read_text() + "\n" + Path(b).read_text()
+    assert tok.decode(data.load("train").tolist()) == joined
+    assert tok.decode(data.load("val").tolist()) == Path(e).read_text()
+    merges = [t for t in tok.get_vocab() if len(t) > 1 and t != "<|endoftext|>"]
+    assert len(merges) > 20 and not any("z" in t for t in merges)
+    leaky = load_tokenizer(prepare_corpus(f"{a}+{b}+{e}", 300, 0.1, cache).tokenizer_dir)
+    assert any("zz" in t for t in leaky.get_vocab())  # a tokenizer that saw the eval text would learn its 'zz'
+    meta = json.loads((Path(data.tokenizer_dir).parent / "meta.json").read_text())
+    assert meta["eval_corpus"] == e and meta["train_chars"] == len(joined)
+    cfg = load_config(None, [f"data.corpus={a}+{b}", f"data.eval_corpus={e}", "data.vocab_size=300",
+                             f"data.cache_dir={cache}"], cls=PretrainRunConfig)
+    assert prepare(cfg) == data  # the config's eval_corpus reaches the data, and the cache is reused
+    # the cache key follows everything that changes the tokens
+    e2 = _write(tmp_path / "e2.txt", [f"zyzzyva buzz fizz quizzical {i + 1}" for i in range(300)])
+    others = [prepare_corpus(f"{b}+{a}", 300, cache_dir=cache, eval_corpus=e),
+              prepare_corpus(f"{a}+{b}", 300, cache_dir=cache, eval_corpus=e2),
+              prepare_corpus(f"{a}+{b}", 300, 0.1, cache),
+              prepare_corpus(f"{a}+{b}", 400, cache_dir=cache, eval_corpus=e)]
+    assert len({d.tokenizer_dir for d in [data, *others]}) == 5
+    assert load_tokenizer(others[2].tokenizer_dir).decode(others[2].load("val").tolist()) == \
+        split_text(joined, 0.1)[1]  # without eval_corpus: the tail of the joined text
+
+
+def test_bundled_corpora_join_with_a_newline():
+    ts, wt = CORPORA["tinyshakespeare"].read_text(), CORPORA["wikitext2"].read_text()
+    assert read_corpus("tinyshakespeare+wikitext2") == ts + "\n" + wt
+    assert corpus_label("tinyshakespeare+wikitext2") == "tinyshakespeare+wikitext2"
+    assert corpus_label("/data/a.txt+wikitext2-test") == "a+wikitext2-test"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.corpus=tinyshakespeare+nope"], "data.corpus='nope' is neither a bundled corpus"),
+    (["data.corpus=tinyshakespeare++wikitext2"], "empty corpus name"),
+    (["data.eval_corpus=nope"], "data.eval_corpus='nope' is neither a bundled corpus"),
+    (["data.corpus=tinyshakespeare+wikitext2-test", "data.eval_corpus=wikitext2-test"], "is also in data.corpus"),
+    (["sweep.recipes=[fp]", "sweep.corpora=[tinyshakespeare, nope.txt]"], "sweep.corpora[1]='nope.txt'"),
+])
+def test_unknown_corpora_fail_when_planned(overrides, message):
+    cfg = load_config(None, overrides, cls=PretrainRunConfig)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pretrain.plan_sweep(cfg) if cfg.sweep.recipes else pretrain.plan(cfg)
+    result = CliRunner().invoke(app, ["pretrain-sweep" if cfg.sweep.recipes else "pretrain",
+                                      *[x for o in overrides for x in ("--set", o)]])
+    assert result.exit_code == 2 and message in result.output  # before any work, no traceback
 
 
 def llama_param_count(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ffn: int, tied: bool) -> int:
@@ -241,8 +313,7 @@ def _outcome(recipe: str, seed: int, val: float, diverged: bool = False) -> dict
 
 
 def test_report_stage_compares_each_run_with_the_fp_run_of_its_seed(tmp_path):
-    cfg = load_config(None, ["sweep.recipes=[fp, w8, v8]", "sweep.seeds=[0, 1]", "data.corpus=c"],
-                      cls=PretrainRunConfig)
+    cfg = load_config(None, ["sweep.recipes=[fp, w8, v8]", "sweep.seeds=[0, 1]"], cls=PretrainRunConfig)
     (stage,) = pretrain_report.plan(cfg)
     values = {("fp", 0): 4.0, ("fp", 1): 5.0, ("w8", 0): 4.2, ("w8", 1): 5.0, ("v8", 0): 400.0, ("v8", 1): 5.5}
     upstream = {s.name: _outcome(s.quant, int(s.method), values[s.quant, int(s.method)], s.quant == "v8" and
