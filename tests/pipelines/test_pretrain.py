@@ -370,3 +370,10 @@ def test_config_files_load():
     assert str(cfg.quant.build()) == "w8a8g8" and cfg.model.n_layer == 4
     sweep_cfg = load_config(CONFIGS / "pretrain_sweep.yaml", cls=PretrainRunConfig)
     assert "fp" in sweep_cfg.sweep.recipes and len(sweep_cfg.sweep.corpora) == 2
+    decoder = load_config(CONFIGS / "lm-decoder.yaml", cls=PretrainRunConfig)
+    (stage,) = pretrain.plan(decoder)  # its corpora exist
+    assert stage.task == "tinyshakespeare+wikitext2" and decoder.data.eval_corpus == "wikitext2-test"
+    assert str(decoder.quant.build()) == "fp" and decoder.train.cpus_per_worker == 2
+    model = build_model(decoder.model, decoder.data.vocab_size, decoder.train.seed)
+    assert isinstance(model, LlamaForCausalLM) and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert 10e6 <= sum(p.numel() for p in model.parameters()) <= 30e6
