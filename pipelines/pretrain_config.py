@@ -172,8 +172,9 @@ def _check_widths(m: ModelSection) -> None:
                               "(GPT-2 has one key/value head per query head and always ties lm_head)")
         return
     if m.n_kv_head is not None and (m.n_kv_head < 1 or m.n_head % m.n_kv_head):
+        divisors = ", ".join(str(d) for d in range(1, m.n_head + 1) if m.n_head % d == 0)
         raise ConfigError(f"model.n_kv_head={m.n_kv_head}: must divide model.n_head={m.n_head} "
-                          f"(e.g. {m.n_head // 2 or 1} for grouped-query attention, or null for n_head)")
+                          f"(one of {divisors}; null for n_head)")
     if (m.n_embd // m.n_head) % 2:
         raise ConfigError(f"model: llama's head size n_embd / n_head = {m.n_embd // m.n_head} must be even (RoPE)")
 

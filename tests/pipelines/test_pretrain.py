@@ -347,7 +347,7 @@ def test_report_stage_compares_each_run_with_the_fp_run_of_its_seed(tmp_path):
     ("model.arch=bert", "model.arch='bert': use one of gpt2, llama"),
     ("model.preset=tiny-bert", "model.preset='tiny-bert': use tiny-gpt2, tiny-llama or null"),
     ("model.arch=llama&model.preset=tiny-gpt2", "model.preset=tiny-gpt2 is a gpt2 model"),
-    ("model.arch=llama&model.n_kv_head=3", "model.n_kv_head=3: must divide model.n_head=4"),
+    ("model.arch=llama&model.n_kv_head=3", "model.n_kv_head=3: must divide model.n_head=4 (one of 1, 2, 4;"),
     ("model.arch=llama&model.n_kv_head=0", "model.n_kv_head=0: must divide model.n_head=4"),
     ("model.n_kv_head=2", "model.n_kv_head and model.tie_embeddings=false need model.arch=llama"),
     ("model.tie_embeddings=false", "model.n_kv_head and model.tie_embeddings=false need model.arch=llama"),
