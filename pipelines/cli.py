@@ -156,14 +156,19 @@ def load_pretrain(config: Path | None, overrides: list[str], recipe: str | None,
 @app.command("pretrain")
 def pretrain_verb(config: Path | None = ConfigArg, overrides: list[str] = SetOpt,
                   recipe: str | None = typer.Option(None, help="quantization recipe, e.g. fp, w8a8g8, w4, m8v8"),
-                  corpus: str | None = typer.Option(None, help="tinyshakespeare, wikitext2 or a text file"),
+                  corpus: str | None = typer.Option(None, help="tinyshakespeare, wikitext2, a text file, or several "
+                                                    "joined by + (tinyshakespeare+wikitext2)"),
                   output_dir: str | None = OutOpt, force: list[str] = ForceOpt, dry_run: bool = DryOpt,
                   sweep: bool = typer.Option(False, "--sweep", help="run the config's sweep grid instead")) -> None:
-    """Pre-train a GPT-2 from scratch with quantized weights/activations/gradients/optimizer states."""
+    """Pre-train a GPT-2 or Llama from scratch with quantized weights/activations/gradients/optimizer states."""
     cfg = load_pretrain(config, overrides, recipe, corpus, output_dir)
     if sweep:
         return pretrain_sweep(config, overrides, force, dry_run)
-    execute(cfg, pretrain.plan(cfg), "pretrain", force, dry_run)
+    try:
+        stages = pretrain.plan(cfg)
+    except ConfigError as err:
+        fail(f"config error: {err}")
+    execute(cfg, stages, "pretrain", force, dry_run)
 
 
 @app.command("pretrain-sweep")

@@ -1,10 +1,12 @@
 """Language-modelling corpora for pre-training: split, BPE tokenizer, token ids, batches.
 
-A corpus is a bundled name (CORPORA) or a path to a UTF-8 text file. Its last
-`val_fraction` of characters (cut at a line break) is the validation split; a
-byte-level BPE tokenizer (`tokenizers.ByteLevelBPETokenizer`) is trained on the
-training split only. Tokenizer and token ids (uint16/uint32 .npy) are cached on disk,
-keyed by the file's content hash, vocabulary size and split, so workers and re-runs
+A corpus is a bundled name (CORPORA), a path to a UTF-8 text file, or several of them joined
+by `+` (their texts concatenated, separated by a newline). Its last `val_fraction` of characters
+(cut at a line break) is the validation split, unless an evaluation corpus is given: then the
+whole corpus is the training text and the whole evaluation corpus the validation text. A
+byte-level BPE tokenizer (`tokenizers.ByteLevelBPETokenizer`) is trained on the training text
+only. Tokenizer and token ids (uint16/uint32 .npy) are cached on disk, keyed by the content
+hashes of the training and validation texts and the vocabulary size, so workers and re-runs
 load them instead of retraining; one folder per key, written atomically under a file lock.
 
 Batches are random windows (nanoGPT style) drawn from a generator seeded by
@@ -50,15 +52,43 @@ class LMData:
         return np.load(self.train_ids if split == "train" else self.val_ids, mmap_mode="r")
 
 
-def corpus_path(corpus: str) -> Path:
-    """A bundled corpus name or a text file path."""
+def corpus_path(corpus: str, key: str = "data.corpus") -> Path:
+    """A bundled corpus name or a text file path (`key` names the setting in errors)."""
     if corpus in CORPORA:
         return CORPORA[corpus]
     path = Path(corpus)
     if not path.is_file():
-        raise ValueError(f"data.corpus={corpus!r} is neither a bundled corpus ({', '.join(CORPORA)}) "
+        raise ValueError(f"{key}={corpus!r} is neither a bundled corpus ({', '.join(CORPORA)}) "
                          "nor an existing text file")
     return path
+
+
+def corpus_parts(spec: str, key: str = "data.corpus") -> list[Path]:
+    """The files of a corpus spec: one corpus, or several joined by `+`."""
+    names = [part.strip() for part in spec.split("+")]
+    if not all(names):
+        raise ValueError(f"{key}={spec!r}: empty corpus name; join corpora with +, e.g. tinyshakespeare+wikitext2")
+    return [corpus_path(name, key) for name in names]
+
+
+def read_corpus(spec: str, key: str = "data.corpus") -> str:
+    """The text of a corpus spec: its corpora's texts joined by a newline."""
+    return "\n".join(path.read_text(encoding="utf-8") for path in corpus_parts(spec, key))
+
+
+def corpus_label(spec: str) -> str:
+    """A short name for folders and stage names: each corpus' name (a file's stem), joined by +."""
+    return "+".join(part.strip() if part.strip() in CORPORA else Path(part.strip()).stem for part in spec.split("+"))
+
+
+def check_corpora(corpus: str, eval_corpus: str | None = None, key: str = "data.corpus") -> None:
+    """Before any work: every corpus exists, and the evaluation text is not part of the training text."""
+    train = {p.resolve() for p in corpus_parts(corpus, key)}
+    if eval_corpus is not None:
+        shared = sorted(str(p) for p in corpus_parts(eval_corpus, "data.eval_corpus") if p.resolve() in train)
+        if shared:
+            raise ValueError(f"data.eval_corpus={eval_corpus!r}: {shared[0]} is also in {key}={corpus!r}; "
+                             "evaluate on text the model does not train on")
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -75,9 +105,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PLMQ_CACHE", Path.home() / ".cache" / "plmq")) / "lm"
 
 
-def _cache_key(text: str, vocab_size: int, val_fraction: float) -> str:
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return f"{digest}-v{vocab_size}-val{val_fraction:g}"
+def _cache_key(train: str, val: str, vocab_size: int) -> str:
+    """Everything that decides the tokens: the training text (the tokenizer), the validation text, the vocabulary."""
+    digest = hashlib.sha256(f"{len(train)}:".encode() + train.encode() + val.encode()).hexdigest()[:12]
+    return f"{digest}-v{vocab_size}"
 
 
 def _train_tokenizer(train_text: str, vocab_size: int, out: Path) -> None:
@@ -118,32 +149,38 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(folder: Path, corpus: str, train: str, val: str, vocab_size: int, val_fraction: float) -> None:
+def _build(folder: Path, train: str, val: str, vocab_size: int, meta: dict) -> None:
     """Tokenizer, token ids and meta.json of one corpus, written as one folder."""
     with atomic_dir(folder) as tmp:
         _train_tokenizer(train, vocab_size, tmp / "tokenizer")
         tok = load_tokenizer(tmp / "tokenizer")
         np.save(tmp / "train.npy", _encode(tok, train, vocab_size))
         np.save(tmp / "val.npy", _encode(tok, val, vocab_size))
-        meta = {"corpus": corpus, "vocab_size": vocab_size, "val_fraction": val_fraction,
-                "train_chars": len(train), "val_chars": len(val)}
+        meta = {**meta, "vocab_size": vocab_size, "train_chars": len(train), "val_chars": len(val)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def prepare_corpus(corpus: str, vocab_size: int = 4096, val_fraction: float = 0.1,
-                   cache_dir: str | Path | None = None) -> LMData:
-    """Split, train (or reuse) the tokenizer, tokenize both splits; returns cached paths."""
+                   cache_dir: str | Path | None = None, eval_corpus: str | None = None) -> LMData:
+    """Split (or read the evaluation corpus), train (or reuse) the tokenizer on the training text,
+    tokenize both texts; returns cached paths."""
     if vocab_size < 257 or vocab_size > 2**20:
         raise ValueError(f"data.vocab_size={vocab_size}: expected 257..1048576 (byte-level BPE needs 256 bytes)")
-    text = corpus_path(corpus).read_text(encoding="utf-8")
-    train, val = split_text(text, val_fraction)
-    name = Path(corpus).stem if corpus not in CORPORA else corpus
+    check_corpora(corpus, eval_corpus)
+    text = read_corpus(corpus)
+    if eval_corpus is None:
+        train, val = split_text(text, val_fraction)
+        meta = {"corpus": corpus, "val_fraction": val_fraction}
+    else:
+        train, val = text, read_corpus(eval_corpus, "data.eval_corpus")
+        meta = {"corpus": corpus, "eval_corpus": eval_corpus}
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = root / f"{name}-{_cache_key(text, vocab_size, val_fraction)}"
+    label = corpus_label(corpus) + (f"-eval-{corpus_label(eval_corpus)}" if eval_corpus else "")
+    folder = root / f"{label}-{_cache_key(train, val, vocab_size)}"
     if not (folder / "meta.json").exists():
         with _locked(root / f".{folder.name}.lock"):
             if not (folder / "meta.json").exists():  # another process may have built it meanwhile
-                _build(folder, corpus, train, val, vocab_size, val_fraction)
+                _build(folder, train, val, vocab_size, meta)
     tok_dir = folder / "tokenizer"
     actual_vocab = load_tokenizer(tok_dir).get_vocab_size()
     return LMData(corpus, str(tok_dir), str(folder / "train.npy"), str(folder / "val.npy"), actual_vocab)

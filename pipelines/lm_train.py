@@ -1,4 +1,4 @@
-"""The quantized pre-training loop: a GPT-2-family LM trained from scratch under a recipe.
+"""The quantized pre-training loop: a GPT-2 or Llama LM trained from scratch under a recipe.
 
 Quantized weights / activations / gradients (quant/qtrain.py) and quantized AdamW states
 (quant/qoptim.py), after Chitsaz et al. 2024. The loop (`train`) takes a session that hides where
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipelines import checkpoints
 from pipelines.io import atomic_dir, write_json_atomic
@@ -39,16 +39,28 @@ STATE_FILE = "train_state.pt"
 # ------------------------------------------------------------------ model, schedule, data
 
 
-def build_model(m: ModelSection, vocab_size: int, seed: int) -> torch.nn.Module:
-    """A randomly initialised GPT2LMHeadModel (initialisation fixed by `seed`)."""
+def _gpt2(m: ModelSection, vocab_size: int) -> PreTrainedModel:
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+        n_inner=m.intermediate_size, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+        bos_token_id=0, eos_token_id=0))  # id 0 is <|endoftext|> in our tokenizer
+
+
+def _llama(m: ModelSection, vocab_size: int) -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_size, num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head or m.n_head,
+        max_position_embeddings=m.block_size, tie_word_embeddings=m.tie_embeddings, attention_dropout=m.dropout,
+        bos_token_id=0, eos_token_id=0))
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": _llama}  # model.arch -> a randomly initialised causal LM
+
+
+def build_model(m: ModelSection, vocab_size: int, seed: int) -> PreTrainedModel:
+    """A randomly initialised causal LM of `m.arch` (or `m.preset`), initialisation fixed by `seed`."""
     torch.manual_seed(seed)
-    if m.preset:
-        model = load_causal_lm(m.preset, vocab_size=vocab_size)
-    else:
-        conf = GPT2Config(vocab_size=vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
-                          n_head=m.n_head, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
-                          bos_token_id=0, eos_token_id=0)  # id 0 is <|endoftext|> in our tokenizer
-        model = GPT2LMHeadModel(conf)
+    model = load_causal_lm(m.preset, vocab_size=vocab_size) if m.preset else BUILDERS[m.arch](m, vocab_size)
     model.config.loss_type = "ForCausalLM"
     return model
 
@@ -86,15 +98,15 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, dev
 def prepare(cfg: PretrainRunConfig) -> LMData:
     """cfg's corpus split and tokenized (cached)."""
     d = cfg.data
-    return prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir)
+    return prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir, d.eval_corpus)
 
 
 def save_model(model: torch.nn.Module, data: LMData, result: dict, cfg: PretrainRunConfig, path: str | Path) -> None:
-    """An FP checkpoint (the master weights: GPT2LMHeadModel.from_pretrained loads it) with its
-    tokenizer, the recipe to re-apply in plmq_meta.json, and result.json, into `path` (a Ray Train
-    checkpoint folder, which becomes the stage's model folder atomically)."""
+    """An FP checkpoint (the master weights: `checkpoints.load` reads it as the architecture's *ForCausalLM /
+    *LMHeadModel) with its tokenizer, the recipe to re-apply in plmq_meta.json, and result.json, into `path`
+    (a Ray Train checkpoint folder, which becomes the stage's model folder atomically)."""
     meta = {"recipe": result["recipe"], "include_head": cfg.quant.include_head, "corpus": cfg.data.corpus,
-            "config": asdict(cfg)}
+            "eval_corpus": cfg.data.eval_corpus, "config": asdict(cfg)}
     checkpoints.write(model, hf_tokenizer(data.tokenizer_dir), path, meta, fmt="fp")
     write_json_atomic(Path(path) / "result.json", result)
 
@@ -317,7 +329,8 @@ def _result(cfg: PretrainRunConfig, data: LMData, run: TrainRun, recipe: Recipe,
     timed = run.step_times[3:] or run.step_times  # the first steps include one-off allocation
     cpu = run.step_cpu[3:] or run.step_cpu
     diverged = run.diverged or not math.isfinite(val) or val >= math.log(data.vocab_size)
-    return {"corpus": cfg.data.corpus, "recipe": str(recipe), "seed": cfg.train.seed, "steps": run.step,
+    return {"corpus": cfg.data.corpus, "eval_corpus": cfg.data.eval_corpus, "recipe": str(recipe),
+            "seed": cfg.train.seed, "steps": run.step,
             "val_loss": val, "val_ppl": math.exp(min(val, 50)) if math.isfinite(val) else float("nan"),
             "diverged": diverged,
             "final_train_loss": run.history["train"][-1][1] if run.history["train"] else float("nan"),

@@ -1,4 +1,4 @@
-"""Config of quantized pre-training (`plmq pretrain`, `plmq pretrain-sweep`): a GPT-2-family LM
+"""Config of quantized pre-training (`plmq pretrain`, `plmq pretrain-sweep`): a GPT-2 or Llama LM
 trained from scratch under a quantization recipe (quant/qtrain.py).
 
     cfg = load_config("configs/pretrain.yaml", overrides, cls=PretrainRunConfig)
@@ -13,25 +13,47 @@ from pipelines.config import gpu_flag
 from pipelines.errors import ConfigError
 from quant.qtrain import KINDS, Recipe
 
-__all__ = ["DataSection", "ModelSection", "PretrainRunConfig", "QuantSection", "SweepSection", "TrainSection",
-           "with_recipe"]
+__all__ = ["ARCHS", "PRESETS", "DataSection", "ModelSection", "PretrainRunConfig", "QuantSection", "SweepSection",
+           "TrainSection", "with_recipe"]
+
+
+ARCHS = ("gpt2", "llama")
+PRESETS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}  # pipelines.models.TINY_PRESETS -> their architecture
 
 
 @dataclass
 class ModelSection:
-    preset: str | None = None        # "tiny-gpt2" (pipelines.models); None = built from the fields below
+    arch: str = "gpt2"               # gpt2 | llama (RMSNorm, RoPE, SwiGLU MLP, no biases); a preset sets it
+    preset: str | None = None        # tiny-gpt2 | tiny-llama (pipelines.models); None = built from the fields below
     n_layer: int = 4
-    n_embd: int = 256
+    n_embd: int = 256                # hidden size
     n_head: int = 4
-    block_size: int = 128            # context length
-    dropout: float = 0.0
+    n_kv_head: int | None = None     # llama: key/value heads (grouped-query attention); None = n_head
+    intermediate_size: int | None = None  # MLP width; None = 4 * n_embd (gpt2), 8/3 * n_embd rounded up to 64 (llama)
+    tie_embeddings: bool = True      # llama: lm_head shares the token embedding matrix (gpt2 always does)
+    block_size: int = 128            # context length (llama: max_position_embeddings)
+    dropout: float = 0.0             # gpt2: residual, embedding and attention dropout; llama: attention dropout only
+
+    def __post_init__(self) -> None:
+        if self.preset in PRESETS and self.arch == "gpt2":
+            self.arch = PRESETS[self.preset]
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP's hidden width: intermediate_size, or the architecture's default rule."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.arch == "llama":
+            return -(-int(8 * self.n_embd / 3) // 64) * 64
+        return 4 * self.n_embd
 
 
 @dataclass
 class DataSection:
-    corpus: str = "tinyshakespeare"  # tinyshakespeare | wikitext2 | path to a text file
-    vocab_size: int = 4096           # byte-level BPE trained on the training split
-    val_fraction: float = 0.1        # the last 10% of the text is the validation split
+    corpus: str = "tinyshakespeare"  # tinyshakespeare | wikitext2 | wikitext2-test | a text file; several joined by +
+    eval_corpus: str | None = None   # the validation text (a corpus as above); None = the last val_fraction of corpus
+    vocab_size: int = 4096           # byte-level BPE trained on the training text
+    val_fraction: float = 0.1        # the last 10% of the text is the validation split (unless eval_corpus is set)
     eval_windows: int = 64           # validation windows of block_size tokens
     cache_dir: str | None = None     # tokenizer + token ids; default ~/.cache/plmq/lm
 
@@ -121,15 +143,40 @@ class PretrainRunConfig:
 
 
 def _check_model(m: ModelSection) -> None:
-    if m.preset not in (None, "tiny-gpt2"):
-        raise ConfigError(f"model.preset={m.preset!r}: use tiny-gpt2 or null")
-    if m.preset is None and (m.n_layer < 1 or m.n_embd < 8 or m.n_embd % m.n_head):
-        raise ConfigError(f"model: n_layer >= 1 and n_embd divisible by n_head required "
-                          f"(n_layer={m.n_layer}, n_embd={m.n_embd}, n_head={m.n_head})")
-    if m.block_size < 8 or (m.preset == "tiny-gpt2" and m.block_size > 128):
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch={m.arch!r}: use one of {', '.join(ARCHS)}")
+    if m.preset is not None:
+        if m.preset not in PRESETS:
+            raise ConfigError(f"model.preset={m.preset!r}: use {', '.join(PRESETS)} or null")
+        if m.arch != PRESETS[m.preset]:
+            raise ConfigError(f"model.arch={m.arch} but model.preset={m.preset} is a {PRESETS[m.preset]} model: "
+                              f"drop one of them")
+    else:
+        _check_widths(m)
+    if m.block_size < 8 or (m.preset and m.block_size > 128):
         raise ConfigError(f"model.block_size={m.block_size}: expected 8..{128 if m.preset else 'n_positions'}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout}: expected a value in [0, 1)")
+
+
+def _check_widths(m: ModelSection) -> None:
+    """The sizes of a model built from the fields (no preset)."""
+    if m.n_layer < 1 or m.n_head < 1 or m.n_embd < 8 or m.n_embd % m.n_head:
+        raise ConfigError(f"model: n_layer >= 1 and n_embd divisible by n_head required "
+                          f"(n_layer={m.n_layer}, n_embd={m.n_embd}, n_head={m.n_head})")
+    if m.intermediate_size is not None and m.intermediate_size < 1:
+        raise ConfigError(f"model.intermediate_size={m.intermediate_size}: must be >= 1 (or null for the default)")
+    if m.arch == "gpt2":
+        if m.n_kv_head is not None or not m.tie_embeddings:
+            raise ConfigError("model.n_kv_head and model.tie_embeddings=false need model.arch=llama "
+                              "(GPT-2 has one key/value head per query head and always ties lm_head)")
+        return
+    if m.n_kv_head is not None and (m.n_kv_head < 1 or m.n_head % m.n_kv_head):
+        divisors = ", ".join(str(d) for d in range(1, m.n_head + 1) if m.n_head % d == 0)
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head}: must divide model.n_head={m.n_head} "
+                          f"(one of {divisors}; null for n_head)")
+    if (m.n_embd // m.n_head) % 2:
+        raise ConfigError(f"model: llama's head size n_embd / n_head = {m.n_embd // m.n_head} must be even (RoPE)")
 
 
 def _check_train(t: TrainSection) -> None:

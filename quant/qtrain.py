@@ -281,9 +281,9 @@ class QTrainLinear(nn.Module):
 
 def convert_qtrain(model: nn.Module, recipe: Recipe | str, include_head: bool = True,
                    skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace every nn.Linear / Conv1D (GPT-2: c_attn, c_proj, c_fc, mlp.c_proj and, as in
-    the paper, lm_head) by a QTrainLinear; embeddings and LayerNorm stay FP. Returns the
-    converted names (none when the recipe quantizes only optimizer states)."""
+    """Replace every nn.Linear / Conv1D (GPT-2: c_attn, c_proj, c_fc, mlp.c_proj; Llama: q/k/v/o_proj,
+    gate/up/down_proj; and, as in the paper, lm_head) by a QTrainLinear; embeddings and norms stay FP.
+    Returns the converted names (none when the recipe quantizes only optimizer states)."""
     recipe = Recipe.parse(recipe)
     if not recipe.quantizes_linear:
         return []

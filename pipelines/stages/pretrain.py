@@ -4,6 +4,8 @@
     plan_sweep(cfg)  one stage per corpus x seed x recipe of cfg.sweep (`plmq pretrain-sweep`, with
                      the pretrain-report stage after them); the stages run at once as far as the
                      cluster's CPUs/GPUs hold their Ray Train workers
+Both check that the corpora exist and that data.eval_corpus is not trained on (a ConfigError before
+any work).
 
 A stage carries what it trains: quant = recipe, task = corpus, method = str(seed). Its run folder
 and Ray Train run are named by the stage key, so a restarted stage resumes from its last checkpoint
@@ -24,7 +26,7 @@ import torch
 from pipelines.cluster import ensure_ray, worker_resources
 from pipelines.config import from_dict
 from pipelines.errors import ConfigError
-from pipelines.lm_data import LMData
+from pipelines.lm_data import LMData, check_corpora, corpus_label
 from pipelines.lm_train import RaySession, prepare, save_model, train
 from pipelines.pretrain_config import QUIET_TRAIN, PretrainRunConfig, with_recipe
 from pipelines.stages.base import Context, Stage, StageResult, relative
@@ -35,14 +37,25 @@ METRICS = ("val_loss", "val_ppl", "final_train_loss", "opt_state_bytes", "step_s
 
 
 def _stage(recipe: str, corpus: str, seed: int) -> Stage:
-    return Stage(f"{KIND}/{Path(corpus).stem}/{recipe}/seed{seed}", KIND, task=corpus, quant=recipe,
+    return Stage(f"{KIND}/{corpus_label(corpus)}/{recipe}/seed{seed}", KIND, task=corpus, quant=recipe,
                  method=str(seed))
+
+
+def _check_corpora(cfg: PretrainRunConfig, corpora: dict[str, str]) -> None:
+    """Before any work: every training corpus ({config key: corpus}) and the evaluation corpus exist and do
+    not overlap."""
+    for key, corpus in corpora.items():
+        try:
+            check_corpora(corpus, cfg.data.eval_corpus, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def plan(cfg: PretrainRunConfig, checkpoint: str | None = None) -> list[Stage]:
     """The single run of cfg: its quant section's recipe (per-kind settings folded into the name)."""
     if checkpoint is not None:
         raise ValueError("pretrain trains from scratch: it takes no input checkpoint")
+    _check_corpora(cfg, {"data.corpus": cfg.data.corpus})
     return [_stage(str(cfg.quant.build()), cfg.data.corpus, cfg.train.seed)]
 
 
@@ -51,8 +64,9 @@ def plan_sweep(cfg: PretrainRunConfig) -> list[Stage]:
     s = cfg.sweep
     if not s.recipes:
         raise ConfigError("sweep.recipes is empty: list the recipes to compare, e.g. [fp, w8a8, w4]")
-    return [_stage(r, c, seed) for c in (s.corpora or [cfg.data.corpus]) for seed in (s.seeds or [cfg.train.seed])
-            for r in s.recipes]
+    corpora = s.corpora or [cfg.data.corpus]
+    _check_corpora(cfg, {f"sweep.corpora[{i}]": c for i, c in enumerate(s.corpora)} or {"data.corpus": cfg.data.corpus})
+    return [_stage(r, c, seed) for c in corpora for seed in (s.seeds or [cfg.train.seed]) for r in s.recipes]
 
 
 def job_config(cfg: PretrainRunConfig, stage: Stage) -> PretrainRunConfig:
@@ -86,7 +100,8 @@ def run(cfg: PretrainRunConfig, stage: Stage, upstream: dict[str, dict], ctx: Co
     job = job_config(cfg, stage)
     job.validate()
     slug = "".join(c if c.isalnum() or c == "." else "_" for c in stage.quant)
-    out = Path(ctx.root) / KIND / Path(stage.task).stem / f"{slug}-seed{stage.method}-{ctx.key}"
+    label = corpus_label(stage.task)
+    out = Path(ctx.root) / KIND / label / f"{slug}-seed{stage.method}-{ctx.key}"
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -94,7 +109,7 @@ def run(cfg: PretrainRunConfig, stage: Stage, upstream: dict[str, dict], ctx: Co
     ensure_ray()
     t = job.train
     loop_cfg = {"config": asdict(job), "data": asdict(data), "threads": t.cpus_per_worker, "run_id": ctx.run_id,
-                "tag": f"{Path(stage.task).stem} {stage.quant} seed {stage.method}", "tracking_uri": ctx.tracking_uri}
+                "tag": f"{label} {stage.quant} seed {stage.method}", "tracking_uri": ctx.tracking_uri}
     fit_to_dir(_ray_loop, loop_cfg, t, out, f"{KIND}-{ctx.key}")
     result = {**json.loads((out / "model" / "result.json").read_text()), "wall_s": time.time() - start}
     res = worker_resources(t.use_gpu, t.cpus_per_worker)

@@ -161,6 +161,41 @@ def test_convert_gpt2_quantizes_every_linear_and_the_head_but_not_embeddings(tin
     assert math.isfinite(loss.item()) and model.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
+def tiny_llama(seed: int = 0):
+    """A tied Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                        tie_word_embeddings=True))
+
+
+def test_convert_llama_quantizes_every_projection_and_the_head_and_trains():
+    model = tiny_llama()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = convert_qtrain(model, "w8a8g8gw8")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert sorted(n.split(".")[-1] for n in names) == sorted(projections * 2 + ["lm_head"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16  # 2 key/value heads of 8
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys  # HF-compatible state dict
+    opt = make_optimizer(model.parameters(), "w8a8g8gw8m8v8", lr=3e-3, min_quant_numel=0)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    after = model.state_dict()
+    assert all(not torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n in names)  # every layer trained
+
+
 def test_convert_options(model_factory):
     model = model_factory["gpt2"]()
     assert "lm_head" not in convert_qtrain(model, "w8", include_head=False)
