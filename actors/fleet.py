@@ -12,7 +12,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.module_trainer import ModuleTrainer, TrainerSettings
-from pipelines.partition import PartSpec
+from pipelines.partition import Layout, PartSpec
 
 
 class Shards(Protocol):
@@ -20,6 +20,7 @@ class Shards(Protocol):
     holds the ObjectRefs of the token inputs (ids, masks), boundaries[k] of the hidden states entering
     module k; row i lies in shard i // shard_size."""
     boundaries: list[list]
+    layout: Layout
     num_samples: int
     shard_size: int
 
@@ -41,7 +42,7 @@ def launch(specs: list[PartSpec], checkpoint: str, quant: str, settings: Trainer
         strategy = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=spec.index)
         actor = remote.options(**options, max_concurrency=4, name=trainer_name(key, spec.index),
                                scheduling_strategy=strategy).remote(
-            spec, checkpoint, quant, settings, shards.boundaries[spec.index], shards.boundaries[0],
+            spec, shards.layout, checkpoint, quant, settings, shards.boundaries[spec.index], shards.boundaries[0],
             shards.num_samples, shards.shard_size, work_dir, nxt if mode == "parallel" else None,
             loggers[spec.index], device, fed_by_predecessor=mode == "parallel" and not spec.first)
         trainers[spec.index] = actor

@@ -22,9 +22,9 @@ import torch
 
 from actors.predecessor_queue import PredecessorQueue
 from actors.shard_reader import ShardReader
-from pipelines import checkpoints
+from pipelines import part_loader
 from pipelines import reconstruction as rc
-from pipelines.partition import PartSpec, part_forward, part_state
+from pipelines.partition import Layout, PartSpec, part_forward, part_state
 
 
 @dataclass
@@ -51,7 +51,7 @@ class MetricLogger(Protocol):
 
 
 class ModuleTrainer:
-    def __init__(self, spec: PartSpec, checkpoint: str, quant: str, settings: TrainerSettings,
+    def __init__(self, spec: PartSpec, layout: Layout, checkpoint: str, quant: str, settings: TrainerSettings,
                  input_refs: list, token_refs: list, num_samples: int, shard_size: int, work_dir: str,
                  next_trainer=None, logger: MetricLogger | None = None, device: str = "cpu",
                  fed_by_predecessor: bool = False):
@@ -67,8 +67,8 @@ class ModuleTrainer:
         self.tokens = ShardReader(token_refs, shard_size)
         self.inputs = self.tokens if spec.first else ShardReader(input_refs, shard_size)
         self.pred: ShardReader | None = None  # MREM-S: the predecessor's outputs for every sample
-        student, teacher = rc.student_and_teacher(checkpoints.load(checkpoint).model, spec, quant,
-                                                  settings.student_dropout)
+        part = part_loader.load_part(checkpoint, spec, layout)  # only the tensors this module runs
+        student, teacher = rc.student_and_teacher(part, spec, quant, settings.student_dropout)
         self.student, self.teacher = student.to(self.device), teacher.to(self.device)
         self.optimizer = rc.optimizer(self.student, settings.lr, settings.lr_quant)
         self.queue = PredecessorQueue(settings.queue_size, settings.wait_s, settings.seed + spec.index)

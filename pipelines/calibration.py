@@ -1,6 +1,6 @@
 """MREM's calibration data: the FP teacher's activations at every module boundary.
 
-`record` runs the teacher over training samples and writes the activations as shards of
+`record` runs the teacher, one module at a time, over calibration samples and writes the activations as shards of
 `shard_size` rows, one Arrow tensor file per array (memory-mapped, zero-copy to read), with
 a `meta.json` that says what the folder holds; the folder is written atomically. `load_into_store`
 puts the shards of such a folder into the Ray object store, where the module trainers read them.
@@ -17,12 +17,14 @@ import pyarrow as pa
 import ray
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipelines import lm_eval, part_loader
 from pipelines.config import DataConfig
 from pipelines.data import load_tokenized, tokenized_split
 from pipelines.io import atomic_dir, write_json_atomic
-from pipelines.partition import PartSpec, part_forward
+from pipelines.partition import Layout, PartSpec, part_forward, split_layers
+from pipelines.tasks import check_task
 
 META = "meta.json"
 
@@ -35,6 +37,7 @@ class ActivationCache:
     seq_len: int
     shard_size: int
     specs: list[PartSpec]
+    layout: Layout
     boundaries: list[list] = field(default_factory=list)
     nbytes: int = 0
 
@@ -96,31 +99,56 @@ def _calib_dataset(task: str, tokenizer, data: DataConfig, n: int, seed: int):
     return ds, max(len(x) for x in ds["input_ids"])
 
 
-@torch.no_grad()
-def record(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig,
-           specs: list[PartSpec], n: int, folder: str | Path, batch_size: int = 64, shard_size: int = 512,
-           seed: int = 0, device: str = "cpu") -> dict:
-    """Run the teacher over `n` training samples of `task`; write the boundary activations into `folder`
-    (atomically). Returns the folder's metadata."""
-    model.eval().to(device)
+def token_rows(task: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, n: int,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """The calibration inputs as arrays [n, L]: `n` shuffled training examples of a GLUE task padded to
+    the longest, or `n` random windows of data.max_length tokens of an LM task's calibration text."""
+    if check_task(task).kind == "lm":
+        ids = lm_eval.calibration_windows(task, tokenizer, data, n, seed).numpy()
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     ds, seq_len = _calib_dataset(task, tokenizer, data, n, seed)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in ds.column_names]
+    feats = [{k: ds[i][k] for k in keys} for i in range(len(ds))]
+    return dict(tokenizer.pad(feats, padding="max_length", max_length=seq_len, return_tensors="np"))
+
+
+def _rows(folder: Path, shard_size: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the hidden states written under `folder` (one boundary's shards)."""
+    first, last = start // shard_size, (stop - 1) // shard_size
+    parts = [read_shard(folder / f"s{i:05d}")["hidden"] for i in range(first, last + 1)]
+    merged = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    offset = first * shard_size
+    return np.ascontiguousarray(merged[start - offset:stop - offset])
+
+
+@torch.no_grad()
+def record(checkpoint: str | Path, task: str, data: DataConfig, k: int, n: int, folder: str | Path,
+           batch_size: int = 64, shard_size: int = 512, seed: int = 0, device: str = "cpu") -> dict:
+    """Run the FP checkpoint's first K-1 modules over `n` calibration samples of `task`, one module in
+    memory at a time (pipelines.part_loader), each fed the boundary its predecessor wrote; write the
+    boundary activations into `folder` (atomically). Returns the folder's metadata."""
+    lay = part_loader.probe_layout(checkpoint)
+    specs = split_layers(lay.count, k)
+    tokens = token_rows(task, AutoTokenizer.from_pretrained(str(checkpoint)), data, n, seed)
+    rows, seq_len = tokens["input_ids"].shape
     with atomic_dir(folder) as tmp:
         writer = _ShardWriter(shard_size, tmp)
-        for start in tqdm(range(0, len(ds), batch_size), desc=f"calibrate {task}", unit="batch"):
-            feats = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-            feats = [{k: f[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in f} for f in feats]
-            batch = tokenizer.pad(feats, padding="max_length", max_length=seq_len, return_tensors="pt")
-            writer.add(0, {k: v.numpy() for k, v in batch.items()})
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            tt = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
-            x = None
-            for spec in specs[:-1]:
-                x, _ = part_forward(model, spec, ids, mask, tt, x)
+        writer.add(0, tokens, final=True)
+        for spec in specs[:-1]:
+            part = part_loader.load_part(checkpoint, spec, lay).to(device)
+            for start in tqdm(range(0, rows, batch_size), desc=f"calibrate {task} module {spec.index}", unit="batch"):
+                stop = min(start + batch_size, rows)
+                batch = {key: torch.from_numpy(v[start:stop]).to(device) for key, v in tokens.items()}
+                hidden = None if spec.first else torch.from_numpy(_rows(tmp / f"b{spec.index}", shard_size,
+                                                                         start, stop)).to(device)
+                x, _ = part_forward(part, spec, batch["input_ids"], batch["attention_mask"],
+                                    batch.get("token_type_ids"), hidden)
                 writer.add(spec.index + 1, {"hidden": x.float().cpu().numpy()})
-        for b in range(len(specs)):
-            writer.add(b, {}, final=True)
-        meta = {"task": task, "num_samples": len(ds), "seq_len": seq_len, "shard_size": shard_size,
-                "boundaries": len(specs), "layers": [[s.start, s.end] for s in specs], "nbytes": writer.nbytes}
+            writer.add(spec.index + 1, {}, final=True)
+            del part
+        meta = {"task": task, "num_samples": rows, "seq_len": seq_len, "shard_size": shard_size,
+                "boundaries": len(specs), "layers": [[s.start, s.end] for s in specs], "nbytes": writer.nbytes,
+                "layout": part_loader.layout_to_json(lay)}
         write_json_atomic(tmp / META, meta)
     return meta
 
@@ -151,4 +179,5 @@ def load_into_store(folder: str | Path) -> ActivationCache:
             refs.append(ray.put(shard))
             del shard
         boundaries.append(refs)
-    return ActivationCache(meta["num_samples"], meta["seq_len"], meta["shard_size"], specs, boundaries, nbytes)
+    return ActivationCache(meta["num_samples"], meta["seq_len"], meta["shard_size"], specs,
+                           part_loader.layout_from_json(meta["layout"]), boundaries, nbytes)

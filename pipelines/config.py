@@ -263,18 +263,17 @@ class RunConfig:
     def validate(self) -> None:
         """Also rewrites each task name as `check_task` spells it (text:<file> with an absolute path, so stages
         read the same file wherever they run). GLUE and language-modelling tasks may share a run; MREM and
-        PreQuant run on GLUE tasks only."""
+        PreQuant runs on GLUE tasks only."""
         if not self.tasks:
             raise ConfigError("tasks must list at least one task: a GLUE task such as sst2, or a language-modelling "
                               "task such as wikitext2")
         specs = [check_task(task) for task in self.tasks]
         self.tasks = [spec.name for spec in specs]
         lm = ", ".join(spec.name for spec in specs if spec.kind == "lm")
-        for section, quant in (("mrem", self.mrem.quant), ("prequant", self.prequant.quant)):
-            if lm and quant:
-                raise ConfigError(f"{section}.quant={quant}: {section} runs on GLUE tasks only, not on the "
-                                  f"language-modelling task(s) {lm}; set {section}.quant=[] or run those "
-                                  "tasks in another config")
+        if lm and self.prequant.quant:
+            raise ConfigError(f"prequant.quant={self.prequant.quant}: PreQuant runs on GLUE tasks only, not on "
+                              f"the language-modelling task(s) {lm}; set prequant.quant=[] or run those tasks in "
+                              "another config")
         for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant, self.cluster):
             section.validate()
 

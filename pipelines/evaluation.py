@@ -8,16 +8,19 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from pipelines import lm_eval, models
+from pipelines import checkpoints, lm_eval, models
 from pipelines.config import DataConfig, EvaluateConfig, RunConfig
 from pipelines.data import check_data, glue_task, load_split, tokenized_split
 from pipelines.errors import ConfigError
+from pipelines.part_loader import weight_files
+from pipelines.partition import UnsupportedModel, find_blocks
 from pipelines.tasks import GlueTask, check_task
 from pipelines.training import make_loader
 from quant import QuantConfig, calibrate, find_targets, quantize_model
@@ -199,6 +202,29 @@ def check_inputs(cfg: RunConfig, model: str) -> None:
     lm_eval.check_lm_tasks(cfg, model)
     check_group_sizes(model, "rtn", cfg.rtn.quant)
     check_group_sizes(model, "mrem", cfg.mrem.quant)
+    if cfg.mrem.quant:
+        check_splittable(model)
+
+
+def check_splittable(model: str) -> None:
+    """Before any work: MREM finds `model`'s stack of blocks (a skeleton built on the meta device from its
+    config), and a given checkpoint folder holds FP safetensors weights its module actors can read."""
+    config = models.model_config(model)
+    with torch.device("meta"):
+        skeleton = models.from_config(config.__class__.from_dict(config.to_dict()))
+    try:
+        find_blocks(skeleton)
+    except UnsupportedModel as err:
+        raise ConfigError(f"mrem.quant: model {model}: {err}; set mrem.quant=[] for this model") from None
+    if Path(model).is_dir() and (Path(model) / checkpoints.META_FILE).is_file():
+        fmt = checkpoints.read_meta(model)["format"]
+        if fmt != "fp":
+            raise ConfigError(f"mrem: {model} is a {fmt!r} checkpoint; MREM starts from an FP model (e.g. "
+                              "<output_dir>/<task>/finetune/model)")
+        try:
+            weight_files(Path(model))
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _input_width(layer: torch.nn.Module) -> int:

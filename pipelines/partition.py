@@ -80,7 +80,7 @@ def _config_layers(model: nn.Module) -> int | None:
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of the model's transformer blocks: `num_hidden_layers` modules of one class
-    (the largest such list when there are several)."""
+    (outermost: lists nested inside the blocks do not count)."""
     n = _config_layers(model)
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
@@ -90,7 +90,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"{type(model).__name__}: no stack of transformer blocks found (an nn.ModuleList of "
             f"{n if n is not None else 'num_hidden_layers'} identical blocks, as the model config's "
             "num_hidden_layers says); MREM splits models built on such a list")
-    return max(found, key=lambda item: (sum(p.numel() for p in item[1].parameters()), -len(item[0])))
+    stacks = [(name, m) for name, m in found if not any(name.startswith(other + ".") for other, _ in found)]
+    if len(stacks) > 1:
+        raise UnsupportedModel(f"{type(model).__name__}: several stacks of blocks ({', '.join(n for n, _ in stacks)}"
+                               "), as in encoder-decoder models; MREM splits models with one stack")
+    return stacks[0]
 
 
 class _Stop(Exception):
@@ -222,19 +226,20 @@ def _swapped(model: nn.Module, blocks: str, replacement: nn.ModuleList) -> Itera
 
 
 def prune_to_part(model: nn.Module, spec: PartSpec) -> nn.Module:
-    """Keep only the blocks (and prefix/suffix) of `spec`, in place; returns the model. Parameters the
-    module runs but does not own (a later module's prefix, tied embeddings) are frozen."""
+    """Keep only the blocks (and prefix/suffix) of `spec`, in place (again on a pruned model: no change);
+    returns the model. Parameters the module runs but does not own (a later module's prefix, tied
+    embeddings) are frozen."""
     lay = layout(model)
     block_list = model.get_submodule(lay.blocks)
     for i in range(lay.count):
-        if not spec.start <= i < spec.end:
+        if not spec.start <= i < spec.end and not isinstance(block_list[i], Skipped):
             block_list[i] = Skipped(block_list[i], lay.returns)
     if not spec.last:
         for name in lay.suffix:
             if not any(name.startswith(outer + ".") for outer in lay.suffix):  # the outermost modules
                 _set(model, name, Dropped())
-    if not spec.first and hasattr(model, "get_input_embeddings"):
-        emb = model.get_input_embeddings()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not spec.first and emb is not None and not isinstance(emb, ZeroEmbedding):
         model.set_input_embeddings(ZeroEmbedding(emb.weight.shape[1], emb.weight.dtype))
     owned = set(part_state(model, spec))
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -17,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _RAY_STATE: dict = {"kind": None, "cluster": None}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' models are tiny: in this process one torch thread is faster than two contending for
+    the cores with Ray workers (which set their own thread counts)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ray_stop() -> None:
     import ray
 

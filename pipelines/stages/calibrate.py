@@ -11,14 +11,15 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines import calibration, checkpoints, models
+from pipelines import calibration, models
 from pipelines.config import RunConfig, to_dict
-from pipelines.partition import split_layers
+from pipelines.evaluation import task_fragment
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
 
 KIND = "calibrate"
 TASK_CPUS = 1  # it runs the teacher in its own Ray task
 SETTINGS = ("calib_samples", "calib_batch_size", "shard_size", "seed")  # the mrem settings that decide it
+SHARDS = 2  # what a calibration folder holds (2: the model's layout in meta.json); older folders are not reused
 
 
 def name(task: str) -> str:
@@ -51,8 +52,8 @@ def modules(cfg: RunConfig) -> int:
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The data, the module count and the calibration settings; a user checkpoint by its weights."""
     mrem = to_dict(cfg.mrem)
-    out = {"task": stage.task, "data": to_dict(cfg.data), "modules": configured_modules(cfg),
-           "mrem": {k: mrem[k] for k in SETTINGS}}
+    out = {"task": stage.task, **task_fragment(stage.task), "data": to_dict(cfg.data),
+           "modules": configured_modules(cfg), "mrem": {k: mrem[k] for k in SETTINGS}, "shards": SHARDS}
     if stage.checkpoint:
         out["checkpoint"] = models.identity(stage.checkpoint)
     return out
@@ -75,10 +76,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     reused = meta is not None
     if not reused:
         checkpoint = input_checkpoint(stage, upstream)
-        teacher = checkpoints.load(checkpoint)
-        specs = split_layers(models.num_layers(checkpoint), k)
-        meta = calibration.record(teacher.model, teacher.tokenizer, stage.task, cfg.data, specs, m.calib_samples,
-                                  out, m.calib_batch_size, m.shard_size, m.seed)
+        meta = calibration.record(checkpoint, stage.task, cfg.data, k, m.calib_samples, out, m.calib_batch_size,
+                                  m.shard_size, m.seed)
     calib_s = time.time() - start
     print(f"[calibrate {stage.task}] {'reused' if reused else 'wrote'} {out}: {meta['num_samples']} samples x "
           f"{meta['seq_len']} tokens, {len(meta['layers'])} modules, {meta['nbytes'] / 2**20:.1f} MiB")

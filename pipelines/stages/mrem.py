@@ -28,7 +28,15 @@ from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
 from pipelines.cluster import WorkerResources, ensure_ray, spread_placement, worker_resources
 from pipelines.config import MremConfig, RunConfig, to_dict
-from pipelines.evaluation import EvalResult, calibration_batches, eval_metrics, evaluate_model, quantize_rtn, report_row
+from pipelines.evaluation import (
+    EvalResult,
+    calibration_batches,
+    eval_metrics,
+    evaluate_model,
+    quantize_rtn,
+    report_row,
+    task_fragment,
+)
 from pipelines.reconstruction import assemble, boundary_errors
 from pipelines.stages import calibrate
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative, upstream_of
@@ -61,8 +69,8 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     """The QuantConfig, the mrem settings that change the trained model, the data and the evaluation."""
     mrem = {k: v for k, v in to_dict(cfg.mrem).items() if k not in QUIET}
     mrem.update(quant=None, modules=calibrate.configured_modules(cfg))
-    return {"task": stage.task, "quant": _canonical(stage.quant), "data": to_dict(cfg.data),
-            "evaluate": to_dict(cfg.evaluate), "mrem": mrem}
+    return {"task": stage.task, **task_fragment(stage.task), "quant": _canonical(stage.quant),
+            "data": to_dict(cfg.data), "evaluate": to_dict(cfg.evaluate), "mrem": mrem}
 
 
 def settings(cfg: MremConfig, cpus: int) -> TrainerSettings:

@@ -8,9 +8,8 @@ import pytest
 
 from actors import fleet
 from actors.module_trainer import ModuleTrainer, TrainerSettings
-from pipelines import calibration, checkpoints
+from pipelines import calibration
 from pipelines.cluster import spread_placement, worker_resources
-from pipelines.partition import split_layers
 from pipelines.tracking import RunLogger
 
 pytestmark = pytest.mark.ray
@@ -18,15 +17,15 @@ pytestmark = pytest.mark.ray
 
 def _cache(teacher, data, folder, k: int, n: int):
     """Calibration shards of `teacher` for a K-module split, written to `folder` and put into the object store."""
-    loaded = checkpoints.load(teacher)
-    calibration.record(loaded.model, loaded.tokenizer, "sst2", data, split_layers(4, k), n, folder, shard_size=64)
+    calibration.record(teacher, "sst2", data, k, n, folder, shard_size=64)
     return calibration.load_into_store(folder)
 
 
 def _trainer(teacher, cache, spec, work_dir, steps, logger=None, **extra):
     settings = TrainerSettings(steps=steps, batch_size=16, lr=1e-4, lr_quant=1e-3, teacher_forcing_steps=0,
                                checkpoint_every=10, eval_samples=64, log_every=5, **extra)
-    return ModuleTrainer(spec, teacher, "w2a8", settings, cache.boundaries[spec.index], cache.boundaries[0],
+    return ModuleTrainer(spec, cache.layout, teacher, "w2a8", settings, cache.boundaries[spec.index],
+                         cache.boundaries[0],
                          cache.num_samples, cache.shard_size, str(work_dir), logger=logger)
 
 

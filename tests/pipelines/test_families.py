@@ -23,15 +23,6 @@ DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3
 FAMILIES = ENCODERS + DECODERS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str) -> torch.nn.Module:
     if name in ENCODERS:
         return models.load_classifier(name, 2, seed=0).eval()
@@ -138,3 +129,25 @@ def test_modules_loaded_from_safetensors_hold_only_their_share(name, tmp_path):
     assert torch.equal(x, _logits(model, batch))
     assert sizes[1] < 0.05 * resident_bytes(model)  # the middle module: its blocks, no embeddings or head
     assert max(sizes) < resident_bytes(model)
+
+
+def test_models_mrem_cannot_split_fail_before_work_with_the_reason(tmp_path):
+    from transformers import T5Config, T5ForSequenceClassification
+
+    from pipelines.errors import ConfigError
+    from pipelines.evaluation import check_splittable
+
+    T5ForSequenceClassification(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+                                         vocab_size=100)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ConfigError, match="several stacks of blocks .*encoder-decoder"):
+        check_splittable(str(tmp_path / "t5"))
+    model, tok = _model("tiny-llama"), _tokenizer("tiny-llama")
+    checkpoints.save(model, tok, tmp_path / "fp", {"task": "wikitext2"})
+    check_splittable(str(tmp_path / "fp"))
+    quantize_rtn(model, QuantConfig.parse("w8a8"), [_batch("tiny-llama")])
+    checkpoints.save(model, tok, tmp_path / "packed", {"task": "wikitext2"}, fmt="packed")
+    with pytest.raises(ConfigError, match="'packed' checkpoint; MREM starts from an FP model"):
+        check_splittable(str(tmp_path / "packed"))
+    (tmp_path / "fp" / "model.safetensors").rename(tmp_path / "fp" / "weights.bin")
+    with pytest.raises(ConfigError, match="holds no safetensors weights"):
+        check_splittable(str(tmp_path / "fp"))

@@ -141,12 +141,12 @@ def test_hub_task_joins_the_text_column(monkeypatch):
     assert lm_eval.read_text("hub:x", spec.evaluation) == "d"
 
 
-def test_mrem_and_prequant_refuse_lm_tasks_and_glue_mixes_with_lm():
-    for section in ("mrem", "prequant"):
-        with pytest.raises(ConfigError, match=rf"{section}.quant=\['w4a8'\]: {section} runs on GLUE tasks only, "
-                                              r"not on the language-modelling task\(s\) wikitext2"):
-            load_config(None, ["tasks=[sst2,wikitext2]", f"{section}.quant=[w4a8]"])
-    assert load_config(None, ["tasks=[sst2,wikitext2]", "rtn.quant=[w8a8]"]).tasks == ["sst2", "wikitext2"]
+def test_prequant_refuses_lm_tasks_and_mrem_takes_them():
+    with pytest.raises(ConfigError, match=r"prequant.quant=\['w4'\]: PreQuant runs on GLUE tasks only, "
+                                          r"not on the language-modelling task\(s\) wikitext2"):
+        load_config(None, ["tasks=[sst2,wikitext2]", "prequant.quant=[w4]"])
+    cfg = load_config(None, ["tasks=[sst2,wikitext2]", "rtn.quant=[w8a8]", "mrem.quant=[w4a8]"])
+    assert cfg.tasks == ["sst2", "wikitext2"] and cfg.mrem.quant == ["w4a8"]
 
 
 # --- tokens and windows -----------------------------------------------------------------------------------
@@ -350,3 +350,27 @@ def test_adopt_evaluate_rtn_on_tiny_llama_reports_ppl(ray_session, mlflow_uri, t
     metrics = {r.info.run_name: r.data.metrics for r in runs}
     assert metrics["evaluate/wikitext2/fp"]["eval_ppl"] == pytest.approx(direct.metrics["ppl"])
     assert metrics["rtn/wikitext2/w8a8"]["eval_ppl"] == pytest.approx(rows["rtn-w8a8"]["value"], abs=0.01)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mrem_parallel_on_a_causal_lm_reports_ppl(ray_session, mlflow_uri, tmp_path, cache_dir):
+    """Calibration windows of the LM text, two module actors loading only their blocks, ppl in the report."""
+    cfg = load_config(None, ["model=tiny-llama", "tasks=[wikitext2]", f"output_dir={tmp_path / 'out'}",
+                             "experiment=lm-mrem", "data.max_length=32", "data.eval_examples=8",
+                             f"data.cache_dir={cache_dir}", "evaluate.batch_size=4", "mrem.quant=[w4g16]",
+                             "mrem.modules=2", "mrem.steps=6", "mrem.batch_size=4", "mrem.calib_samples=16",
+                             "mrem.calib_batch_size=8", "mrem.shard_size=8", "mrem.eval_samples=8",
+                             "mrem.checkpoint_every=3", "mrem.log_every=3"])
+    from pipelines.runner import run
+
+    summary = run(cfg)
+    rows = {r["method"]: r for r in summary.rows}
+    assert rows["mrem-parallel-w4g16a16"]["metric"] == "ppl" and rows["mrem-parallel-w4g16a16"]["value"] > 1
+    cal = summary.outcomes["calibrate/wikitext2"]["info"]
+    assert cal["calib_samples"] == 16 and cal["modules"] == 2
+    info = summary.outcomes["mrem/wikitext2/w4g16a16-parallel"]["info"]
+    assert [s["layers"] for s in info["modules_stats"]] == [[0, 2], [2, 4]]
+    assert len(info["chain_errors"]) == 2 and all(e > 0 for e in info["chain_errors"])
+    loaded = checkpoints.load(info["checkpoint"])
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.meta["format"] == "packed"

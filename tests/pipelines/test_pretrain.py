@@ -44,14 +44,6 @@ TINY = ["model.preset=tiny-gpt2", "model.block_size=32", "data.vocab_size=300", 
 RECIPES = ["fp", "w8", "w4", "a8", "g8", "gx8", "gw8", "m8v8", "m4", "w8a8", "w8a8g8gw8m8v8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first 100k characters of tinyshakespeare (fast to tokenize) and a shared cache."""

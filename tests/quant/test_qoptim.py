@@ -19,14 +19,6 @@ from quant.qoptim import (
 SHAPE = (64, 64)  # 4096 values: 16 blocks of 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def quadratic_run(m=None, v=None, steps=200, lr=2e-2, noise=0.5, seed=0):
     """Noisy quadratic 0.5 * sum h (x - x*)^2 with curvatures over two decades.
     Returns (final params, loss per step, optimizer)."""

@@ -12,15 +12,6 @@ from quant.config import TensorQuant
 from quant.qtrain import QTrainLinear, Recipe, convert_qtrain, make_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ref_quant(x: torch.Tensor, bits: int, dim: int | None) -> torch.Tensor:
     """Independent reference: symmetric absmax fake quantization, nearest, per `dim` slice."""
     qmax = 2 ** (bits - 1) - 1
