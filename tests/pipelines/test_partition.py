@@ -84,3 +84,22 @@ def test_layout_finds_blocks_prefix_and_suffix():
 def test_a_model_without_a_block_stack_fails_naming_what_was_missing():
     with pytest.raises(UnsupportedModel, match="no stack of transformer blocks"):
         layout(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_calibration_streamed_module_by_module_equals_the_whole_model(tiny_teacher, tiny_data, tmp_path):
+    """`calibration.record` holds one module at a time; its boundaries are the whole model's."""
+    import numpy as np
+
+    from pipelines import calibration, checkpoints
+
+    meta = calibration.record(tiny_teacher, "sst2", tiny_data, 3, 20, tmp_path / "c", batch_size=8, shard_size=8)
+    assert meta["layers"] == [[0, 2], [2, 3], [3, 4]] and meta["layout"]["blocks"] == "bert.encoder.layer"
+    shard = {b: np.concatenate([calibration.read_shard(d)["hidden" if b else "input_ids"]
+                                for d in sorted((tmp_path / "c" / f"b{b}").iterdir())]) for b in range(3)}
+    tokens = {k: np.concatenate([calibration.read_shard(d)[k] for d in sorted((tmp_path / "c" / "b0").iterdir())])
+              for k in ("input_ids", "attention_mask", "token_type_ids")}
+    model = checkpoints.load(tiny_teacher).model
+    ids, mask, tt = (torch.from_numpy(tokens[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    with torch.no_grad():
+        _, outs = part_forward(model, split_layers(4, 1)[0], ids, mask, tt)
+    assert np.allclose(shard[1], outs[1].numpy(), atol=1e-6) and np.allclose(shard[2], outs[2].numpy(), atol=1e-6)
