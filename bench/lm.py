@@ -1,0 +1,181 @@
+"""Causal-LM figures: WikiText-2 test perplexity of RTN, GPTQ, MREM-S and MREM-P on plmq's pretrained decoder.
+
+    python -m bench.lm --decoder ~/.cache/plmq/lm-decoder/pretrain/.../model        # every config and method
+    python -m bench.lm --decoder DIR --configs w2g64 --methods gptq mrem_p            # a subset (kept beside the rest)
+    python -m bench.lm --decoder DIR --memory                                         # peak RSS per actor vs K
+    python -m bench.lm --decoder tiny-llama --smoke                                   # the whole bench in a minute
+    python -m bench.lm --write-only                                                   # lm.md again from lm.json
+
+The decoder is `plmq pretrain configs/lm-decoder.yaml`'s model folder. Each method runs through
+pipelines.runner.run on the task `wikitext2` (calibration: WikiText-2 valid, evaluation: WikiText-2 test in
+non-overlapping windows of the decoder's context), from the FP model the task adopts; the store resumes an
+interrupted bench. Writes bench/results/lm.json and .md (each figure with its command) and logs them to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import common
+
+ROOT = common.ROOT
+RESULTS = ROOT / "bench" / "results" / "lm.json"
+CONFIGS = ["w4g128", "w3g128", "w2g64", "w4a8"]
+METHODS = {"rtn": ("rtn", []), "gptq": ("gptq", []), "mrem_s": ("mrem", ["mrem.mode=sequential"]),
+           "mrem_p": ("mrem", ["mrem.mode=parallel"])}
+BASE = ["tasks=[wikitext2]", "rtn.calib_samples=128", "gptq.calib_samples=128", "mrem.calib_samples=128",
+        "mrem.modules=2", "mrem.steps=300", "mrem.batch_size=4", "mrem.lr=1e-4", "mrem.eval_samples=32"]
+SMOKE = ["data.max_length=32", "data.eval_examples=8", "evaluate.batch_size=4", "rtn.calib_samples=8",
+         "gptq.calib_samples=8", "mrem.calib_samples=16", "mrem.steps=4", "mrem.shard_size=8",
+         "mrem.calib_batch_size=8", "mrem.eval_samples=8"]
+
+
+def config(args, *more: str):
+    from pipelines.config import load_config
+
+    context = [] if args.smoke else [f"data.max_length={decoder_context(args.decoder)}"]
+    return load_config(None, [f"model={args.decoder}", f"output_dir={args.out_dir}", "experiment=bench-lm",
+                              *BASE, *context, *(SMOKE if args.smoke else []), *args.set, *more])
+
+
+def decoder_context(decoder: str) -> int:
+    from pipelines import models
+
+    hf = models.model_config(decoder)
+    return int(getattr(hf, "max_position_embeddings", None) or hf.n_positions)
+
+
+def run_method(args, method: str, quant: str) -> tuple[float, float, dict]:
+    """(ppl, FP ppl, details) of one method at one QuantConfig."""
+    from pipelines import runner
+
+    section, extra = METHODS[method]
+    cfg = config(args, f"{section}.quant=[{quant}]", *extra)
+    start = time.time()
+    summary = runner.run(cfg, name=f"bench-lm-{method}-{quant}")
+    rows = {r["method"]: r for r in summary.rows}
+    mine = next(r for m, r in rows.items() if m.startswith(f"{section}-"))
+    detail = {"stage_wall_s": mine["wall_s"], "run_s": round(time.time() - start, 1)}
+    if section == "mrem":
+        outcome = next(o for name, o in summary.outcomes.items() if name.startswith("mrem/"))
+        info = outcome["info"]
+        detail.update({k: info.get(k) for k in ("train_s", "calib_s", "modules")},
+                      module_errors=info.get("chain_errors"), rtn_module_errors=info.get("rtn_chain_errors"),
+                      peak_rss_mb=[s.get("peak_rss_mb") for s in info.get("modules_stats", [])])
+    return mine["value"], rows["fp"]["value"], detail
+
+
+def peak_rss(args, k: int) -> list[float]:
+    """Peak RSS (MB) of each module actor of an MREM-P run with K modules (a few steps)."""
+    _, _, detail = run_method(argparse.Namespace(**{**vars(args), "set": [*args.set, f"mrem.modules={k}",
+                                                                          "mrem.steps=5"]}), "mrem_p", "w4a8")
+    return detail["peak_rss_mb"]
+
+
+SINGLE = """
+import copy, resource, sys, torch
+from pipelines import checkpoints
+from pipelines import reconstruction as rc
+from pipelines.partition import split_layers, layout
+model = checkpoints.load(sys.argv[1]).model
+spec = split_layers(layout(model).count, 1)[0]
+student, teacher = rc.student_and_teacher(model, spec, "w4a8")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def single_process_rss(decoder: str) -> float:
+    """Peak RSS (MB) of one process holding the whole model as MREM's student and teacher (no split)."""
+    from pipelines import models
+
+    path = decoder if Path(decoder).is_dir() else models.resolve(decoder)
+    out = subprocess.run([sys.executable, "-c", SINGLE, path], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"configs": {}, "commands": {}}
+
+
+def markdown(results: dict) -> str:
+    rows = []
+    for quant, fig in results.get("configs", {}).items():
+        row = {"config": quant, "fp": results.get("fp_ppl")}
+        row.update({m: fig.get(m) for m in METHODS})
+        row.update({f"{m}_s": fig.get("wall_s", {}).get(m) for m in METHODS})
+        rows.append(row)
+    mem = results.get("peak_rss_mb", {})
+    lines = [f"# Causal-LM quantization on plmq's pretrained decoder (WikiText-2 test ppl, context "
+             f"{results.get('context')})", "", f"Model: {json.dumps(results.get('model', {}))}", "",
+             common.markdown_table(rows) if rows else "(no figures yet)", "",
+             f"Peak RSS per actor (MB): {json.dumps(mem)}", "", "Commands:", ""]
+    lines += [f"- `{key}`: `{cmd}`" for key, cmd in results.get("commands", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder", default=None)
+    parser.add_argument("--configs", nargs="*", default=CONFIGS)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--out-dir", default="runs/bench-lm")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets; writes nothing to bench/results")
+    parser.add_argument("--write-only", action="store_true")
+    args = parser.parse_args()
+    results = load()
+    command = "python -m bench.lm " + " ".join(sys.argv[1:])
+    if not args.write_only:
+        if not args.decoder:
+            raise SystemExit("--decoder: the pretrained decoder's model folder (plmq pretrain configs/lm-decoder.yaml)")
+        results["context"] = decoder_context(args.decoder)
+        results["model"] = {"path": args.decoder, **model_facts(args.decoder)}
+        if args.memory:
+            results["peak_rss_mb"] = {"single_process": single_process_rss(args.decoder),
+                                      **{f"k{k}": peak_rss(args, k) for k in (1, 2)}}
+            results["commands"]["peak_rss_mb"] = command
+        else:
+            record_methods(args, results, command)
+    if args.smoke:
+        print(markdown(results))
+        return
+    common.write_results(RESULTS, results, markdown(results))
+    print(markdown(results))
+
+
+def record_methods(args, results: dict, command: str) -> None:
+    """Run each method at each config, writing lm.json after every figure (an interrupted bench keeps them)."""
+    for quant in args.configs:
+        for method in args.methods:
+            ppl, fp, detail = run_method(args, method, quant)
+            fig = results["configs"].setdefault(quant, {"wall_s": {}, "details": {}})
+            fig[method], fig["wall_s"][method], fig["details"][method] = ppl, detail["stage_wall_s"], detail
+            results["fp_ppl"] = fp
+            results["commands"][f"{quant}/{method}"] = command
+            if not args.smoke:
+                common.write_results(RESULTS, results, markdown(results))
+    p = {q: f for q, f in results["configs"].items() if f.get("mrem_s") and f.get("mrem_p")}
+    if p:
+        s = [f["wall_s"]["mrem_s"] / f["wall_s"]["mrem_p"] for f in p.values() if f["wall_s"].get("mrem_p")]
+        results["speedup_p2_vs_s"] = round(sum(s) / len(s), 2) if s else None
+
+
+def model_facts(decoder: str) -> dict:
+    from pipelines import checkpoints, models
+
+    hf = models.model_config(decoder)
+    facts = {"architecture": (getattr(hf, "architectures", None) or [type(hf).__name__])[0],
+             "layers": hf.num_hidden_layers, "hidden": hf.hidden_size, "vocab": hf.vocab_size}
+    if Path(decoder).is_dir():
+        meta = checkpoints.read_meta(decoder)
+        facts.update({k: meta[k] for k in ("params", "tokens_seen", "val_ppl", "steps") if k in meta})
+    return facts
+
+
+if __name__ == "__main__":
+    main()
