@@ -143,9 +143,12 @@ def resolve_resources(cfg: RunConfig, model: str | None = None) -> RunConfig:
         actor = actor_resources(mrem).bundle  # K actors of gpus_per_actor share a node's G GPUs: K * share <= G
         room = _check_fits("mrem (cpus_per_actor, use_gpu, gpus_per_actor)", actor, caps)
         mrem = dataclasses.replace(mrem, modules=mrem_modules(mrem, room, num_layers(model or cfg.model)))
+        if mrem.modules > room and not cfg.cluster.autoscaler_config:  # every module's actor runs at once
+            hint = ", or share GPUs (mrem.gpus_per_actor=0.5)" if "GPU" in actor else ""
+            raise_short("mrem.modules", mrem.modules, actor, hint)
     return dataclasses.replace(cfg, finetune=ft, mrem=mrem)
 
 
-def raise_short(key: str, wanted: int, request: dict) -> None:
+def raise_short(key: str, wanted: int, request: dict, hint: str = "") -> None:
     raise ConfigError(f"{key}={wanted}: the cluster cannot hold {wanted} workers of {request} at once; "
-                      "lower it or add nodes")
+                      f"lower it or add nodes{hint}")

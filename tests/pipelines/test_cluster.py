@@ -116,3 +116,6 @@ def test_k_counts_actors_sharing_one_gpu(ray_one_fake_gpu):
     assert resolve_resources(cfg("mrem.gpus_per_actor=0.25")).mrem.modules == 2  # the 2 CPUs bound it
     with pytest.raises(ConfigError, match="gpus_per_actor"):
         resolve_resources(cfg("mrem.gpus_per_actor=2"))
+    with pytest.raises(ConfigError, match=r"mrem.modules=2: the cluster cannot hold 2 .* share GPUs"):
+        resolve_resources(cfg("mrem.modules=2"))  # a whole GPU each: the second actor would wait for the first
+    assert resolve_resources(cfg("mrem.modules=2", "mrem.gpus_per_actor=0.5")).mrem.modules == 2
