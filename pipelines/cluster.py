@@ -44,21 +44,32 @@ class WorkerResources:
     def as_options(self) -> dict:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
+    @property
+    def bundle(self) -> dict:
+        """One worker's placement-group bundle (and the request resolve_resources checks against nodes)."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.use_gpu else {})}
 
-def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1) -> WorkerResources:
+
+def worker_resources(use_gpu: str = "auto", cpus_per_worker: int = 1, gpus_per_worker: float = 1.0) -> WorkerResources:
     """`use_gpu`: "auto" (GPU when the cluster has any now), "true" or "false". "true" on a cluster
     with no GPU node yet is allowed: an autoscaler may add them (resolve_resources checks the
-    node types, and placement waits with a timeout)."""
+    node types, and placement waits with a timeout). `gpus_per_worker`: what a worker on a GPU asks
+    for; a share below 1 lets workers share a GPU (0.5: two per GPU)."""
     if use_gpu not in ("auto", "true", "false"):
         raise ValueError(f"use_gpu={use_gpu!r}: use auto, true or false")
     gpu = cluster_gpus() > 0 if use_gpu == "auto" else use_gpu == "true"
-    return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=1.0 if gpu else 0.0)
+    return WorkerResources(use_gpu=gpu, num_cpus=cpus_per_worker, num_gpus=float(gpus_per_worker) if gpu else 0.0)
+
+
+def actor_resources(mrem: MremConfig) -> WorkerResources:
+    """What one MREM module actor asks for: mrem.cpus_per_actor CPUs and, on GPUs, mrem.gpus_per_actor."""
+    return worker_resources(mrem.use_gpu, mrem.cpus_per_actor, mrem.gpus_per_actor)
 
 
 def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None) -> PlacementGroup:
     """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
     ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
-    bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.use_gpu else {})}
+    bundle = res.bundle
     pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
@@ -79,9 +90,12 @@ def node_capacities(autoscaler_config: str | None = None) -> list[dict]:
     return caps
 
 
+RESOURCE_UNIT = 10_000  # Ray counts resources in units of 1/10,000 (fractional GPUs such as 0.5)
+
+
 def _fits(request: dict, cap: dict) -> int:
-    """How many `request`s one node of capacity `cap` holds."""
-    counts = [int(cap.get(k, 0) // v) for k, v in request.items() if v > 0]
+    """How many `request`s one node of capacity `cap` holds (in Ray's units, so 1 GPU holds ten 0.1s)."""
+    counts = [round(cap.get(k, 0) * RESOURCE_UNIT) // round(v * RESOURCE_UNIT) for k, v in request.items() if v > 0]
     return min(counts) if counts else 0
 
 
@@ -121,17 +135,20 @@ def resolve_resources(cfg: RunConfig, model: str | None = None) -> RunConfig:
     has_gpu = any(c.get("GPU", 0) >= 1 for c in caps)
     ft = dataclasses.replace(cfg.finetune, use_gpu=_resolve_gpu("finetune", cfg.finetune.use_gpu, has_gpu))
     mrem = dataclasses.replace(cfg.mrem, use_gpu=_resolve_gpu("mrem", cfg.mrem.use_gpu, has_gpu))
-    worker = {"CPU": ft.cpus_per_worker, "GPU": 1 if ft.use_gpu == "true" else 0}
+    worker = worker_resources(ft.use_gpu, ft.cpus_per_worker).bundle
     room = _check_fits("finetune (cpus_per_worker, use_gpu)", worker, caps)
     if room < ft.num_workers and not cfg.cluster.autoscaler_config:
         raise_short("finetune.num_workers", ft.num_workers, worker)
     if mrem.quant:
-        actor = {"CPU": mrem.cpus_per_actor, "GPU": 1 if mrem.use_gpu == "true" else 0}
-        room = _check_fits("mrem (cpus_per_actor, use_gpu)", actor, caps)
+        actor = actor_resources(mrem).bundle  # K actors of gpus_per_actor share a node's G GPUs: K * share <= G
+        room = _check_fits("mrem (cpus_per_actor, use_gpu, gpus_per_actor)", actor, caps)
         mrem = dataclasses.replace(mrem, modules=mrem_modules(mrem, room, num_layers(model or cfg.model)))
+        if mrem.modules > room and not cfg.cluster.autoscaler_config:  # every module's actor runs at once
+            hint = ", or share GPUs (mrem.gpus_per_actor=0.5)" if "GPU" in actor else ""
+            raise_short("mrem.modules", mrem.modules, actor, hint)
     return dataclasses.replace(cfg, finetune=ft, mrem=mrem)
 
 
-def raise_short(key: str, wanted: int, request: dict) -> None:
+def raise_short(key: str, wanted: int, request: dict, hint: str = "") -> None:
     raise ConfigError(f"{key}={wanted}: the cluster cannot hold {wanted} workers of {request} at once; "
-                      "lower it or add nodes")
+                      f"lower it or add nodes{hint}")

@@ -152,6 +152,7 @@ class MremConfig:
     eval_samples: int = 256
     use_gpu: str | bool = "auto"     # auto | true | false (YAML booleans accepted)
     cpus_per_actor: int = 1
+    gpus_per_actor: float = 1.0      # on GPUs: a share of one (0.5: two actors per GPU) or whole GPUs
     placement_timeout_s: float = 900.0  # waiting for actor resources (an autoscaler adding nodes)
     max_restarts: int = 2
     seed: int = 0
@@ -176,6 +177,10 @@ class MremConfig:
             raise ConfigError(f"mrem.modules={self.modules}: must be >= 1 or null")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"mrem.use_gpu={self.use_gpu!r}: use auto, true or false")
+        g = self.gpus_per_actor
+        if not (math.isfinite(g) and (0 < g <= 1 and round(g, 4) == g or g >= 1 and g == int(g))):
+            raise ConfigError(f"mrem.gpus_per_actor={g}: a share of one GPU in (0, 1] with at most 4 decimals, or a "
+                              "whole number of GPUs; e.g. 0.5 puts two module actors on one GPU")
         parse_quant_list("mrem", self.quant, "MREM needs quantized weights")
 
 

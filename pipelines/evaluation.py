@@ -37,6 +37,7 @@ class EvalResult:
     examples: int
     examples_per_s: float
     extra: dict = field(default_factory=dict)
+    device: str = "cpu"                # where the model ran (cuda when this process sees a GPU)
 
     @property
     def main(self) -> float:
@@ -121,7 +122,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, task: str, data: DataConfi
         print(f"[evaluate {task}] WARNING: {extra['warning']}")
     return EvalResult(task=task, metrics=metrics, main_metric=main_metric_name(spec),
                       model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
-                      examples=total, examples_per_s=float(np.mean(rates)), extra=extra)
+                      examples=total, examples_per_s=float(np.mean(rates)), extra=extra, device=device)
 
 
 def evaluate_lm(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, cfg: EvaluateConfig,
@@ -132,7 +133,8 @@ def evaluate_lm(model: torch.nn.Module, tokenizer, task: str, data: DataConfig, 
              "tokens_per_s": p.tokens / max(p.seconds, 1e-9)}
     return EvalResult(task=task, metrics={"ppl": p.ppl, "nll": p.nll}, main_metric="ppl",
                       model_bytes=model_bytes if model_bytes is not None else models.param_bytes(model),
-                      examples=p.windows, examples_per_s=p.windows / max(p.seconds, 1e-9), extra=extra)
+                      examples=p.windows, examples_per_s=p.windows / max(p.seconds, 1e-9), extra=extra,
+                      device=device)
 
 
 def eval_metrics(result: EvalResult) -> dict[str, float]:

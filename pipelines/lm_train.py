@@ -337,4 +337,5 @@ def _result(cfg: PretrainRunConfig, data: LMData, run: TrainRun, recipe: Recipe,
             "opt_state_bytes": run.optimizer.state_bytes(), "step_s": sum(timed) / max(len(timed), 1),
             "step_cpu_s": sum(cpu) / max(len(cpu), 1),
             "params": sum(p.numel() for p in run.inner.parameters()), "quantized_layers": len(converted),
+            "device": str(next(run.inner.parameters()).device),
             "vocab_size": data.vocab_size, "history": run.history}

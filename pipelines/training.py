@@ -139,9 +139,19 @@ def run_loop(cfg: dict, setup, save) -> None:
         if step < total:  # epoch boundary: a resumable checkpoint
             _report(step, loss_avg, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "step": step})
+    train_s = time.time() - start
     meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
-            "train_examples": len(loader.dataset), "config_key": cfg["key"], **memory_stats(optimizer)}
+            "train_examples": len(loader.dataset), "config_key": cfg["key"], **memory_stats(optimizer),
+            **throughput(inner, step - start_step, ft.batch_size, train_s)}
     _report(step, loss_avg, None, lambda d: save(inner, tokenizer, d, meta, optimizer))
+
+
+def throughput(model: torch.nn.Module, steps: int, batch_size: int, train_s: float) -> dict:
+    """Where the worker trained (its parameters' device, e.g. cuda:0) and how fast: examples per second over
+    all workers (batch_size per worker and step), counting the steps of this attempt only."""
+    examples = steps * batch_size * ray.train.get_context().get_world_size()
+    return {"device": str(next(model.parameters()).device), "train_s": round(train_s, 2),
+            "examples_per_s": round(examples / max(train_s, 1e-9), 1)}
 
 
 def memory_stats(optimizer: torch.optim.Optimizer) -> dict:

@@ -72,6 +72,15 @@ def ray_fake_gpus():
 
 
 @pytest.fixture
+def ray_one_fake_gpu():
+    """Ray with 2 logical CPUs and one fake GPU: a node whose one GPU module actors share (fractional num_gpus)."""
+    import ray
+
+    _ray_use("one_fake_gpu", lambda: _init(ray, num_cpus=2, num_gpus=1))
+    yield ray
+
+
+@pytest.fixture
 def ray_two_nodes():
     """A head and a second node in one machine (`ray.cluster_utils.Cluster`)."""
     import ray

@@ -97,7 +97,9 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
     loss, wall_s = float(result.metrics.get("loss", float("nan"))), time.time() - start
     meta = checkpoints.update_meta(out / "model", final_loss=loss, wall_s=round(wall_s, 1))
     info = {"train_examples": len(load_tokenized(train_path)), "epochs": ft.epochs, "steps": meta["steps"],
-            "final_loss": loss, "wall_s": wall_s}
+            "final_loss": loss, "wall_s": wall_s, "train_s": meta.get("train_s"),
+            "examples_per_s": meta.get("examples_per_s"), "device": meta.get("device")}
     return StageResult(outputs=relative(out / "model", ctx.root), checkpoint=str(out / "model"),
-                       metrics={k: v for k, v in info.items() if k != "epochs"}, info=info,
+                       metrics={k: v for k, v in info.items() if isinstance(v, (int, float)) and k != "epochs"},
+                       info=info,
                        resources=train_resources(ft))

@@ -2,7 +2,8 @@
 
 The fine-tuned model is split into K modules (the calibrate stage recorded the teacher's
 activations at their boundaries); one `ModuleTrainer` actor per module (one GPU each when the
-cluster has GPUs) reads its shards from the object store and trains its quantized module:
+cluster has GPUs, or a share of one: mrem.gpus_per_actor) reads its shards from the object store
+and trains its quantized module:
 - parallel (MREM-P): all modules at once; module k's student input mixes the teacher's input
   with module k-1's quantized outputs, which k-1 pushes to k directly (annealed teacher forcing);
 - sequential (MREM-S): module k starts after k-1, fed k-1's quantized outputs;
@@ -26,7 +27,7 @@ from actors import fleet
 from actors.module_trainer import TrainerSettings
 from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
-from pipelines.cluster import WorkerResources, ensure_ray, spread_placement, worker_resources
+from pipelines.cluster import WorkerResources, actor_resources, ensure_ray, spread_placement
 from pipelines.config import MremConfig, RunConfig, to_dict
 from pipelines.evaluation import (
     EvalResult,
@@ -45,7 +46,7 @@ from quant import QuantConfig
 
 KIND = "mrem"
 TASK_CPUS = 0  # its module actors ask for their own resources
-QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir"}  # do not change the result
+QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir", "gpus_per_actor"}  # not the result
 MODULE_METRICS = ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "pushed_bytes",
                   "pulled_bytes", "resumed_from_step", "repeated_batches", "waited_for_predecessor_s")
 
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     cal = upstream_of(upstream, calibrate.KIND)
     cache = calibration.load_into_store(calibrate.cache_folder(cal, Path(ctx.root)))
     load_s = time.time() - start
-    res = worker_resources(m.use_gpu, m.cpus_per_actor)
+    res = actor_resources(m)
     stats, states, train_s = train(m, checkpoint, quant, cache, work_dir, res, ctx, f"{quant}-{m.mode}")
     for s in stats:
         if s["restarted"] or s["resumed_from_step"]:
@@ -102,7 +103,7 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
             print(f"[mrem {stage.task}] module {s['module']} resumed from step {s['resumed_from_step']}{again}")
     result, packed, errors = export_and_evaluate(cfg, stage, quant, checkpoint, states, cache, out / "model")
     wall_s = time.time() - start
-    resources = {"cpus": len(stats) * m.cpus_per_actor, "gpus": len(stats) if res.use_gpu else 0}
+    resources = {"cpus": len(stats) * res.num_cpus, "gpus": len(stats) * res.num_gpus}
     restarts = sum(bool(s["restarted"]) for s in stats)
     info = {"quant_config": quant, "mode": m.mode, "modules": len(stats), "checkpoint": str(out / "model"),
             "packed_bytes": packed, "calib_samples": cache.num_samples, "calib_bytes": cache.nbytes,
@@ -183,6 +184,8 @@ def finish_module_runs(ctx: Context, run_ids: list[str | None], stats: list[dict
     for run_id, s in zip(run_ids, stats):
         for key in MODULE_METRICS:
             client.log_metric(run_id, key, float(s[key] or 0))
+        if s.get("peak_cuda_mb") is not None:  # on a GPU only
+            client.log_metric(run_id, "peak_cuda_mb", float(s["peak_cuda_mb"]))
         client.set_tag(run_id, "restarted", str(s["restarted"]))
         client.set_terminated(run_id)
 

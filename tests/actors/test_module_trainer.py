@@ -9,7 +9,8 @@ import pytest
 from actors import fleet
 from actors.module_trainer import ModuleTrainer, TrainerSettings
 from pipelines import calibration
-from pipelines.cluster import spread_placement, worker_resources
+from pipelines.cluster import actor_resources, spread_placement, worker_resources
+from pipelines.config import MremConfig
 from pipelines.tracking import RunLogger
 
 pytestmark = pytest.mark.ray
@@ -104,6 +105,30 @@ def test_four_actors_get_distinct_fake_gpus(ray_fake_gpus, tiny_teacher, tiny_da
     gpu_ids = [w["gpu_ids"] for w in where]
     assert all(len(g) == 1 for g in gpu_ids) and len({g[0] for g in gpu_ids}) == 4
     assert {w["device"] for w in where} == {"cpu"}  # logical GPUs, no CUDA here: tensors stay on the CPU
+
+
+def test_two_actors_share_one_gpu_at_half_a_gpu_each(ray_one_fake_gpu, tiny_teacher, tiny_data, tmp_path):
+    """mrem.gpus_per_actor=0.5 on a node with one GPU: both module actors are placed at once, on the same GPU;
+    with a whole GPU each, the second cannot be placed."""
+    import torch
+
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
+    res = actor_resources(MremConfig(use_gpu="auto", gpus_per_actor=0.5))
+    assert res.use_gpu and res.as_options() == {"num_cpus": 1, "num_gpus": 0.5}
+    pg = spread_placement(res, 2, timeout_s=60)
+    trainers = []
+    try:
+        trainers = fleet.launch(cache.specs, tiny_teacher, "w4a8", TrainerSettings(), cache, str(tmp_path / "w"),
+                                "half", "parallel", res.as_options(), pg, [None] * 2, res.torch_device)
+        where = ray_one_fake_gpu.get([t.placement.remote() for t in trainers])  # both alive, each answering
+        assert ray_one_fake_gpu.available_resources().get("GPU", 0) == 0  # the one GPU is held by the two halves
+    finally:
+        fleet.stop(trainers)
+        ray_one_fake_gpu.util.remove_placement_group(pg)
+    assert [w["gpu_ids"] for w in where] == [["0"], ["0"]] and len({w["node_id"] for w in where}) == 1
+    assert {w["device"] for w in where} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    with pytest.raises(TimeoutError, match="could not place them"):
+        spread_placement(actor_resources(MremConfig(use_gpu="auto")), 2, timeout_s=2)
 
 
 def test_run_logger_travels_to_actors_and_logs_there(mlflow_uri):

@@ -86,3 +86,36 @@ def test_k_follows_the_model_mrem_splits(ray_session):
     cfg = load_config(None, ["model=minilm-l6", "mrem.quant=[w4a8]", f"cluster.autoscaler_config={cluster_yaml}"])
     assert resolve_resources(cfg).mrem.modules == 6
     assert resolve_resources(cfg, model="tiny-bert").mrem.modules == 4
+
+
+def test_gpu_shares_count_in_ray_units():
+    """K actors of gpus_per_actor fit a node with G GPUs when K * gpus_per_actor <= G (no float rounding loss)."""
+    from pipelines.cluster import _fits, actor_resources
+    from pipelines.config import MremConfig
+
+    one_gpu = {"CPU": 16, "GPU": 1}
+    assert [_fits({"CPU": 1, "GPU": g}, one_gpu) for g in (1.0, 0.5, 0.25, 0.1)] == [1, 2, 4, 10]
+    assert _fits({"CPU": 1, "GPU": 2}, {"CPU": 16, "GPU": 4}) == 2
+    half = actor_resources(MremConfig(use_gpu="true", gpus_per_actor=0.5, cpus_per_actor=2))
+    assert half.as_options() == {"num_cpus": 2, "num_gpus": 0.5} and half.bundle == {"CPU": 2, "GPU": 0.5}
+    assert actor_resources(MremConfig(use_gpu="false", gpus_per_actor=0.5)).bundle == {"CPU": 1}
+
+
+@pytest.mark.ray
+def test_k_counts_actors_sharing_one_gpu(ray_one_fake_gpu):
+    """One node with 2 CPUs and 1 GPU: half a GPU per actor holds K = 2 module actors, a whole GPU K = 1."""
+    from pipelines.cluster import resolve_resources
+    from pipelines.config import ConfigError, load_config
+
+    def cfg(*more: str):
+        return load_config(None, ["model=tiny-bert", "mrem.quant=[w4a8]", *more])
+
+    assert resolve_resources(cfg("mrem.gpus_per_actor=0.5")).mrem.modules == 2
+    assert resolve_resources(cfg("mrem.gpus_per_actor=0.5")).mrem.use_gpu == "true"  # auto: the node has a GPU
+    assert resolve_resources(cfg()).mrem.modules == 1
+    assert resolve_resources(cfg("mrem.gpus_per_actor=0.25")).mrem.modules == 2  # the 2 CPUs bound it
+    with pytest.raises(ConfigError, match="gpus_per_actor"):
+        resolve_resources(cfg("mrem.gpus_per_actor=2"))
+    with pytest.raises(ConfigError, match=r"mrem.modules=2: the cluster cannot hold 2 .* share GPUs"):
+        resolve_resources(cfg("mrem.modules=2"))  # a whole GPU each: the second actor would wait for the first
+    assert resolve_resources(cfg("mrem.modules=2", "mrem.gpus_per_actor=0.5")).mrem.modules == 2

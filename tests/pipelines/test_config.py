@@ -49,6 +49,10 @@ def test_defaults_and_overrides(tmp_path):
     (["finetune.log_every=0"], "finetune.log_every=0: must be >= 1"),
     (["mrem.lr=-1"], "mrem.lr=-1.0"),
     (["mrem.eval_samples=-1"], "mrem.eval_samples=-1: must be >= 1"),
+    (["mrem.gpus_per_actor=0"], "mrem.gpus_per_actor=0.0: a share of one GPU in (0, 1]"),
+    (["mrem.gpus_per_actor=1.5"], "mrem.gpus_per_actor=1.5: .* e.g. 0.5 puts two module actors on one GPU"),
+    (["mrem.gpus_per_actor=0.33333"], "mrem.gpus_per_actor=0.33333: .* at most 4 decimals"),
+    (["mrem.gpus_per_actor=.inf"], "mrem.gpus_per_actor=inf"),
     (["tasks=[sst2"], "--set 'tasks=[sst2': the value is not valid YAML"),
 ])
 def test_bad_values_name_the_key(overrides, message):

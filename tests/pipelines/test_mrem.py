@@ -52,7 +52,7 @@ def test_plan_from_a_config_and_from_a_checkpoint():
 
 def test_fragments_hold_what_decides_the_result():
     cfg, st = small(), mrem.plan(small())[0]
-    quiet = small(log_every=1, max_restarts=0, placement_timeout_s=1.0, cache_dir="/elsewhere")
+    quiet = small(log_every=1, max_restarts=0, placement_timeout_s=1.0, cache_dir="/elsewhere", gpus_per_actor=0.5)
     assert mrem.fragment(cfg, st) == mrem.fragment(quiet, st)
     assert mrem.fragment(cfg, st) != mrem.fragment(small(steps=31), st)
     cal = calibrate.plan(cfg)[0]
