@@ -40,10 +40,6 @@ class _Enough(Exception):
     """Stops a calibration forward once the group it serves has run."""
 
 
-def _stop(module: nn.Module, args, out) -> None:
-    raise _Enough
-
-
 def _model_inputs(batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
@@ -140,15 +136,16 @@ def _hessians(model: nn.Module, spec: PartSpec, batches: Sequence[dict], hidden:
     """Per Linear of `group`, H = sum X^T X over the real tokens of all its calls on the calibration batches;
     one product per input tensor, shared by the Linears that read it."""
     h: dict[str, Tensor] = {}
-    state: dict = {"mask": None, "last": (None, None)}
+    state: dict = {"mask": None, "last": (None, None)}  # last: (input, its X^T X); held, so no other
+    # tensor can take its memory while it is compared
 
     def collect(name):
         def fn(module, args):
-            key, xtx = state["last"]
-            if key != _key(args[0]):
+            last, xtx = state["last"]
+            if last is None or _key(last) != _key(args[0]):
                 x = _rows(args[0].detach(), state["mask"]).float()
-                key, xtx = _key(args[0]), x.T @ x
-                state["last"] = (key, xtx)
+                last, xtx = args[0], x.T @ x
+                state["last"] = (last, xtx)
             h[name] = xtx if name not in h else h[name] + xtx
         return fn
 
@@ -169,7 +166,8 @@ def _round_group(model: nn.Module, spec: PartSpec, batches: Sequence[dict], hidd
     acts = _act_quantizers(layers, "act_q")
     # Input ranges are fixed in the same pass as the Hessians, before this group's weights are rounded: a
     # layer's input depends only on the layers before it, which are final by now, so the ranges are those
-    # the exported model sees (its earlier activations already quantized, unlike RTN's all-FP calibration).
+    # the exported model sees (the activations before it already quantized; RTN calibrates every range in
+    # one pass in which all activations pass unquantized).
     with calibrate(acts):
         h = _hessians(model, spec, batches, hidden, group)
     for name, m in zip(group, layers):

@@ -118,6 +118,50 @@ def test_heads_stay_fp_unless_include_head():
     assert report.rounded[-1] == "lm_head" and isinstance(model.lm_head, QuantLinear)
 
 
+def _input_gram(model, name: str, batches) -> torch.Tensor:
+    """sum X^T X over the real tokens of the input of Linear `name` in a whole-model forward."""
+    total, state = [], {}
+
+    def hook(module, args):
+        x = args[0][state["mask"].bool()]
+        total.append(x.T @ x)
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for b in batches:
+            state["mask"] = b["attention_mask"]
+            model(**b)
+    handle.remove()
+    return sum(total)
+
+
+def test_each_hessian_is_taken_on_the_outputs_of_the_quantized_layers_before_it(monkeypatch):
+    """Block by block: the H a Linear was rounded with is the gram matrix of its input in the final quantized
+    model (weights rounded and input ranges fixed upstream), not in the FP model."""
+    from pipelines import gptq_model
+
+    used, real = {}, gptq_model.gptq_round
+
+    def spy(weight, hessian, quantizer, **kwargs):
+        used[id(quantizer)] = hessian.clone()
+        return real(weight, hessian, quantizer, **kwargs)
+
+    monkeypatch.setattr(gptq_model, "gptq_round", spy)
+    fp, calib = _model("tiny-llama"), _calibration("tiny-llama")
+    model = copy.deepcopy(fp)
+    gptq_quantize(model, "w4a8", calib)
+    def distance(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj", "model.layers.3.self_attn.v_proj"):
+        h = used[id(model.get_submodule(name).weight_q)]
+        to_quantized, to_fp = distance(h, _input_gram(model, name, calib)), distance(h, _input_gram(fp, name, calib))
+        print(f"{name}: {to_quantized:.2e} from the quantized model's inputs, {to_fp:.2e} from the FP model's")
+        assert to_quantized < 1e-5, name
+        if name != "model.layers.0.self_attn.q_proj":  # the first layer reads the (unquantized) embeddings
+            assert to_fp > 1e-2, name
+
+
 def test_padding_does_not_reach_the_hessians():
     """The rounded weights depend on the real tokens only: other ids at the padded positions change nothing."""
     a, b = _model("tiny-llama"), _model("tiny-llama")
