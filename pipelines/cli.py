@@ -96,7 +96,7 @@ def single(cfg, kinds: tuple[str, ...], name: str, checkpoint: Path | None = Non
 def run(config: Path | None = ConfigArg, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
         model: str | None = ModelOpt, output_dir: str | None = OutOpt, force: list[str] = ForceOpt,
         dry_run: bool = DryOpt) -> None:
-    """Run the whole pipeline of a config: finetune, evaluate, rtn, calibrate, mrem, prequant, report.
+    """Run the whole pipeline of a config: finetune, evaluate, rtn, gptq, calibrate, mrem, prequant, report.
 
     Stages already complete in the run directory (same inputs) are skipped."""
     cfg = load(config, overrides, task, model, output_dir)
@@ -128,6 +128,19 @@ def rtn(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder"), 
     if not cfg.rtn.quant:
         fail("config error: no QuantConfig: pass --quant w4a8 or set rtn.quant")
     single(cfg, ("rtn",), "rtn", checkpoint, dry_run)
+
+
+@app.command()
+def gptq(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder (or an adopted causal LM)"),
+         quant: list[str] = QuantOpt, config: Path | None = ConfigOpt, overrides: list[str] = SetOpt,
+         task: str | None = TaskOpt, output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
+    """GPTQ post-training quantization of a checkpoint (block by block on calibration inputs), exported packed
+    and evaluated."""
+    extra = [f"gptq.quant=[{','.join(quant)}]"] if quant else []
+    cfg = load(config, list(overrides) + extra, task, None, output_dir)
+    if not cfg.gptq.quant:
+        fail("config error: no QuantConfig: pass --quant w4g128 or set gptq.quant")
+    single(cfg, ("gptq",), "gptq", checkpoint, dry_run)
 
 
 @app.command()

@@ -130,6 +130,31 @@ class RtnConfig:
 
 
 @dataclass
+class GptqConfig:
+    """GPTQ post-training quantization (stage `gptq`): the RTN grids, rounded block by block on calibration
+    inputs so that each layer's output error shrinks (pipelines/gptq_model.py)."""
+    quant: list[str] = field(default_factory=list)  # QuantConfig strings, e.g. [w4g128, w4a8]; empty = skip
+    calib_samples: int = 128         # GLUE: training examples; LM tasks: random windows of data.max_length tokens
+    batch_size: int = 8
+    damp: float = 0.01               # added to the Hessian's diagonal, as a fraction of its mean
+    block_size: int = 128            # columns rounded between two lazy batched updates
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, example in (("calib_samples", 128), ("batch_size", 8), ("block_size", 128)):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gptq.{name}={getattr(self, name)}: must be >= 1, e.g. {example}")
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"gptq.damp={self.damp}: the Hessian damping as a fraction of its mean diagonal, "
+                              "in (0, 1), e.g. 0.01")
+        for i, cfg in enumerate(parse_quant_list("gptq", self.quant, "GPTQ rounds weights: quantize them (e.g. "
+                                                 "w4g128)")):
+            if cfg.weight.scheme != "uniform":
+                raise ConfigError(f"gptq.quant[{i}]={self.quant[i]!r}: GPTQ rounds onto uniform grids, not "
+                                  f"{cfg.weight.scheme} weights; use 3..8 bits or w2g<N> (e.g. w2g64)")
+
+
+@dataclass
 class MremConfig:
     quant: list[str] = field(default_factory=list)  # QuantConfig strings; empty = skip the stage
     mode: str = "parallel"           # parallel (MREM-P) | sequential (MREM-S) | rem (one module)
@@ -261,6 +286,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     rtn: RtnConfig = field(default_factory=RtnConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
     mrem: MremConfig = field(default_factory=MremConfig)
     prequant: PrequantConfig = field(default_factory=PrequantConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -279,7 +305,8 @@ class RunConfig:
             raise ConfigError(f"prequant.quant={self.prequant.quant}: PreQuant runs on GLUE tasks only, not on "
                               f"the language-modelling task(s) {lm}; set prequant.quant=[] or run those tasks in "
                               "another config")
-        for section in (self.data, self.finetune, self.evaluate, self.rtn, self.mrem, self.prequant, self.cluster):
+        for section in (self.data, self.finetune, self.evaluate, self.rtn, self.gptq, self.mrem, self.prequant,
+                        self.cluster):
             section.validate()
 
     @property

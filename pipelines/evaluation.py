@@ -203,6 +203,7 @@ def check_inputs(cfg: RunConfig, model: str) -> None:
     models.check_max_length(model, cfg.data.max_length)
     lm_eval.check_lm_tasks(cfg, model)
     check_group_sizes(model, "rtn", cfg.rtn.quant)
+    check_group_sizes(model, "gptq", cfg.gptq.quant)
     check_group_sizes(model, "mrem", cfg.mrem.quant)
     if cfg.mrem.quant:
         check_splittable(model)

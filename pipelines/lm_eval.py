@@ -221,7 +221,7 @@ def is_causal_lm(config) -> bool:
 def check_lm_tasks(cfg: RunConfig, model: str) -> list[str]:
     """Before any work, for each LM task of `cfg`: `model` is a causal LM, its texts can be read and are
     tokenized (cached for the stages), the evaluation text holds a window of data.max_length tokens and, when
-    RTN calibrates, the calibration text one token more. Returns (and prints) the warnings."""
+    RTN or GPTQ calibrates, the calibration text one token more. Returns (and prints) the warnings."""
     tasks = [t for t in cfg.tasks if check_task(t).kind == "lm"]
     if not tasks:
         return []
@@ -235,11 +235,13 @@ def check_lm_tasks(cfg: RunConfig, model: str) -> list[str]:
     for task in tasks:
         spec = check_task(task)
         check_eval_text(task, len(token_ids(task, spec.evaluation, tokenizer, cfg.data)), cfg.data.max_length)
-        if not cfg.rtn.quant:
+        calibrating = [(s, c.calib_samples) for s, c in (("rtn", cfg.rtn), ("gptq", cfg.gptq)) if c.quant]
+        if not calibrating:
             continue
         calib = len(token_ids(task, spec.calibration, tokenizer, cfg.data))
-        warning = check_calibration_text(task, calib, cfg.data.max_length, cfg.rtn.calib_samples)
-        if warning:
-            print(f"[plmq] WARNING: {warning}")
-            warnings.append(warning)
+        for section, n in calibrating:
+            warning = check_calibration_text(task, calib, cfg.data.max_length, n, f"{section}.calib_samples")
+            if warning:
+                print(f"[plmq] WARNING: {warning}")
+                warnings.append(warning)
     return warnings

@@ -14,6 +14,7 @@ from pipelines.stages import (
     calibrate,
     evaluate,
     finetune,
+    gptq,
     mrem,
     prequant_finetune,
     prequant_quantize,
@@ -25,7 +26,8 @@ from pipelines.stages import (
 from pipelines.stages.base import Context, Stage, StageResult
 from pipelines.tasks import check_task
 
-PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, calibrate, mrem, prequant_quantize, prequant_finetune)
+PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, gptq, calibrate, mrem, prequant_quantize,
+                                    prequant_finetune)
 REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report, pretrain, pretrain_report)}
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]
