@@ -8,6 +8,7 @@ Formats:
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
 
 
 def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:
-    """meta["task_agnostic"]: the task head is left out (a pre-quantized base that tasks fine-tune)."""
-    prequant.save_prequantized(model, directory, drop=prequant.is_head if meta.get("task_agnostic") else None)
+    """meta["task_agnostic"]: the task head (prequant.head_names) is left out (a pre-quantized base that tasks
+    fine-tune)."""
+    head = functools.partial(prequant.is_head, model=model)
+    prequant.save_prequantized(model, directory, drop=head if meta.get("task_agnostic") else None)
     model.config.save_pretrained(str(directory))
 
 
@@ -65,8 +68,8 @@ def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
     prequant.to_skeleton(model, directory)
     if meta.get("lora"):
         lora.apply_lora(model, meta["lora"]["ranks"], meta["lora"]["scaling"])
-    return prequant.load_prequantized(model, directory,
-                                      allow_missing=prequant.is_head if meta.get("task_agnostic") else None)
+    head = functools.partial(prequant.is_head, model=model)
+    return prequant.load_prequantized(model, directory, allow_missing=head if meta.get("task_agnostic") else None)
 
 
 FORMATS: dict[str, Format] = {

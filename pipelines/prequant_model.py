@@ -147,7 +147,7 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
     if method == "lora":
         adapters = artefact_lora(artefact, pcfg)
         lora.apply_lora(model, adapters["ranks"], adapters["scaling"])
-    prequant.load_prequantized(model, artefact, allow_missing=lambda k: prequant.is_head(k) or "lora_" in k)
+    prequant.load_prequantized(model, artefact, allow_missing=lambda k: prequant.is_head(k, model) or "lora_" in k)
     set_trainable(model, method, pcfg.train_norms, checkpoints.read_meta(artefact)["head_modules"])
     return model
 

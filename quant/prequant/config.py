@@ -44,7 +44,7 @@ class OutlierConfig:
     criterion None: no outlier columns at all (the plain low-bit base of the LoRA/BitFit
     baselines). budget: fraction of the model's parameters that may be trained;
     reserved: parameters trained besides the outlier columns (biases/LayerNorm), taken
-    out of the budget. Heads (quant.HEADS) stay FP and are not counted.
+    out of the budget. The task head (api.head_names) stays FP and is not counted.
     """
     quant: QuantConfig | str = "w4"
     criterion: str | None = "weight"

@@ -1,0 +1,177 @@
+"""PreQuant (FP outlier columns) on every model family, outside Ray.
+
+Classifiers (encoders, and decoders with a sequence-classification head) go through what the
+stages run: quantize_pretrained -> task-agnostic save -> build_model with a fresh head -> train ->
+save -> checkpoints.load. Decoders as causal LMs go through the numerics and the prequant format.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
+
+from pipelines import checkpoints, models
+from pipelines import prequant_model as pm
+from pipelines.config import PrequantConfig
+from quant import prequant
+
+ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2"]
+DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-opt"]
+FAMILIES = ENCODERS + DECODERS
+# The Linears of each family's classification head: randomly initialised on a pre-trained body,
+# so they stay FP, are not stored in the task-agnostic model and train per task.
+HEAD_LINEARS = {
+    "tiny-bert": {"classifier"}, "tiny-roberta": {"classifier.dense", "classifier.out_proj"},
+    "tiny-distilbert": {"pre_classifier", "classifier"},
+    "tiny-electra": {"classifier.dense", "classifier.out_proj"},
+    "tiny-deberta-v2": {"pooler.dense", "classifier"}, **{d: {"score"} for d in DECODERS},
+}
+# (criterion, quantizer, gptq); the tiny presets are 32 and 64 wide, so groups come from w4g16.
+SETTINGS = [("weight", "row", False), ("activation", "group-mse", True)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster than two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pcfg(criterion: str = "weight", quantizer: str = "row", gptq: bool = False, **kw) -> PrequantConfig:
+    return PrequantConfig(quant=["w4g16"], quantizer=quantizer, criterion=criterion, gptq=gptq, budget_pct=1.0,
+                          calib_samples=8, calib_max_length=16, seed=0, **kw)
+
+
+@functools.cache
+def _tokenizer(name: str):
+    return models.load_tokenizer(name)
+
+
+def _batch(name: str, n: int = 4, length: int = 12, seed: int = 0, padded: bool = True) -> dict:
+    """Token ids from the middle of the vocabulary, the second half of the rows right-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[n // 2:, length * 3 // 4:] = 0
+    batch = {"input_ids": ids.masked_fill(mask == 0, _tokenizer(name).pad_token_id), "attention_mask": mask}
+    if "token_type_ids" in _tokenizer(name).model_input_names:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    return batch
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _fp_linears(model) -> set[str]:
+    return {n for n, m in model.named_modules()
+            if (isinstance(m, torch.nn.Linear) or isinstance(m, Conv1D)) and not isinstance(m, prequant.OutlierLinear)}
+
+
+def _head_params(model, name: str) -> set[str]:
+    tops = {h.split(".")[0] for h in HEAD_LINEARS[name]}
+    return {n for n, _ in model.named_parameters() if n.split(".")[0] in tops}
+
+
+_BASES: dict = {}
+
+
+@pytest.fixture
+def base(tmp_path_factory):
+    """(quantized classifier, meta, folder of its task-agnostic save), once per family and setting."""
+    def get(name: str, setting: tuple = SETTINGS[0]):
+        if (name, setting) not in _BASES:
+            clf, tok, meta = pm.quantize_pretrained(name, "w4g16", setting[0], _pcfg(*setting))
+            folder = tmp_path_factory.mktemp("base")
+            checkpoints.save(clf, tok, folder, {**meta, "task_agnostic": True}, fmt="prequant")
+            _BASES[name, setting] = (clf.eval(), meta, folder)
+        return _BASES[name, setting]
+    return get
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_quantize_converts_the_body_and_keeps_the_head_fp(name, setting, base):
+    clf, meta, _ = base(name, setting)
+    assert _fp_linears(clf) == HEAD_LINEARS[name]  # GPT-2's Conv1Ds included: none is left
+    layers = dict(prequant.outlier_modules(clf))
+    assert layers and all(m.num_outliers > 0 for m in layers.values())
+    assert meta["outlier_params"] == sum(m.outlier.numel() for m in layers.values()) > 0
+    head = sum(p.numel() for n, p in clf.named_parameters() if n in _head_params(clf, name))
+    body = sum(p.numel() for n, p in clf.named_parameters() if not n.endswith(".outlier")) - head
+    assert meta["body_params"] == body  # the head is not in the budget's base
+    assert abs(meta["budget_pct_used"] - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_activation_criterion_keeps_each_layers_largest_inputs(name, base):
+    """The statistics reach every body Linear through the family's own inputs (token types, pad)."""
+    clf, _, _ = base(name, SETTINGS[1])
+    fp = models.load_classifier(name, 2, seed=0)
+    layers = dict(prequant.outlier_modules(clf))
+    stats = pm.input_statistics(fp, _tokenizer(name), _pcfg(), list(layers))
+    assert set(stats) == set(layers)
+    for layer, m in layers.items():
+        top = stats[layer]["absmax"].topk(m.num_outliers).indices.sort().values
+        assert torch.equal(m.outlier_idx, top), layer
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_task_agnostic_base_leaves_out_the_head_and_loads_with_a_fresh_one(name, base):
+    clf, _, folder = base(name)
+    stored = load_file(str(folder / prequant.WEIGHTS_FILE))
+    tops = {h.split(".")[0] for h in HEAD_LINEARS[name]}
+    assert not [k for k in stored if k.split(".")[0] in tops]
+    loaded = checkpoints.load(folder).model
+    assert type(loaded) is type(clf)
+    state, ref = loaded.state_dict(), clf.state_dict()
+    assert set(state) == set(ref)
+    assert all(torch.equal(state[k], v) for k, v in ref.items() if k.split(".")[0] not in tops)
+    assert _logits(loaded, _batch(name)).shape == (4, 2)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_finetune_trains_the_outlier_columns_and_head_and_round_trips(name, base, tmp_path):
+    clf, _, folder = base(name)
+    meta = {"outlier_layers": len(dict(prequant.outlier_modules(clf)))}
+    model = pm.build_model(folder, 2, "prequant", _pcfg(), 0, _tokenizer(name).pad_token_id)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    outliers = {n for n, _ in model.named_parameters() if n.endswith(".outlier")}
+    assert trainable == outliers | _head_params(model, name)
+    assert len(outliers) == len(prequant.read_manifest(folder)["modules"]) == meta["outlier_layers"]
+    assert _fp_linears(model) == HEAD_LINEARS[name]
+    batch = _batch(name)
+    loss = model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    checkpoints.save(model, _tokenizer(name), tmp_path / "ft", {"model": name, "method": "prequant"},
+                     fmt="prequant")
+    loaded = checkpoints.load(tmp_path / "ft").model
+    assert type(loaded) is type(model)
+    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_baselines_on_the_plain_base_train_their_parameters(name, method, tmp_path):
+    clf, tok, meta = pm.quantize_pretrained(name, "w4g16", None, _pcfg())
+    checkpoints.save(clf, tok, tmp_path / "plain", {**meta, "task_agnostic": True}, fmt="prequant")
+    model = pm.build_model(tmp_path / "plain", 2, method, _pcfg(), 0, tok.pad_token_id)
+    own = {n for n, p in model.named_parameters() if p.requires_grad} - _head_params(model, name)
+    kind = "lora_" if method == "lora" else ".bias"
+    assert all(kind in n for n in own) and (own or method == "bitfit")
+    model(**_batch(name), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    # LoRA's B starts at zero, so A has no gradient before the first step
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" not in n)
