@@ -143,12 +143,17 @@ def outlier_modules(model: nn.Module) -> Iterable[tuple[str, OutlierLinear]]:
             yield name, m
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's LayerNorm/RMSNorm/GroupNorm or a model's own (LlamaRMSNorm, T5LayerNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
 def trainable_selection(model: nn.Module, outliers: bool = True, biases: bool = False, norms: bool = False,
                         head: bool = True,
                         extra: Callable[[str], bool] | None = None) -> list[tuple[str, nn.Parameter]]:
-    """The parameters of the chosen groups: FP outlier columns, biases, LayerNorm, the task head
-    (head_names) and names where `extra` is true (e.g. LoRA adapters)."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    """The parameters of the chosen groups: FP outlier columns, biases, normalisation layers
+    (is_norm), the task head (head_names) and names where `extra` is true (e.g. LoRA adapters)."""
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
 
     def body_group(n: str, p: nn.Parameter) -> bool:  # the head is chosen by `head` alone
         return ((outliers and n.endswith(".outlier")) or (biases and n.endswith(".bias"))

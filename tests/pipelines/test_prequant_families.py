@@ -7,6 +7,7 @@ save -> checkpoints.load. Decoders as causal LMs go through the numerics and the
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ HEAD_LINEARS = {
 }
 # (criterion, quantizer, gptq); the tiny presets are 32 and 64 wide, so groups come from w4g16.
 SETTINGS = [("weight", "row", False), ("activation", "group-mse", True)]
+NORM_NAME = re.compile(r"norm|ln_")  # how the families name their normalisation layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -159,6 +161,16 @@ def test_finetune_trains_the_outlier_columns_and_head_and_round_trips(name, base
     loaded = checkpoints.load(tmp_path / "ft").model
     assert type(loaded) is type(model)
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_norms_trains_every_normalisation_layer(name):
+    """LayerNorm (encoders, GPT-2, OPT) and RMSNorm (Llama, Mistral, Qwen) are both norms."""
+    model = models.load_classifier(name, 2, seed=0)
+    norms = {n for n, _ in prequant.trainable_selection(model, outliers=False, norms=True, head=False)}
+    expected = {n for n, _ in model.named_parameters()
+                if NORM_NAME.search(n.rsplit(".", 1)[0].lower())}
+    assert norms == expected and norms
 
 
 @pytest.mark.parametrize("name", FAMILIES)
