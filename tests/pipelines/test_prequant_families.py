@@ -17,7 +17,8 @@ from transformers.pytorch_utils import Conv1D
 from pipelines import checkpoints, models
 from pipelines import prequant_model as pm
 from pipelines.config import PrequantConfig
-from quant import prequant
+from pipelines.evaluation import quantize_rtn
+from quant import QuantConfig, prequant
 
 ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2"]
 DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-opt"]
@@ -173,6 +174,41 @@ def test_train_norms_trains_every_normalisation_layer(name):
     assert norms == expected and norms
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("name", DECODERS)
+def test_causal_lm_round_trips_through_the_prequant_format(name, setting, tmp_path):
+    criterion, quantizer, gptq = setting
+    torch.manual_seed(0)
+    lm = models.load_causal_lm(name).eval()
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    ocfg = prequant.OutlierConfig(prequant.with_quantizer("w4g16", quantizer), criterion, budget=0.01)
+    names = prequant.targets(lm, ocfg)
+    stats = prequant.input_stats(lm, names, [_batch(name, 1, 16, s, padded=False) for s in range(4)], hessian=gptq)
+    report = prequant.prequantize(lm, ocfg, {n: s["absmax"] for n, s in stats.items()},
+                                  {n: s["hessian"] for n, s in stats.items()} if gptq else None)
+    assert _fp_linears(lm) == {"lm_head"} and report.outlier_params > 0
+    batch = _batch(name)
+    checkpoints.save(lm, _tokenizer(name), tmp_path / "lm", {"model": name}, fmt="prequant")
+    loaded = checkpoints.load(tmp_path / "lm").model
+    assert type(loaded) is type(lm)
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    assert torch.equal(_logits(loaded, batch), _logits(lm, batch))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_classifier_of_a_causal_lm_checkpoint_loads_back_as_a_classifier(name, tmp_path):
+    """A pre-trained decoder folder's config names *ForCausalLM; its prequant classifier must not say so."""
+    torch.manual_seed(0)
+    checkpoints.save(models.load_causal_lm(name), _tokenizer(name), tmp_path / "lm", {}, fmt="fp")
+    assert models.head_of(models.model_config(tmp_path / "lm")) == "causal-lm"
+    clf, tok, meta = pm.quantize_pretrained(str(tmp_path / "lm"), "w4g16", "weight", _pcfg())
+    checkpoints.save(clf.eval(), tok, tmp_path / "q", meta, fmt="prequant")
+    loaded = checkpoints.load(tmp_path / "q").model
+    assert type(loaded) is type(clf) and models.head_of(loaded.config) == "classifier"
+    batch = _batch(name)
+    assert torch.equal(_logits(loaded, batch), _logits(clf, batch))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
 def test_baselines_on_the_plain_base_train_their_parameters(name, method, tmp_path):
@@ -187,3 +223,17 @@ def test_baselines_on_the_plain_base_train_their_parameters(name, method, tmp_pa
     assert all(g is not None for g in grads.values())
     # LoRA's B starts at zero, so A has no gradient before the first step
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" not in n)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_packed_export_of_a_causal_lm_never_saved_as_fp_loads_back_as_one(name, tmp_path):
+    """The packed format shares the config writer: it names the model's class, not the config's (none here)."""
+    torch.manual_seed(0)
+    lm = models.load_causal_lm(name).eval()
+    assert not lm.config.architectures
+    quantize_rtn(lm, QuantConfig.parse("w4g16"), [_batch(name, seed=1)])
+    checkpoints.save(lm, _tokenizer(name), tmp_path / "q", {"quant": "w4g16"}, fmt="packed")
+    loaded = checkpoints.load(tmp_path / "q").model
+    assert type(loaded) is type(lm)
+    batch = _batch(name)
+    assert torch.equal(_logits(loaded, batch), _logits(lm, batch))
