@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from pipelines import checkpoints, models
 from pipelines import prequant_model as pm
-from pipelines.config import PrequantConfig
+from pipelines.config import ConfigError, PrequantConfig
 from pipelines.evaluation import quantize_rtn
 from quant import QuantConfig, prequant
 
@@ -237,3 +237,18 @@ def test_packed_export_of_a_causal_lm_never_saved_as_fp_loads_back_as_one(name, 
     assert type(loaded) is type(lm)
     batch = _batch(name)
     assert torch.equal(_logits(loaded, batch), _logits(lm, batch))
+
+
+def test_gpt2_head_modules_may_name_conv1d_layers(tmp_path):
+    """GPT-2's Linears are Conv1Ds: head_modules matches them like any Linear (kept FP, trained)."""
+    clf = models.load_classifier("tiny-gpt2", 2, seed=0)
+    pm.check_head_modules(clf, ["transformer.h.3.mlp.c_proj"])
+    with pytest.raises(ConfigError, match="matches no Linear"):
+        pm.check_head_modules(clf, ["transformer.h.3.mlp.c_nope"])
+    pcfg = _pcfg(head_modules=["transformer.h.3.mlp.c_proj"])
+    clf, tok, meta = pm.quantize_pretrained("tiny-gpt2", "w4g16", "weight", pcfg)
+    assert isinstance(clf.get_submodule("transformer.h.3.mlp.c_proj"), Conv1D)
+    checkpoints.save(clf, tok, tmp_path / "base", {**meta, "task_agnostic": True}, fmt="prequant")
+    model = pm.build_model(tmp_path / "base", 2, "prequant", pcfg, 0, tok.pad_token_id)
+    assert {"transformer.h.3.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.bias"} <= {
+        n for n, p in model.named_parameters() if p.requires_grad}
