@@ -252,3 +252,23 @@ def test_gpt2_head_modules_may_name_conv1d_layers(tmp_path):
     model = pm.build_model(tmp_path / "base", 2, "prequant", pcfg, 0, tok.pad_token_id)
     assert {"transformer.h.3.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.bias"} <= {
         n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# transformers 5 loads any tokenizer saved beside a qwen2 config as Qwen2Tokenizer (its model-type
+# override), which splits the preset's WordPiece text into characters: a different calibration text.
+QWEN2_TOKENIZER = pytest.mark.xfail(strict=True, reason="a saved tiny-qwen2 tokenizer reloads as Qwen2Tokenizer")
+
+
+@pytest.mark.parametrize("name", [pytest.param(d, marks=QWEN2_TOKENIZER) if d == "tiny-qwen2" else d
+                                  for d in DECODERS])
+def test_calibration_of_a_saved_decoder_feeds_the_inputs_of_its_preset(name, tmp_path):
+    """A preset's tokenizer emits no token types (GPT-2 would embed them as words), and neither does the
+    tokenizer saved beside it, so statistics on the saved folder are those of the preset."""
+    fp = models.load_classifier(name, 2, seed=0)
+    checkpoints.save(fp, _tokenizer(name), tmp_path / "fp", {}, fmt="fp")
+    tok = models.load_tokenizer(str(tmp_path / "fp"))
+    assert set(tok("a short sentence")) == {"input_ids", "attention_mask"}
+    names = prequant.targets(fp, prequant.OutlierConfig("w4"))
+    saved = pm.input_statistics(models.load_classifier(str(tmp_path / "fp"), 2), tok, _pcfg(), names)
+    preset = pm.input_statistics(fp, _tokenizer(name), _pcfg(), names)
+    assert all(torch.equal(saved[n]["absmax"], preset[n]["absmax"]) for n in names)
