@@ -8,6 +8,7 @@ Formats:
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +45,16 @@ def _load_fp(directory: Path, meta: dict) -> PreTrainedModel:
     return models.from_pretrained(directory)
 
 
+def _save_config(model: PreTrainedModel, directory: Path) -> None:
+    """The HF config naming the model's own class as its architecture (as save_pretrained does), so that
+    models.from_config rebuilds its head: a classifier made from a causal-LM checkpoint says so."""
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(directory))
+
+
 def _save_packed(model: PreTrainedModel, directory: Path, meta: dict) -> None:
     save_quantized(model, directory)
-    model.config.save_pretrained(str(directory))
+    _save_config(model, directory)
 
 
 def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
@@ -54,19 +62,22 @@ def _load_packed(directory: Path, meta: dict) -> PreTrainedModel:
 
 
 def _save_prequant(model: PreTrainedModel, directory: Path, meta: dict) -> None:
-    """meta["task_agnostic"]: the task head is left out (a pre-quantized base that tasks fine-tune)."""
-    prequant.save_prequantized(model, directory, drop=prequant.is_head if meta.get("task_agnostic") else None)
-    model.config.save_pretrained(str(directory))
+    """meta["task_agnostic"]: the task head (prequant.head_names) is left out (a pre-quantized base that tasks
+    fine-tune)."""
+    head = functools.partial(prequant.is_head, model=model)
+    prequant.save_prequantized(model, directory, drop=head if meta.get("task_agnostic") else None)
+    _save_config(model, directory)
 
 
 def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
-    """meta["lora"] = {"ranks", "scaling"}: the LoRA adapters to rebuild; a task-agnostic base gets a fresh head."""
-    model = models.classifier_from_config(models.model_config(directory))
+    """The head the saved config's architecture names (a causal LM or a classifier); meta["lora"] =
+    {"ranks", "scaling"}: the LoRA adapters to rebuild; a task-agnostic base gets a fresh head."""
+    model = models.from_config(models.model_config(directory))
     prequant.to_skeleton(model, directory)
     if meta.get("lora"):
         lora.apply_lora(model, meta["lora"]["ranks"], meta["lora"]["scaling"])
-    return prequant.load_prequantized(model, directory,
-                                      allow_missing=prequant.is_head if meta.get("task_agnostic") else None)
+    head = functools.partial(prequant.is_head, model=model)
+    return prequant.load_prequantized(model, directory, allow_missing=head if meta.get("task_agnostic") else None)
 
 
 FORMATS: dict[str, Format] = {

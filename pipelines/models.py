@@ -79,6 +79,7 @@ def load_tokenizer(name: str):
     tok = AutoTokenizer.from_pretrained(str(source))
     if name in TINY_PRESETS and not hasattr(TINY_PRESETS[name], "type_vocab_size"):
         tok.model_input_names = ["input_ids", "attention_mask"]  # no token types (GPT-2 would embed them as words)
+        tok.init_kwargs["model_input_names"] = tok.model_input_names  # kept by save_pretrained: a saved model too
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

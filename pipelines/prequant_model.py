@@ -32,6 +32,7 @@ from pipelines.config import ConfigError, FinetuneConfig, PrequantConfig
 from pipelines.lm_data import corpus_path
 from pipelines.training import make_loader, make_optimizer, memory_stats, run_loop
 from quant import QuantConfig, calibrate, prequant
+from quant.layers import is_conv1d
 
 PEFT_METHODS = ("prequant", "random", "lora", "bitfit")  # trained by prequant-finetune
 
@@ -64,7 +65,8 @@ def head_module_param(patterns: list[str] | tuple) -> Callable[[str], bool]:
 
 
 def check_head_modules(model: torch.nn.Module, patterns: list[str] | tuple) -> None:
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    """Every pattern names a Linear (or GPT-2's Conv1D, a Linear stored [in, out])."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in linears):
             raise ConfigError(f"prequant.head_modules: {p!r} matches no Linear of the model; its Linears are "
@@ -147,7 +149,7 @@ def build_model(artefact: str | Path, num_labels: int, method: str, pcfg: Prequa
     if method == "lora":
         adapters = artefact_lora(artefact, pcfg)
         lora.apply_lora(model, adapters["ranks"], adapters["scaling"])
-    prequant.load_prequantized(model, artefact, allow_missing=lambda k: prequant.is_head(k) or "lora_" in k)
+    prequant.load_prequantized(model, artefact, allow_missing=lambda k: prequant.is_head(k, model) or "lora_" in k)
     set_trainable(model, method, pcfg.train_norms, checkpoints.read_meta(artefact)["head_modules"])
     return model
 

@@ -22,7 +22,9 @@ from .api import (
     OutlierReport,
     allocate,
     body_params,
+    head_names,
     is_head,
+    is_norm,
     linear_weight,
     mark_trainable,
     outlier_modules,
@@ -40,8 +42,8 @@ from .layer import OutlierLinear
 
 __all__ = [
     "CRITERIA", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "WEIGHT_QUANTIZERS", "Criterion", "OutlierConfig",
-    "OutlierLinear", "OutlierReport", "activation_absmax", "allocate", "body_params", "column_scores",
-    "input_stats", "is_head", "linear_weight", "load_prequantized", "mark_trainable", "outlier_modules",
+    "OutlierLinear", "OutlierReport", "activation_absmax", "allocate", "body_params", "column_scores", "head_names",
+    "input_stats", "is_head", "is_norm", "linear_weight", "load_prequantized", "mark_trainable", "outlier_modules",
     "plan_outliers", "prequantize", "read_manifest", "register_criterion", "replace_module", "save_prequantized",
     "targets", "to_skeleton", "trainable_count", "trainable_selection", "with_quantizer",
 ]

@@ -54,13 +54,24 @@ def allocate(costs: dict[str, int], caps: dict[str, int], target: int,
     return units
 
 
-def is_head(name: str) -> bool:
-    """Whether a parameter or module name belongs to the task head (quant.HEADS)."""
-    return name.split(".")[0] in HEADS
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """The top-level children that make the task head. A model whose `base_model_prefix` (Hugging
+    Face's) names one of its children: every other child with parameters (classifier, score,
+    lm_head, DistilBERT's pre_classifier, DeBERTa's pooler); any other model: quant.HEADS."""
+    children = dict(model.named_children())
+    base = getattr(model, "base_model_prefix", None)
+    if not base or base not in children:
+        return HEADS
+    return tuple(n for n, c in children.items() if n != base and next(c.parameters(), None) is not None)
+
+
+def is_head(name: str, model: nn.Module) -> bool:
+    """Whether a parameter or module name of `model` belongs to its task head (head_names)."""
+    return name.split(".")[0] in head_names(model)
 
 
 def body_params(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not is_head(n))
+    return sum(p.numel() for n, p in model.named_parameters() if not is_head(n, model))
 
 
 def linear_weight(module: nn.Module) -> Tensor:
@@ -69,8 +80,9 @@ def linear_weight(module: nn.Module) -> Tensor:
 
 
 def targets(model: nn.Module, config: OutlierConfig) -> list[str]:
-    """The Linears (and HF Conv1Ds) prequantize converts: all but heads and `skip`."""
-    names, _ = find_targets(model, QuantConfig(weight=QuantConfig.parse(config.quant).weight), config.skip)
+    """The Linears (and HF Conv1Ds) prequantize converts: all but the head (head_names) and `skip`."""
+    skip = [*config.skip, *(p for h in head_names(model) for p in (h, f"{h}.*"))]
+    names, _ = find_targets(model, QuantConfig(weight=QuantConfig.parse(config.quant).weight), skip)
     return names
 
 
@@ -131,19 +143,24 @@ def outlier_modules(model: nn.Module) -> Iterable[tuple[str, OutlierLinear]]:
             yield name, m
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's LayerNorm/RMSNorm/GroupNorm or a model's own (LlamaRMSNorm, T5LayerNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
 def trainable_selection(model: nn.Module, outliers: bool = True, biases: bool = False, norms: bool = False,
                         head: bool = True,
                         extra: Callable[[str], bool] | None = None) -> list[tuple[str, nn.Parameter]]:
-    """The parameters of the chosen groups: FP outlier columns, biases, LayerNorm, the task head
-    (quant.HEADS) and names where `extra` is true (e.g. LoRA adapters)."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    """The parameters of the chosen groups: FP outlier columns, biases, normalisation layers
+    (is_norm), the task head (head_names) and names where `extra` is true (e.g. LoRA adapters)."""
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
 
     def body_group(n: str, p: nn.Parameter) -> bool:  # the head is chosen by `head` alone
         return ((outliers and n.endswith(".outlier")) or (biases and n.endswith(".bias"))
                 or (norms and id(p) in norm_params) or bool(extra and extra(n)))
 
     return [(n, p) for n, p in model.named_parameters()
-            if p.numel() and (head if is_head(n) else body_group(n, p))]
+            if p.numel() and (head if is_head(n, model) else body_group(n, p))]
 
 
 def mark_trainable(model: nn.Module, **groups) -> list[str]:

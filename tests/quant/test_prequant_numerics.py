@@ -117,6 +117,9 @@ def test_with_quantizer_selects_the_weight_quantizer():
     assert pq.with_quantizer("w4g64", "config").weight.granularity == "group"
     grouped = pq.with_quantizer("w4", "group-mse").weight
     assert (grouped.granularity, grouped.group_size, grouped.init) == ("group", 128, "mse")
+    narrow = pq.with_quantizer("w4g32", "group-mse").weight  # the string's own group size is kept
+    assert (narrow.granularity, narrow.group_size, narrow.init) == ("group", 32, "mse")
+    assert pq.with_quantizer("w4g32", "group-mse-asym").weight.group_size == 32
     with pytest.raises(ValueError, match="needs quantized weights"):
         pq.with_quantizer("w16a8", "row")
     with pytest.raises(ValueError, match="quantizer='gptq'"):
