@@ -18,7 +18,8 @@ import ray
 
 from pipelines import dag, tracking
 from pipelines.cluster import ensure_ray, resolve_resources
-from pipelines.config import RunConfig, to_dict
+from pipelines.config import RunConfig
+from pipelines.config_dict import to_dict
 from pipelines.errors import ConfigError
 from pipelines.evaluation import check_inputs
 from pipelines.stages import REGISTRY, Stage, plan

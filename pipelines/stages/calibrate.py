@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from pipelines import calibration, models
-from pipelines.config import RunConfig, to_dict
+from pipelines.config import RunConfig
+from pipelines.config_dict import to_dict
 from pipelines.evaluation import task_fragment
 from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
 

@@ -28,7 +28,8 @@ from actors.module_trainer import TrainerSettings
 from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
 from pipelines.cluster import WorkerResources, actor_resources, ensure_ray, spread_placement
-from pipelines.config import MremConfig, RunConfig, to_dict
+from pipelines.config import MremConfig, RunConfig
+from pipelines.config_dict import to_dict
 from pipelines.evaluation import (
     EvalResult,
     calibration_batches,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines.cluster import ensure_ray, worker_resources
-from pipelines.config import from_dict
+from pipelines.config_dict import from_dict
 from pipelines.errors import ConfigError
 from pipelines.lm_data import LMData, check_corpora, corpus_label
 from pipelines.lm_train import RaySession, prepare, save_model, train
