@@ -205,6 +205,7 @@ class ModuleTrainer:
                 "initial_error": self.initial_error, "final_error": self.reconstruction_error(),
                 "wall_s": wall_s, "s_per_step": wall_s / max(steps_done, 1),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "model_mb": sum(part_loader.resident_bytes(m) for m in (self.student, self.teacher)) / 2**20,
                 "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None,
                 "restarted": self.restarted, "resumed_from_step": self.resumed_from,
                 "pushed_bytes": self.pushed_bytes, "pulled_bytes": self.queue.bytes,

@@ -59,21 +59,24 @@ def run_method(args, method: str, quant: str) -> tuple[float, float, dict]:
     summary = runner.run(cfg, name=f"bench-lm-{method}-{quant}")
     rows = {r["method"]: r for r in summary.rows}
     mine = next(r for m, r in rows.items() if m.startswith(f"{section}-"))
-    detail = {"stage_wall_s": mine["wall_s"], "run_s": round(time.time() - start, 1)}
+    detail = {"stage_wall_s": mine["wall_s"], "run_s": round(time.time() - start, 1),
+              "fp_checkpoint": summary.outcomes["finetune/wikitext2"]["checkpoint"]}
     if section == "mrem":
         outcome = next(o for name, o in summary.outcomes.items() if name.startswith("mrem/"))
         info = outcome["info"]
         detail.update({k: info.get(k) for k in ("train_s", "calib_s", "modules")},
                       module_errors=info.get("chain_errors"), rtn_module_errors=info.get("rtn_chain_errors"),
-                      peak_rss_mb=[s.get("peak_rss_mb") for s in info.get("modules_stats", [])])
+                      peak_rss_mb=[s.get("peak_rss_mb") for s in info.get("modules_stats", [])],
+                      model_mb=[round(s.get("model_mb") or 0, 2) for s in info.get("modules_stats", [])])
     return mine["value"], rows["fp"]["value"], detail
 
 
-def peak_rss(args, k: int) -> list[float]:
-    """Peak RSS (MB) of each module actor of an MREM-P run with K modules (a few steps)."""
+def peak_rss(args, k: int) -> tuple[dict, str]:
+    """Per module actor of an MREM-P run with K modules (a few steps): peak RSS (MB) and the MB of its student
+    and teacher tensors; and the FP checkpoint."""
     _, _, detail = run_method(argparse.Namespace(**{**vars(args), "set": [*args.set, f"mrem.modules={k}",
                                                                           "mrem.steps=5"]}), "mrem_p", "w4a8")
-    return detail["peak_rss_mb"]
+    return {"peak_rss_mb": detail["peak_rss_mb"], "model_mb": detail["model_mb"]}, detail["fp_checkpoint"]
 
 
 SINGLE = """
@@ -88,12 +91,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
-def single_process_rss(decoder: str) -> float:
+def single_process_rss(checkpoint: str) -> float:
     """Peak RSS (MB) of one process holding the whole model as MREM's student and teacher (no split)."""
-    from pipelines import models
-
-    path = decoder if Path(decoder).is_dir() else models.resolve(decoder)
-    out = subprocess.run([sys.executable, "-c", SINGLE, path], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", SINGLE, checkpoint], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,7 +111,7 @@ def markdown(results: dict) -> str:
     mem = results.get("peak_rss_mb", {})
     lines = [f"# Causal-LM quantization on plmq's pretrained decoder (WikiText-2 test ppl, context "
              f"{results.get('context')})", "", f"Model: {json.dumps(results.get('model', {}))}", "",
-             common.markdown_table(rows) if rows else "(no figures yet)", "",
+             common.markdown_table(rows, list(rows[0])) if rows else "(no figures yet)", "",
              f"Peak RSS per actor (MB): {json.dumps(mem)}", "", "Commands:", ""]
     lines += [f"- `{key}`: `{cmd}`" for key, cmd in results.get("commands", {}).items()]
     return "\n".join(lines) + "\n"
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets; writes nothing to bench/results")
     parser.add_argument("--write-only", action="store_true")
     args = parser.parse_args()
-    results = load()
+    results = {"configs": {}, "commands": {}} if args.smoke else load()
     command = "python -m bench.lm " + " ".join(sys.argv[1:])
     if not args.write_only:
         if not args.decoder:
@@ -136,8 +136,9 @@ def main() -> None:
         results["context"] = decoder_context(args.decoder)
         results["model"] = {"path": args.decoder, **model_facts(args.decoder)}
         if args.memory:
-            results["peak_rss_mb"] = {"single_process": single_process_rss(args.decoder),
-                                      **{f"k{k}": peak_rss(args, k) for k in (1, 2)}}
+            per_k = {f"k{k}": peak_rss(args, k) for k in (1, 2)}
+            results["peak_rss_mb"] = {"single_process": single_process_rss(per_k["k1"][1]),
+                                      **{k: v[0] for k, v in per_k.items()}}
             results["commands"]["peak_rss_mb"] = command
         else:
             record_methods(args, results, command)

@@ -48,7 +48,7 @@ from quant import QuantConfig
 KIND = "mrem"
 TASK_CPUS = 0  # its module actors ask for their own resources
 QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir", "gpus_per_actor"}  # not the result
-MODULE_METRICS = ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "pushed_bytes",
+MODULE_METRICS = ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "model_mb", "pushed_bytes",
                   "pulled_bytes", "resumed_from_step", "repeated_batches", "waited_for_predecessor_s")
 
 
