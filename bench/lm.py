@@ -174,7 +174,15 @@ def model_facts(decoder: str) -> dict:
              "layers": hf.num_hidden_layers, "hidden": hf.hidden_size, "vocab": hf.vocab_size}
     if Path(decoder).is_dir():
         meta = checkpoints.read_meta(decoder)
-        facts.update({k: meta[k] for k in ("params", "tokens_seen", "val_ppl", "steps") if k in meta})
+        facts.update({k: meta[k] for k in ("recipe", "corpus", "eval_corpus") if k in meta})
+        result = Path(decoder) / "result.json"  # written by the pretrain stage
+        if result.is_file():
+            trained = json.loads(result.read_text())
+            facts.update({k: trained[k] for k in ("params", "steps", "val_ppl", "step_s") if k in trained})
+            train = meta.get("config", {}).get("train", {})
+            block = meta.get("config", {}).get("model", {}).get("block_size")
+            if train and block:
+                facts["tokens_seen"] = trained["steps"] * train["batch_size"] * train["num_workers"] * block
     return facts
 
 
