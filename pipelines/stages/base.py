@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quant import QuantConfig
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -67,3 +69,11 @@ def relative(path: str | Path, root: Path) -> str | None:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return None
+
+
+def per_task_quant(kind: str, tasks: list[str], quants: list[str], checkpoint: str | None) -> list[Stage]:
+    """One stage `<kind>/<task>/<QuantConfig>` per task and QuantConfig, after the task's fine-tune (or on
+    the user's `checkpoint`, with no dependency)."""
+    deps = (lambda task: ()) if checkpoint else (lambda task: (f"finetune/{task}",))
+    return [Stage(f"{kind}/{task}/{QuantConfig.parse(q)}", kind, task, q, deps=deps(task), checkpoint=checkpoint)
+            for task in tasks for q in quants]

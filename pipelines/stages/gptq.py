@@ -11,11 +11,12 @@ import dataclasses
 import shutil
 import time
 
-from pipelines import checkpoints, models
+from pipelines import checkpoints
 from pipelines.config import RunConfig
-from pipelines.evaluation import calibration_batches, eval_metrics, evaluate_model, report_row, task_fragment
+from pipelines.evaluation import calibration_batches, eval_metrics, evaluate_model, report_row
 from pipelines.gptq_model import gptq_quantize
-from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
+from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, per_task_quant, relative
+from pipelines.stages.rtn import quant_fragment
 from pipelines.tasks import check_task
 from quant import QuantConfig
 
@@ -25,20 +26,11 @@ RESOURCES = {"cpus": 1, "gpus": 0}
 
 
 def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
-    stages = []
-    for task in cfg.tasks:
-        for q in cfg.gptq.quant:
-            name = f"gptq/{task}/{QuantConfig.parse(q)}"
-            deps = () if checkpoint else (f"finetune/{task}",)
-            stages.append(Stage(name, KIND, task, q, deps=deps, checkpoint=checkpoint))
-    return stages
+    return per_task_quant(KIND, cfg.tasks, cfg.gptq.quant, checkpoint)
 
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
-    given = {"checkpoint": models.identity(stage.checkpoint)} if stage.checkpoint else {}
-    gptq = {**dataclasses.asdict(cfg.gptq), "quant": str(QuantConfig.parse(stage.quant))}
-    return {"task": stage.task, **task_fragment(stage.task), **given, "data": dataclasses.asdict(cfg.data),
-            "evaluate": dataclasses.asdict(cfg.evaluate), "gptq": gptq}
+    return quant_fragment(cfg, stage, KIND)
 
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:

@@ -20,7 +20,7 @@ from pipelines.evaluation import (
     report_row,
     task_fragment,
 )
-from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative
+from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, per_task_quant, relative
 from pipelines.tasks import check_task
 from quant import QuantConfig
 
@@ -30,20 +30,20 @@ RESOURCES = {"cpus": 1, "gpus": 0}
 
 
 def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
-    stages = []
-    for task in cfg.tasks:
-        for q in cfg.rtn.quant:
-            name = f"rtn/{task}/{QuantConfig.parse(q)}"
-            deps = () if checkpoint else (f"finetune/{task}",)
-            stages.append(Stage(name, KIND, task, q, deps=deps, checkpoint=checkpoint))
-    return stages
+    return per_task_quant(KIND, cfg.tasks, cfg.rtn.quant, checkpoint)
 
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:
+    return quant_fragment(cfg, stage, KIND)
+
+
+def quant_fragment(cfg: RunConfig, stage: Stage, section: str) -> dict:
+    """What decides a one-shot quantization stage (rtn, gptq): the task and its texts, a user checkpoint by its
+    weights, the data, the evaluation and the config section `section` with the stage's QuantConfig."""
     given = {"checkpoint": models.identity(stage.checkpoint)} if stage.checkpoint else {}
-    rtn = {**dataclasses.asdict(cfg.rtn), "quant": str(QuantConfig.parse(stage.quant))}
+    settings = {**dataclasses.asdict(getattr(cfg, section)), "quant": str(QuantConfig.parse(stage.quant))}
     return {"task": stage.task, **task_fragment(stage.task), **given, "data": dataclasses.asdict(cfg.data),
-            "evaluate": dataclasses.asdict(cfg.evaluate), "rtn": rtn}
+            "evaluate": dataclasses.asdict(cfg.evaluate), section: settings}
 
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:

@@ -6,50 +6,21 @@ encoders with a classification head, decoders as causal LMs.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
+from tiny_models import FAMILIES
+from tiny_models import batch as _batch
+from tiny_models import logits as _logits
+from tiny_models import model as _model
+from tiny_models import tokenizer as _tokenizer
 
-from pipelines import checkpoints, models
+from pipelines import checkpoints
 from pipelines import reconstruction as rc
 from pipelines.evaluation import quantize_rtn
 from pipelines.part_loader import load_part, probe_layout, resident_bytes
 from pipelines.partition import layout, part_forward, part_state, prune_to_part, split_layers
 from quant import QuantConfig
-
-ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2"]
-DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-opt"]
-FAMILIES = ENCODERS + DECODERS
-
-
-def _model(name: str) -> torch.nn.Module:
-    if name in ENCODERS:
-        return models.load_classifier(name, 2, seed=0).eval()
-    torch.manual_seed(0)
-    return models.load_causal_lm(name).eval()
-
-
-@functools.cache
-def _tokenizer(name: str):
-    return models.load_tokenizer(name)
-
-
-def _batch(name: str, n: int = 8, length: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Token ids from the middle of the vocabulary, the second half of the rows right-padded."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[n // 2:, length * 3 // 4:] = 0
-    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
-    if "token_type_ids" in _tokenizer(name).model_input_names:
-        batch["token_type_ids"] = torch.zeros_like(ids)
-    return batch
-
-
-def _logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize("name", FAMILIES)

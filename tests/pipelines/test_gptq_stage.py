@@ -3,13 +3,14 @@ several families, on RTN's grids, exported bit-exact; the stage through the runn
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
+import tiny_models
 import torch
+from tiny_models import tokenizer as _tokenizer
 from typer.testing import CliRunner
 
-from pipelines import checkpoints, lm_eval, models
+from pipelines import checkpoints, lm_eval
 from pipelines.cli import app
 from pipelines.config import ConfigError, load_config
 from pipelines.evaluation import check_inputs, evaluate_model, quantize_rtn
@@ -21,37 +22,12 @@ ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-electra"]
 DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-opt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str) -> torch.nn.Module:
-    if name in ENCODERS:
-        return models.load_classifier(name, 2, seed=0).eval()
-    torch.manual_seed(0)
-    return models.load_causal_lm(name).eval()
-
-
-@functools.cache
-def _tokenizer(name: str):
-    return models.load_tokenizer(name)
+    return tiny_models.model(name)
 
 
 def _batch(name: str, seed: int, n: int = 8, length: int = 16, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Token ids from the middle of the vocabulary, the second half of the rows right-padded with `pad_id`."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[n // 2:, length * 3 // 4:] = 0
-    batch = {"input_ids": ids.masked_fill(mask == 0, pad_id), "attention_mask": mask}
-    if "token_type_ids" in _tokenizer(name).model_input_names:
-        batch["token_type_ids"] = torch.zeros_like(ids)
-    return batch
+    return tiny_models.batch(name, seed, n, length, pad_id=pad_id)
 
 
 def _calibration(name: str, **kwargs) -> list[dict]:

@@ -6,12 +6,15 @@ save -> checkpoints.load. Decoders as causal LMs go through the numerics and the
 """
 from __future__ import annotations
 
-import functools
 import re
 
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file
+from tiny_models import DECODERS, FAMILIES
+from tiny_models import logits as _logits
+from tiny_models import tokenizer as _tokenizer
 from transformers.pytorch_utils import Conv1D
 
 from pipelines import checkpoints, models
@@ -20,9 +23,6 @@ from pipelines.config import ConfigError, PrequantConfig
 from pipelines.evaluation import quantize_rtn
 from quant import QuantConfig, prequant
 
-ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2"]
-DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-opt"]
-FAMILIES = ENCODERS + DECODERS
 # The Linears of each family's classification head: randomly initialised on a pre-trained body,
 # so they stay FP, are not stored in the task-agnostic model and train per task.
 HEAD_LINEARS = {
@@ -36,41 +36,13 @@ SETTINGS = [("weight", "row", False), ("activation", "group-mse", True)]
 NORM_NAME = re.compile(r"norm|ln_")  # how the families name their normalisation layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pcfg(criterion: str = "weight", quantizer: str = "row", gptq: bool = False, **kw) -> PrequantConfig:
     return PrequantConfig(quant=["w4g16"], quantizer=quantizer, criterion=criterion, gptq=gptq, budget_pct=1.0,
                           calib_samples=8, calib_max_length=16, seed=0, **kw)
 
 
-@functools.cache
-def _tokenizer(name: str):
-    return models.load_tokenizer(name)
-
-
 def _batch(name: str, n: int = 4, length: int = 12, seed: int = 0, padded: bool = True) -> dict:
-    """Token ids from the middle of the vocabulary, the second half of the rows right-padded."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, length), generator=gen)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[n // 2:, length * 3 // 4:] = 0
-    batch = {"input_ids": ids.masked_fill(mask == 0, _tokenizer(name).pad_token_id), "attention_mask": mask}
-    if "token_type_ids" in _tokenizer(name).model_input_names:
-        batch["token_type_ids"] = torch.zeros_like(ids)
-    return batch
-
-
-def _logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
+    return tiny_models.batch(name, seed, n, length, padded)
 
 
 def _fp_linears(model) -> set[str]:
@@ -183,7 +155,8 @@ def test_causal_lm_round_trips_through_the_prequant_format(name, setting, tmp_pa
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     ocfg = prequant.OutlierConfig(prequant.with_quantizer("w4g16", quantizer), criterion, budget=0.01)
     names = prequant.targets(lm, ocfg)
-    stats = prequant.input_stats(lm, names, [_batch(name, 1, 16, s, padded=False) for s in range(4)], hessian=gptq)
+    batches = [_batch(name, n=1, length=16, seed=s, padded=False) for s in range(4)]
+    stats = prequant.input_stats(lm, names, batches, hessian=gptq)
     report = prequant.prequantize(lm, ocfg, {n: s["absmax"] for n, s in stats.items()},
                                   {n: s["hessian"] for n, s in stats.items()} if gptq else None)
     assert _fp_linears(lm) == {"lm_head"} and report.outlier_params > 0
