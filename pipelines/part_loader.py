@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pipelines import checkpoints, models
-from pipelines.partition import LAYOUT_ATTR, Layout, PartSpec, find_blocks, layout, prune_to_part
+from pipelines.partition import LAYOUT_ATTR, Layout, PartSpec, find_blocks, layout, prune_to_part, tie_groups
 
 INDEX = "model.safetensors.index.json"
 
@@ -48,14 +48,6 @@ def skeleton(directory: Path) -> nn.Module:
         model = models.from_config(models.model_config(directory)).eval()
     model.tie_weights()  # not done on meta parameters at construction
     return model
-
-
-def tie_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Every name of each parameter (tied weights have several; a file stores one of them)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {name: group for group in names.values() for name in group}
 
 
 def fill(model: nn.Module, directory: Path, aliases: dict[str, list[str]] | None = None,

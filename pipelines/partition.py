@@ -191,11 +191,16 @@ def _hidden_arg(block: nn.Module) -> str:
     return params[0] if params else "hidden_states"
 
 
-def _tied(model: nn.Module) -> tuple[str, ...]:
+def tie_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter (tied weights have several; a file stores one of them)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
-    return tuple(sorted(n for group in names.values() if len(group) > 1 for n in group))
+    return {name: group for group in names.values() for name in group}
+
+
+def _tied(model: nn.Module) -> tuple[str, ...]:
+    return tuple(sorted(n for n, group in tie_groups(model).items() if len(group) > 1))
 
 
 def layout(model: nn.Module) -> Layout:
