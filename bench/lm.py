@@ -2,8 +2,10 @@
 
     python -m bench.lm --decoder ~/.cache/plmq/lm-decoder/pretrain/.../model        # every config and method
     python -m bench.lm --decoder DIR --configs w2g64 --methods gptq mrem_p            # a subset (kept beside the rest)
-    python -m bench.lm --decoder DIR --memory                                         # peak RSS per actor vs K
+    python -m bench.lm --decoder DIR --memory                                         # peak RSS per actor, K = 1, 2, 4
     python -m bench.lm --decoder tiny-llama --smoke                                   # the whole bench in a minute
+    python -m bench.lm --decoder DIR --qpretrain QDIR   # the quantized pre-training gap: QDIR is the model folder of
+                                                        # plmq pretrain configs/lm-decoder.yaml --recipe w8a8g8gw8m8v8
     python -m bench.lm --write-only                                                   # lm.md again from lm.json
 
 The decoder is `plmq pretrain configs/lm-decoder.yaml`'s model folder. Each method runs through
@@ -14,7 +16,9 @@ interrupted bench. Writes bench/results/lm.json and .md (each figure with its co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -73,10 +77,33 @@ def run_method(args, method: str, quant: str) -> tuple[float, float, dict]:
 
 def peak_rss(args, k: int) -> tuple[dict, str]:
     """Per module actor of an MREM-P run with K modules (a few steps): peak RSS (MB) and the MB of its student
-    and teacher tensors; and the FP checkpoint."""
-    _, _, detail = run_method(argparse.Namespace(**{**vars(args), "set": [*args.set, f"mrem.modules={k}",
-                                                                          "mrem.steps=5"]}), "mrem_p", "w4a8")
-    return {"peak_rss_mb": detail["peak_rss_mb"], "model_mb": detail["model_mb"]}, detail["fp_checkpoint"]
+    and teacher tensors; and the FP checkpoint. K above this machine's cores runs on a fake cluster of K nodes."""
+    more = argparse.Namespace(**{**vars(args), "set": [*args.set, f"mrem.modules={k}", "mrem.steps=5"]})
+    with fake_nodes(k) if k > (os.cpu_count() or 1) else contextlib.nullcontext():
+        _, _, detail = run_method(more, "mrem_p", "w4a8")
+    out = {"peak_rss_mb": detail["peak_rss_mb"], "model_mb": detail["model_mb"]}
+    if k > (os.cpu_count() or 1):
+        out["cluster"] = f"ray.cluster_utils.Cluster: {k} nodes of 1 CPU on one {os.cpu_count()}-core machine"
+    return out, detail["fp_checkpoint"]
+
+
+@contextlib.contextmanager
+def fake_nodes(k: int):
+    """K one-CPU Ray nodes on this machine (`ray.cluster_utils.Cluster`), so K module actors run at once."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(k - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 SINGLE = """
@@ -115,7 +142,8 @@ def markdown(results: dict) -> str:
              common.markdown_table(rows, list(rows[0])) if rows else "(no figures yet)", "",
              f"MREM-P (K=2) speed-up over MREM-S: {results.get('speedup_p2_vs_s')}x in module training time, "
              f"{results.get('speedup_p2_vs_s_stage')}x for the whole stage (with its evaluation of the export)", "",
-             f"Peak RSS per actor (MB): {json.dumps(mem)}", "", "Commands:", ""]
+             f"Peak RSS per actor (MB): {json.dumps(mem)}", "",
+             f"Quantized pre-training gap: {json.dumps(results.get('qpretrain'))}", "", "Commands:", ""]
     lines += [f"- `{key}`: `{cmd}`" for key, cmd in results.get("commands", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -128,7 +156,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--out-dir", default="runs/bench-lm")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--ks", nargs="*", type=int, default=[1, 2, 4], help="--memory: module counts K")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets; writes nothing to bench/results")
+    parser.add_argument("--qpretrain", default=None, help="model folder of the quantized pre-training run")
     parser.add_argument("--write-only", action="store_true")
     args = parser.parse_args()
     results = {"configs": {}, "commands": {}} if args.smoke else load()
@@ -138,11 +168,15 @@ def main() -> None:
             raise SystemExit("--decoder: the pretrained decoder's model folder (plmq pretrain configs/lm-decoder.yaml)")
         results["context"] = decoder_context(args.decoder)
         results["model"] = {"path": args.decoder, **model_facts(args.decoder)}
-        if args.memory:
-            per_k = {f"k{k}": peak_rss(args, k) for k in (1, 2)}
-            results["peak_rss_mb"] = {"single_process": single_process_rss(per_k["k1"][1]),
-                                      **{k: v[0] for k, v in per_k.items()}}
-            results["commands"]["peak_rss_mb"] = command
+        if args.qpretrain:
+            results["qpretrain"] = qpretrain_gap(args.decoder, args.qpretrain)
+            results["commands"]["qpretrain"] = command
+        elif args.memory:
+            per_k = {f"k{k}": peak_rss(args, k) for k in args.ks}
+            results["peak_rss_mb"] = {**results.get("peak_rss_mb", {}), **{k: v[0] for k, v in per_k.items()},
+                                      "single_process": single_process_rss(next(iter(per_k.values()))[1])}
+            results["commands"].pop("peak_rss_mb", None)  # the key of one command for every K, before --ks
+            results["commands"].update({f"peak_rss_mb/{k}": command for k in per_k})
         else:
             record_methods(args, results, command)
     judge(results)
@@ -182,6 +216,19 @@ def judge(results: dict) -> None:
     if train:
         results["speedup_p2_vs_s"] = round(sum(train) / len(train), 2)
         results["speedup_p2_vs_s_stage"] = round(sum(stage) / len(stage), 2)
+
+
+def qpretrain_gap(decoder: str, quantized: str) -> dict:
+    """Validation ppl (WikiText-2 test, the pretrain config's windows) of the FP decoder and of the same recipe
+    trained with quantized weights, activations, gradients and optimizer states: each run's result.json."""
+    fp, q = (json.loads((Path(d) / "result.json").read_text()) for d in (decoder, quantized))
+    if (fp["steps"], fp["corpus"], fp["seed"]) != (q["steps"], q["corpus"], q["seed"]):
+        raise SystemExit(f"--qpretrain {quantized}: trained differently from the decoder (steps, corpus, seed)")
+    return {"fp_ppl": round(fp["val_ppl"], 2), f"{q['recipe']}_ppl": round(q["val_ppl"], 2),
+            "gap_pct": round(100 * (q["val_ppl"] / fp["val_ppl"] - 1), 2),
+            "val_loss_gap": round(q["val_loss"] - fp["val_loss"], 4), "recipe": q["recipe"], "path": quantized,
+            "step_s": {"fp": round(fp["step_s"], 2), q["recipe"]: round(q["step_s"], 2)},
+            "diverged": q["diverged"]}
 
 
 def model_facts(decoder: str) -> dict:

@@ -25,3 +25,24 @@ def test_the_page_shows_every_method_and_the_command():
     page = lm.markdown(results)
     assert "| w2g64 | 100 | 130 | 110 | 104 | 104.5 | True | 0.452 |" in page
     assert "2.0x in module training time" in page and "`python -m bench.lm ...`" in page
+
+
+def _trained(folder, recipe: str, ppl: float, steps: int = 300) -> str:
+    import json
+    import math
+
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({
+        "recipe": recipe, "steps": steps, "corpus": "tinyshakespeare+wikitext2", "seed": 0, "val_ppl": ppl,
+        "val_loss": math.log(ppl), "step_s": 8.0, "diverged": False}))
+    return str(folder)
+
+
+def test_the_quantized_pretraining_gap_compares_like_with_like(tmp_path):
+    import pytest
+
+    fp = _trained(tmp_path / "fp", "fp", 500.0)
+    gap = lm.qpretrain_gap(fp, _trained(tmp_path / "q", "w8a8g8gw8m8v8", 510.0))
+    assert gap["fp_ppl"] == 500.0 and gap["w8a8g8gw8m8v8_ppl"] == 510.0 and gap["gap_pct"] == 2.0
+    with pytest.raises(SystemExit, match="trained differently"):
+        lm.qpretrain_gap(fp, _trained(tmp_path / "short", "w8a8", 510.0, steps=100))
