@@ -12,6 +12,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.module_trainer import ModuleTrainer, TrainerSettings
+from pipelines import faults
 from pipelines.partition import Layout, PartSpec
 
 
@@ -40,7 +41,7 @@ def launch(specs: list[PartSpec], checkpoint: str, quant: str, settings: Trainer
     nxt = None
     for spec in reversed(specs):
         strategy = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=spec.index)
-        actor = remote.options(**options, max_concurrency=4, name=trainer_name(key, spec.index),
+        actor = remote.options(**options, **faults.runtime_env(), max_concurrency=4, name=trainer_name(key, spec.index),
                                scheduling_strategy=strategy).remote(
             spec, shards.layout, checkpoint, quant, settings, shards.boundaries[spec.index], shards.boundaries[0],
             shards.num_samples, shards.shard_size, work_dir, nxt if mode == "parallel" else None,

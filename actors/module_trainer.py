@@ -22,7 +22,7 @@ import torch
 
 from actors.predecessor_queue import PredecessorQueue
 from actors.shard_reader import ShardReader
-from pipelines import part_loader
+from pipelines import faults, part_loader
 from pipelines import reconstruction as rc
 from pipelines.partition import Layout, PartSpec, part_forward, part_state
 
@@ -85,12 +85,14 @@ class ModuleTrainer:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses, self.initial_error = state["step"], state["losses"], state["initial_error"]
+        torch.set_rng_state(state["rng"])  # dropout: the stream an uninterrupted run would have drawn
         print(f"[mrem module {self.spec.index}] resumed from {self.state_dir} at step {self.step}")
         return self.step
 
     def _checkpoint(self) -> None:
         rc.save_state(self.state_dir, {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                       "step": self.step, "losses": self.losses, "initial_error": self.initial_error})
+                                       "step": self.step, "losses": self.losses, "initial_error": self.initial_error,
+                                       "rng": torch.get_rng_state()})
 
     # ---- data --------------------------------------------------------------------------
     def _batch(self, idx: np.ndarray) -> rc.Batch:
@@ -175,13 +177,13 @@ class ModuleTrainer:
             self.initial_error = self.reconstruction_error()
         if self.fed and self.pred is None:  # MREM-P warm-up: the predecessor's first outputs, not its end
             self.queue.first(self.s.first_push_s)
-        rng = np.random.default_rng(self.s.seed * 1000 + self.spec.index * 7919 + self.step)
         while self.step < self.s.steps:
-            self._step(rng)
+            self._step(np.random.default_rng((self.s.seed, self.spec.index, self.step)))  # a resume draws the same
             if self.step % self.s.log_every == 0 or self.step == self.s.steps:
                 self._log(start)
             if self.step % self.s.checkpoint_every == 0:
                 self._checkpoint()
+            faults.point(f"mrem.module{self.spec.index}", self.step)
         if self.next is not None and not self.spec.last:
             self.next.predecessor_finished.remote()
         return self.stats(time.time() - start)

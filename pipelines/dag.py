@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
-from pipelines import tracking
+from pipelines import faults, tracking
 from pipelines.stages import REGISTRY, Context, Stage
 from pipelines.store import StageStore, stage_key
 
@@ -57,6 +57,7 @@ def run_one(cfg: Any, stage: Stage, ctx: dict, key: str, upstream: dict[str, dic
     root = Path(ctx["local_root"])
     fragment = module.fragment(cfg, stage)
     with tracking.stage_run(stage.name, {"key": key, **fragment}) as run_id:
+        faults.point(f"stage.{stage.name}")
         start = time.time()
         context = Context(root, key, stage.name in ctx["forced"], run_id, ctx["tracking_uri"])
         result = module.run(cfg, stage, upstream, context)
@@ -93,7 +94,7 @@ def _submit(stages, cfg, ctx, stage_keys, store, force_set) -> tuple[dict, list[
             refs[st.name], _ = ray.put({**done, "skipped": True}), skipped.append(st.name)
             continue
         cpus = getattr(REGISTRY[st.kind], "TASK_CPUS", 0)  # what the stage computes in its own task
-        refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}").remote(
+        refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}", **faults.runtime_env()).remote(
             st, cfg, ctx, stage_keys[st.name], *[refs[d] for d in st.deps])
     return refs, skipped
 
@@ -109,6 +110,7 @@ def _gather(refs: dict) -> tuple[dict, dict]:
                 outcomes[name] = ray.get(ready[0])
                 how = "complete earlier" if outcomes[name].get("skipped") else "done"
                 bar.write(f"[run] {name}: {how} ({outcomes[name].get('stage_s', 0)} s)")
+                faults.point(f"driver.{name}")
             except Exception as err:  # one failed branch must not hide the others' results
                 failed[name] = _short_error(err)
                 bar.write(f"[run] {name}: FAILED:\n{failed[name]}")

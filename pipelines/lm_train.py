@@ -25,7 +25,7 @@ from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from pipelines import checkpoints
+from pipelines import checkpoints, faults
 from pipelines.io import atomic_dir, write_json_atomic
 from pipelines.lm_data import LMData, eval_windows, get_batch, hf_tokenizer, prepare_corpus
 from pipelines.models import load_causal_lm
@@ -312,6 +312,7 @@ def train(cfg: PretrainRunConfig, data: LMData, session, tag: str = "", run_id: 
             session.save(run.step, {"loss": loss}, run.state())
             if session.stop_at is not None and run.step >= session.stop_at:
                 return {"stopped_at": run.step, "history": run.history}, run
+        faults.point(f"pretrain.rank{session.rank}", run.step)
     val = _log_val(run, windows, t.batch_size, session, progress) if not run.diverged else float("nan")
     progress.flush()
     return _result(cfg, data, run, recipe, converted, val), run

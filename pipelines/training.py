@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from pipelines import faults
 from pipelines.cluster import worker_resources
 from pipelines.config import FinetuneConfig
 from pipelines.data import load_tokenized
@@ -57,6 +58,9 @@ def _restore(model, optimizer, scheduler) -> int | None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    rank = ray.train.get_context().get_world_rank()
+    if rank < len(state.get("rng", [])):  # dropout continues as in an uninterrupted run
+        torch.set_rng_state(state["rng"][rank])
     print(f"[finetune] resumed from checkpoint at step {state['step']}")
     return state["step"]
 
@@ -72,6 +76,16 @@ def _report(step: int, loss: float, state: dict | None, model_dir_fn=None) -> No
                 model_dir_fn(tmp)
             ckpt = Checkpoint.from_directory(tmp)
         ray.train.report({"step": step, "loss": loss}, checkpoint=ckpt)
+
+
+def rng_states() -> list[torch.Tensor]:
+    """Every worker's torch RNG state (dropout), by rank: rank 0 writes them all into the checkpoint."""
+    own = torch.get_rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [own]
+    states: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, own)
+    return states
 
 
 def _set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
@@ -127,6 +141,7 @@ def run_loop(cfg: dict, setup, save) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            faults.point(f"finetune.rank{rank}", step)
             loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
             if step % ft.log_every == 0 or step == total:
                 rate = (step - start_step) / max(time.time() - start, 1e-9)
@@ -138,7 +153,7 @@ def run_loop(cfg: dict, setup, save) -> None:
                 break
         if step < total:  # epoch boundary: a resumable checkpoint
             _report(step, loss_avg, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "step": step})
+                                     "scheduler": scheduler.state_dict(), "step": step, "rng": rng_states()})
     train_s = time.time() - start
     meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
             "train_examples": len(loader.dataset), "config_key": cfg["key"], **memory_stats(optimizer),

@@ -191,3 +191,20 @@ def tiny_run_cfg(separable_glue, cache_dir, tmp_path):
                                   "data.source=dir", f"data.dir={separable_glue}", "data.max_length=16",
                                   f"data.cache_dir={cache_dir}", *overrides])
     return make
+
+
+@pytest.fixture
+def inject_faults(monkeypatch, tmp_path):
+    """Arm fault points (`pipelines.faults`, e.g. "mrem.module1@25") for this test, in this process and in the
+    Ray tasks and actors it starts; returns a function that lists the points that fired."""
+    from pipelines import faults
+
+    folder = tmp_path / "faults"
+    folder.mkdir()
+
+    def arm(*points: str):
+        monkeypatch.setenv(faults.ENV, ",".join(points))
+        monkeypatch.setenv(faults.DIR_ENV, str(folder))
+        return lambda: faults.fired(folder)
+
+    return arm

@@ -12,6 +12,7 @@ from pipelines import calibration
 from pipelines.cluster import actor_resources, spread_placement, worker_resources
 from pipelines.config import MremConfig
 from pipelines.tracking import RunLogger
+from tests.crafted import crafted_pickle
 
 pytestmark = pytest.mark.ray
 
@@ -55,14 +56,43 @@ def test_training_lowers_the_module_error_below_rtn_and_resumes(ray_session, tin
 
 
 def test_module_checkpoints_are_not_unpickled(ray_session, tiny_teacher, tiny_data, tmp_path):
-    """A module checkpoint holding an arbitrary object is refused, not executed."""
-    import torch
-
+    """A crafted module checkpoint whose unpickling would create a file is refused, not executed."""
     cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
-    (tmp_path / "work" / "module1").mkdir(parents=True)
-    torch.save({"step": 3, "payload": _Recorder()}, tmp_path / "work" / "module1" / "state.pt")
+    marker = crafted_pickle(tmp_path / "work" / "module1" / "state.pt")
     with pytest.raises(pickle.UnpicklingError):
         _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "work", steps=5)
+    assert not marker.exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_module_trains_exactly_as_an_uninterrupted_one(ray_session, tiny_teacher, tiny_data, tmp_path,
+                                                                   monkeypatch):
+    """Killed after step 25 (checkpoint at 20), a module resumes with the same batches and dropout stream."""
+    import torch
+
+    from actors import module_trainer
+
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 128)
+    whole = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "whole", steps=30, student_dropout=True)
+    whole.train()
+
+    def die_at_25(site: str, step: int = 0) -> None:
+        if step == 25:
+            raise _Killed(site)
+
+    monkeypatch.setattr(module_trainer.faults, "point", die_at_25)
+    with pytest.raises(_Killed):
+        _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "cut", steps=30, student_dropout=True).train()
+    monkeypatch.undo()
+    resumed = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "cut", steps=30, student_dropout=True)
+    assert resumed.resumed_from == 20
+    resumed.train()
+    got, want = resumed.student.state_dict(), whole.student.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed.losses == whole.losses
 
 
 @pytest.mark.parametrize("dropout", [False, True])

@@ -72,3 +72,24 @@ def test_optimizer_gives_named_parameters_their_own_lr_and_skips_frozen_ones():
     assert groups == {(1e-3, 0.0): 4, (5e-2, 0.01): 8, (5e-2, 0.0): 2}  # model[0].weight: no group, no state
     scheduler.step()
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([9e-4, 4.5e-2, 4.5e-2])  # both decay
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_resumes_and_trains_the_same_weights(ray_session, mlflow_uri, separable_cfg, tmp_path,
+                                                             inject_faults):
+    """The Train worker dies after step 45 of 76 (pipelines.faults); Ray Train restarts it from the epoch-1
+    checkpoint (step 38) with its RNG state, and the model equals an uninterrupted run's bit for bit."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(separable_cfg, finetune=dataclasses.replace(separable_cfg.finetune, epochs=2))
+    whole = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    fired = inject_faults("finetune.rank0@45")
+    cut = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "cut")))
+    assert fired() == ["finetune.rank0@45"]
+    a, b = (load_file(f"{s.outcomes['finetune/sst2']['checkpoint']}/model.safetensors") for s in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cut.rows[0]["value"] == whole.rows[0]["value"]

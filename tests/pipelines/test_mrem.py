@@ -3,13 +3,10 @@ one calibration, module checkpoints keyed by the stage key."""
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from actors import fleet
 from pipelines import calibration, checkpoints, models
 from pipelines.config import DataConfig, MremConfig, RunConfig
 from pipelines.stages import calibrate, mrem
@@ -101,35 +98,16 @@ def test_parallel_mrem_spreads_over_two_nodes(ray_two_nodes, tiny_teacher, tiny_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_actor_restarts_from_its_checkpoint(ray_session, tiny_teacher, tiny_data, tmp_path):
+def test_killed_actor_restarts_from_its_checkpoint(ray_session, tiny_teacher, tiny_data, tmp_path, inject_faults):
+    """Module 1's actor dies after step 25 (pipelines.faults); Ray restarts it, it resumes from step 20."""
     cfg = small(tiny_data, steps=60, checkpoint_every=10)
     upstream = calibrated(cfg, tiny_teacher, tmp_path)
-    name = fleet.trainer_name("k1", 1)
-    killed = {}
-
-    def kill_midway():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                actor = ray_session.get_actor(name)
-                step = ray_session.get(actor.progress.remote(), timeout=5)
-            except (ValueError, ray_session.exceptions.RayError):  # not started yet, or restarting
-                time.sleep(0.2)
-                continue
-            if step >= 25:
-                killed["step"] = step
-                ray_session.kill(actor, no_restart=False)
-                return
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=kill_midway)
-    thread.start()
+    fired = inject_faults("mrem.module1@25")
     result = run_mrem(cfg, tiny_teacher, tmp_path, upstream)
-    thread.join()
-    assert killed, "the test never saw module 1 reach step 25"
+    assert fired() == ["mrem.module1@25"]
     stats = result.info["modules_stats"]
-    assert stats[1]["restarted"] and 20 <= stats[1]["resumed_from_step"] <= killed["step"] and stats[1]["steps"] == 60
-    assert not stats[0]["restarted"]  # only the failed module was redone
+    assert stats[1]["restarted"] and stats[1]["resumed_from_step"] == 20 and stats[1]["steps"] == 60
+    assert not stats[0]["restarted"] and stats[0]["resumed_from_step"] == 0  # only the failed module was redone
     assert result.info["restarts"] == 1 and result.metrics["restarts"] == 1
 
 
