@@ -93,10 +93,18 @@ def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = N
         raise ConfigError(f"--force {bad[0]!r} names no stage; stages: {', '.join(s.name for s in stages)}")
     run_dir, local_root = run_location(cfg.output_dir)
     local_root.mkdir(parents=True, exist_ok=True)
-    with tracking.parent_run(cfg.experiment_name, name, to_dict(cfg), tags=run_tags(cfg)) as parent_id:
+    folder = run_dir if "://" in run_dir else str(local_root)
+    tracking.end_abandoned(tracking.setup(cfg.experiment_name), folder)
+    tags = {**run_tags(cfg), "plmq.output_dir": folder}
+    with tracking.parent_run(cfg.experiment_name, name, to_dict(cfg), tags=tags) as parent_id:
         ctx = {"run_dir": run_dir, "local_root": str(local_root), "tracking_uri": tracking.tracking_uri(),
                "experiment_id": mlflow.active_run().info.experiment_id, "parent_run_id": parent_id}
-        result = dag.execute(cfg, stages, ctx, force)
+        try:
+            result = dag.execute(cfg, stages, ctx, force)
+        except BaseException:  # interrupted: the stages' runs end with the driver
+            tracking.end_open_children(parent_id, "KILLED")
+            raise
+        tracking.end_open_children(parent_id, "FAILED")  # runs of stage processes that died
         report = next((result.outcomes[s.name] for s in stages if s.name in result.outcomes and
                        getattr(REGISTRY[s.kind], "FINAL", False)), None)
         if report:

@@ -98,6 +98,35 @@ def stage_run(stage: str, params: dict | None = None, tags: dict | None = None) 
         yield run.info.run_id
 
 
+def end_open_children(parent_run_id: str, status: str) -> list[str]:
+    """End the runs under `parent_run_id` (at any depth) that are still RUNNING with `status` (FAILED, KILLED):
+    the process that ran them died before it could end them. Returns their ids."""
+    client = MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    ended, frontier = [], [parent_run_id]
+    while frontier:
+        below = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{frontier.pop()}'", max_results=5000)
+        for run in below:
+            frontier.append(run.info.run_id)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status)
+                ended.append(run.info.run_id)
+    return ended
+
+
+def end_abandoned(experiment_id: str, output_dir: str) -> list[str]:
+    """Runs of earlier invocations on `output_dir` still RUNNING, and everything under them, ended as KILLED:
+    their driver was killed. Call it only while no other driver uses the folder (its lock is held)."""
+    client = MlflowClient()
+    query = f"tags.`plmq.output_dir` = '{output_dir}' and attributes.status = 'RUNNING'"
+    ended = []
+    for run in client.search_runs([experiment_id], query, max_results=5000):
+        ended += end_open_children(run.info.run_id, "KILLED")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 def log_stage(metrics: dict[str, float], info: dict) -> None:
     """What every stage's nested run holds: its metrics, its details as result.json, a `warning` tag
     when its evaluation flagged one (visible in the runs list, not only in the log)."""

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +181,14 @@ def _stage_runs(experiment: str) -> dict[str, list[str]]:
     return {p.info.run_id: sorted(children.get(p.info.run_id, [])) for p in parents}
 
 
+def _runs(experiment: str) -> dict[str, tuple[str, str | None, str]]:
+    """run id -> (status, parent run id or None, run name) of every run of `experiment`."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return {r.info.run_id: (r.info.status, r.data.tags.get("mlflow.parentRunId"), r.info.run_name) for r in runs}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_uri, separable_glue, cache_dir):
@@ -211,26 +217,52 @@ def test_dag_runs_skips_when_complete_and_forces(tmp_path, ray_session, mlflow_u
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_driver_resumes_without_recomputing(tmp_path, ray_session, mlflow_uri, separable_glue, cache_dir):
-    """Kill `plmq run` once the fine-tune is recorded; the re-run keeps it and completes the rest."""
+    """`plmq run` dies once the fine-tune is recorded (pipelines.faults); the re-run keeps it, completes the rest
+    and ends the dead invocation's MLflow runs as KILLED."""
+    from pipelines import faults
+
     cfg, path = tiny_cfg(tmp_path, [f"data.dir={separable_glue}", f"data.cache_dir={cache_dir}"])
     data = yaml.safe_load(path.read_text())
     data["data"].update(dir=str(separable_glue), cache_dir=cache_dir)
     path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (tmp_path / "faults").mkdir()
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           faults.ENV: "driver.finetune/sst2@0", faults.DIR_ENV: str(tmp_path / "faults")}
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == faults.EXIT_CODE, out.stderr[-2000:]
     record = Path(cfg.output_dir) / "stages" / "finetune__sst2.json"
-    deadline = time.time() + 300
-    while not record.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert record.exists(), "the fine-tune never completed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     finished_at = json.loads(record.read_text())["finished_at"]
     summary = run(cfg)
     assert "finetune/sst2" in summary.skipped
     assert json.loads(record.read_text())["finished_at"] == finished_at  # not recomputed
     assert {r["method"] for r in summary.rows} >= {"fp", "rtn-w4a8", "mrem-parallel-w4a8"}
+    runs = _runs("dag-test")
+    assert "RUNNING" not in {status for status, _, _ in runs.values()}
+    killed = [rid for rid, (status, parent, _) in runs.items() if parent is None and status == "KILLED"]
+    assert len(killed) == 1 and killed[0] != summary.parent_run_id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_dead_stage_process_fails_its_stage_only(tmp_path, ray_session, mlflow_uri, separable_glue, cache_dir,
+                                                   inject_faults):
+    """The process of stage rtn/sst2/w8a8 dies inside its MLflow run: that stage fails (its run ends FAILED), the
+    others complete; the same command again runs only what failed."""
+    from pipelines.runner import StageFailure
+
+    cfg, _ = tiny_cfg(tmp_path, [f"data.dir={separable_glue}", f"data.cache_dir={cache_dir}", "mrem.quant=[]",
+                                 "prequant.quant=[]"])
+    fired = inject_faults("stage.rtn/sst2/w8a8@0")
+    with pytest.raises(StageFailure, match="rtn/sst2/w8a8"):
+        run(cfg)
+    assert fired() == ["stage.rtn/sst2/w8a8@0"]
+    runs = _runs("dag-test")
+    by_name = {name: status for status, parent, name in runs.values() if parent}
+    assert by_name["rtn/sst2/w8a8"] == "FAILED" and by_name["rtn/sst2/w4a8"] == "FINISHED"
+    assert "RUNNING" not in {status for status, _, _ in runs.values()}
+    again = run(cfg)
+    assert sorted(set(s.name for s in build(cfg)) - set(again.skipped)) == ["report", "rtn/sst2/w8a8"]
 
 
 def test_dry_run_lists_the_plan_without_running(tmp_path):
