@@ -1,13 +1,16 @@
 """The one driver: every `plmq` verb runs a plan of stages through `run`.
 
-It checks the input before any work, connects to Ray, decides resources once, opens the
-invocation's MLflow parent run, executes the plan on the DAG and logs the report."""
+It checks the input before any work, connects to Ray, decides resources once, holds the output
+folder's lock (one run writes a folder at a time), opens the invocation's MLflow parent run,
+executes the plan on the DAG and logs the report."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 import mlflow
 import ray
 
-from pipelines import dag, tracking
+from pipelines import dag, outdir, tracking
 from pipelines.cluster import ensure_ray, resolve_resources
 from pipelines.config import RunConfig
 from pipelines.config_dict import to_dict
@@ -71,13 +74,34 @@ def run_tags(cfg: Any) -> dict:
 
 
 def prepare(cfg: Any, model: str | None = None) -> Any:
-    """Checks before any work (data present, the context fits the model, LM texts long enough, quantization
-    groups that fit, workers that fit), with Ray up; returns the resolved config.
-    `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
+    """Checks before any work (an output folder that can be written, data present, the context fits the model,
+    LM texts long enough, quantization groups that fit, workers that fit), with Ray up; returns the resolved
+    config. `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
+    outdir.check_output_dir(cfg.output_dir, run_location(cfg.output_dir)[1])
     if isinstance(cfg, RunConfig):
         check_inputs(cfg, model or cfg.model)
     ensure_ray()
     return resolve_resources(cfg, model) if isinstance(cfg, RunConfig) else cfg
+
+
+def _under_parent_run(cfg: Any, stages: list[Stage], force: list[str] | None, name: str, run_dir: str,
+                      local_root: Path, start: float) -> tuple[str, dag.DagResult, dict | None]:
+    """The plan on the DAG under the invocation's MLflow parent run; (its id, the DAG's result, the report)."""
+    with tracking.parent_run(cfg.experiment_name, name, to_dict(cfg), tags=run_tags(cfg)) as parent_id:
+        ctx = {"run_dir": run_dir, "local_root": str(local_root), "tracking_uri": tracking.tracking_uri(),
+               "experiment_id": mlflow.active_run().info.experiment_id, "parent_run_id": parent_id}
+        result = dag.execute(cfg, stages, ctx, force)
+        report = next((result.outcomes[s.name] for s in stages if s.name in result.outcomes and
+                       getattr(REGISTRY[s.kind], "FINAL", False)), None)
+        if report:
+            tracking.log_report(report["info"])
+        mlflow.log_metrics({"wall_s": time.time() - start, "stages_skipped": len(result.skipped),
+                            "stages_run": len(result.outcomes) - len(result.skipped),
+                            "stages_failed": len(result.failed)})
+        mlflow.set_tag("plmq.skipped", ",".join(result.skipped)[:4000])
+        if result.failed:
+            mlflow.set_tag("plmq.failed", ",".join(result.failed))
+    return parent_id, result, report
 
 
 def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = None,
@@ -93,20 +117,8 @@ def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = N
         raise ConfigError(f"--force {bad[0]!r} names no stage; stages: {', '.join(s.name for s in stages)}")
     run_dir, local_root = run_location(cfg.output_dir)
     local_root.mkdir(parents=True, exist_ok=True)
-    with tracking.parent_run(cfg.experiment_name, name, to_dict(cfg), tags=run_tags(cfg)) as parent_id:
-        ctx = {"run_dir": run_dir, "local_root": str(local_root), "tracking_uri": tracking.tracking_uri(),
-               "experiment_id": mlflow.active_run().info.experiment_id, "parent_run_id": parent_id}
-        result = dag.execute(cfg, stages, ctx, force)
-        report = next((result.outcomes[s.name] for s in stages if s.name in result.outcomes and
-                       getattr(REGISTRY[s.kind], "FINAL", False)), None)
-        if report:
-            tracking.log_report(report["info"])
-        mlflow.log_metrics({"wall_s": time.time() - start, "stages_skipped": len(result.skipped),
-                            "stages_run": len(result.outcomes) - len(result.skipped),
-                            "stages_failed": len(result.failed)})
-        mlflow.set_tag("plmq.skipped", ",".join(result.skipped)[:4000])
-        if result.failed:
-            mlflow.set_tag("plmq.failed", ",".join(result.failed))
+    with outdir.locked(local_root, cfg.output_dir, shlex.join(sys.argv)):
+        parent_id, result, report = _under_parent_run(cfg, stages, force, name, run_dir, local_root, start)
     rows = [result.outcomes[s.name]["row"] for s in stages if result.outcomes.get(s.name, {}).get("row")]
     table = report["info"]["table"] if report else ""
     summary = RunSummary(parent_id, rows, table, str(local_root), time.time() - start, result.outcomes,
