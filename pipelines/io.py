@@ -4,20 +4,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file beside it, renamed over `path` once it is complete and
+    on disk. The file gets the mode a plain open() gives (0o666 less the umask), so that with a group- or
+    world-readable umask another user can read, and resume, a shared output folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask, as open() does
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a crash right after the rename must not leave an empty file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -28,7 +39,8 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yields an empty folder beside `final`; when the block ends without an error it replaces `final`.
-    A crash leaves `final` as it was (or absent), never half-written."""
+    A crash leaves `final` as it was (or absent), never half-written. The folder is made by a plain mkdir,
+    so its mode is 0o777 less the umask."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

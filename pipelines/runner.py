@@ -1,13 +1,16 @@
 """The one driver: every `plmq` verb runs a plan of stages through `run`.
 
-It checks the input before any work, connects to Ray, decides resources once, opens the
-invocation's MLflow parent run, executes the plan on the DAG and logs the report."""
+It checks the input before any work, connects to Ray, decides resources once, holds the output
+folder's lock (one run writes a folder at a time), opens the invocation's MLflow parent run,
+executes the plan on the DAG and logs the report."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 import mlflow
 import ray
 
-from pipelines import dag, tracking
+from pipelines import dag, outdir, tracking
 from pipelines.cluster import ensure_ray, resolve_resources
 from pipelines.config import RunConfig
 from pipelines.config_dict import to_dict
@@ -71,28 +74,20 @@ def run_tags(cfg: Any) -> dict:
 
 
 def prepare(cfg: Any, model: str | None = None) -> Any:
-    """Checks before any work (data present, the context fits the model, LM texts long enough, quantization
-    groups that fit, workers that fit), with Ray up; returns the resolved config.
-    `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
+    """Checks before any work (an output folder that can be written, data present, the context fits the model,
+    LM texts long enough, quantization groups that fit, workers that fit), with Ray up; returns the resolved
+    config. `model`: the model the stages start from when it is not `cfg.model` (a checkpoint given to a verb)."""
+    outdir.check_output_dir(cfg.output_dir, run_location(cfg.output_dir)[1])
     if isinstance(cfg, RunConfig):
         check_inputs(cfg, model or cfg.model)
     ensure_ray()
     return resolve_resources(cfg, model) if isinstance(cfg, RunConfig) else cfg
 
 
-def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = None,
-        name: str = "run") -> RunSummary:
-    """Run `stages` (default: the config's whole plan), skipping those already complete, under one MLflow
-    parent run; raises StageFailure when any failed (after recording the others)."""
-    start = time.time()
-    given = next((s.checkpoint for s in stages or [] if s.checkpoint), None)
-    cfg = prepare(cfg, given)
-    stages = plan(cfg) if stages is None else stages
-    bad = dag.unknown_force(stages, force or [])
-    if bad:
-        raise ConfigError(f"--force {bad[0]!r} names no stage; stages: {', '.join(s.name for s in stages)}")
-    run_dir, local_root = run_location(cfg.output_dir)
-    local_root.mkdir(parents=True, exist_ok=True)
+def _under_parent_run(cfg: Any, stages: list[Stage], force: list[str] | None, name: str, run_dir: str,
+                      local_root: Path, start: float) -> tuple[str, dag.DagResult, dict | None]:
+    """The plan on the DAG under the invocation's MLflow parent run; (its id, the DAG's result, the report).
+    Runs the folder's earlier invocations left RUNNING (their driver was killed) end as KILLED first."""
     folder = run_dir if "://" in run_dir else str(local_root)
     tracking.end_abandoned(tracking.setup(cfg.experiment_name), folder)
     tags = {**run_tags(cfg), "plmq.output_dir": folder}
@@ -115,6 +110,24 @@ def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = N
         mlflow.set_tag("plmq.skipped", ",".join(result.skipped)[:4000])
         if result.failed:
             mlflow.set_tag("plmq.failed", ",".join(result.failed))
+    return parent_id, result, report
+
+
+def run(cfg: Any, stages: list[Stage] | None = None, force: list[str] | None = None,
+        name: str = "run") -> RunSummary:
+    """Run `stages` (default: the config's whole plan), skipping those already complete, under one MLflow
+    parent run; raises StageFailure when any failed (after recording the others)."""
+    start = time.time()
+    given = next((s.checkpoint for s in stages or [] if s.checkpoint), None)
+    cfg = prepare(cfg, given)
+    stages = plan(cfg) if stages is None else stages
+    bad = dag.unknown_force(stages, force or [])
+    if bad:
+        raise ConfigError(f"--force {bad[0]!r} names no stage; stages: {', '.join(s.name for s in stages)}")
+    run_dir, local_root = run_location(cfg.output_dir)
+    local_root.mkdir(parents=True, exist_ok=True)
+    with outdir.locked(local_root, cfg.output_dir, shlex.join(sys.argv)):
+        parent_id, result, report = _under_parent_run(cfg, stages, force, name, run_dir, local_root, start)
     rows = [result.outcomes[s.name]["row"] for s in stages if result.outcomes.get(s.name, {}).get("row")]
     table = report["info"]["table"] if report else ""
     summary = RunSummary(parent_id, rows, table, str(local_root), time.time() - start, result.outcomes,

@@ -12,6 +12,7 @@ A stage module (`pipelines/stages/<kind>.py`) defines:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def upstream_of(upstream: dict[str, dict], kind: str) -> dict:
         if name.split("/", 1)[0] == kind:
             return outcome
     raise KeyError(f"no upstream stage of kind {kind!r} among {sorted(upstream)}")
+
+
+def export_folder(folder: Path, stage: Stage) -> Path:
+    """Where a stage writes its model: `folder`, or for a stage on a user's checkpoint a sibling named after
+    that checkpoint (`<folder>-ckpt-<hash of its path>`), so that quantizing two checkpoints into one output
+    folder keeps both exports."""
+    if not stage.checkpoint:
+        return folder
+    digest = hashlib.sha256(str(Path(stage.checkpoint).resolve()).encode()).hexdigest()[:8]
+    return folder.with_name(f"{folder.name}-ckpt-{digest}")
 
 
 def relative(path: str | Path, root: Path) -> str | None:

@@ -15,7 +15,7 @@ from pipelines import checkpoints
 from pipelines.config import RunConfig
 from pipelines.evaluation import calibration_batches, eval_metrics, evaluate_model, report_row
 from pipelines.gptq_model import gptq_quantize
-from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, per_task_quant, relative
+from pipelines.stages.base import Context, Stage, StageResult, export_folder, input_checkpoint, per_task_quant, relative
 from pipelines.stages.rtn import quant_fragment
 from pipelines.tasks import check_task
 from quant import QuantConfig
@@ -35,7 +35,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
     qcfg, g = QuantConfig.parse(stage.quant), cfg.gptq
-    out = ctx.root / check_task(stage.task).slug / "gptq" / str(qcfg)
+    out = export_folder(ctx.root / check_task(stage.task).slug / "gptq" / str(qcfg), stage)
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
     start = time.time()

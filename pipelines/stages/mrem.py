@@ -41,7 +41,7 @@ from pipelines.evaluation import (
 )
 from pipelines.reconstruction import assemble, boundary_errors
 from pipelines.stages import calibrate
-from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, relative, upstream_of
+from pipelines.stages.base import Context, Stage, StageResult, export_folder, input_checkpoint, relative, upstream_of
 from pipelines.tracking import RunLogger
 from quant import QuantConfig
 
@@ -88,7 +88,7 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     m, start = cfg.mrem, time.time()
     m.validate()
     quant, checkpoint = _canonical(stage.quant), input_checkpoint(stage, upstream)
-    out = Path(ctx.root) / stage.task / KIND / f"{quant}-{m.mode}"
+    out = export_folder(Path(ctx.root) / stage.task / KIND / f"{quant}-{m.mode}", stage)
     work_dir = out / f"modules-{ctx.key}"
     if ctx.force:
         shutil.rmtree(work_dir, ignore_errors=True)

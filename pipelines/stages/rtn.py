@@ -20,7 +20,7 @@ from pipelines.evaluation import (
     report_row,
     task_fragment,
 )
-from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint, per_task_quant, relative
+from pipelines.stages.base import Context, Stage, StageResult, export_folder, input_checkpoint, per_task_quant, relative
 from pipelines.tasks import check_task
 from quant import QuantConfig
 
@@ -49,7 +49,7 @@ def quant_fragment(cfg: RunConfig, stage: Stage, section: str) -> dict:
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
     qcfg = QuantConfig.parse(stage.quant)
     source = input_checkpoint(stage, upstream)
-    out = ctx.root / check_task(stage.task).slug / "rtn" / str(qcfg)
+    out = export_folder(ctx.root / check_task(stage.task).slug / "rtn" / str(qcfg), stage)
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
     start = time.time()

@@ -70,3 +70,27 @@ def test_packed_export_keeps_mean_pooling(tiny_run_cfg, tmp_path):
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_two_checkpoints_quantized_into_one_output_folder_keep_both_exports(tiny_teacher, tiny_run_cfg, tmp_path):
+    """`plmq rtn A` then `plmq rtn B` with one --output-dir: B's export goes beside A's, not over it."""
+    other = tmp_path / "other"
+    checkpoints.save(models.load_classifier("tiny-bert", 2, seed=4), models.load_tokenizer("tiny-bert"), other,
+                     {"task": "sst2"}, "fp")
+    cfg = tiny_run_cfg("rtn.quant=[w8a8]", "rtn.calib_samples=16")
+    first = run_rtn(cfg, tiny_teacher, "w8a8", tmp_path / "run")
+    second = run_rtn(cfg, str(other), "w8a8", tmp_path / "run")
+    assert first.checkpoint != second.checkpoint and first.outputs != second.outputs
+    assert first.outputs.startswith("sst2/rtn/w8a8-ckpt-") and second.outputs.startswith("sst2/rtn/w8a8-ckpt-")
+    a, b = checkpoints.load(first.checkpoint).model, checkpoints.load(second.checkpoint).model
+    assert not torch.equal(a.classifier.weight, b.classifier.weight)  # A's export is still A's
+    assert run_rtn(cfg, tiny_teacher, "w8a8", tmp_path / "run").checkpoint == first.checkpoint  # A again: its own
+
+
+def test_a_stage_of_the_config_exports_where_it_always_did(tmp_path):
+    from pipelines.stages.base import Stage, export_folder
+
+    folder = tmp_path / "sst2" / "rtn" / "w4a8"
+    assert export_folder(folder, Stage("rtn/sst2/w4a8", "rtn", "sst2", "w4a8")) == folder
+    given = Stage("rtn/sst2/w4a8", "rtn", "sst2", "w4a8", checkpoint=str(tmp_path / "ckpt"))
+    assert export_folder(folder, given).parent == folder.parent and export_folder(folder, given) != folder
