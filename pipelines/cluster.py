@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -66,18 +67,54 @@ def actor_resources(mrem: MremConfig) -> WorkerResources:
     return worker_resources(mrem.use_gpu, mrem.cpus_per_actor, mrem.gpus_per_actor)
 
 
-def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None) -> PlacementGroup:
+def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None,
+                     label: str = "mrem") -> PlacementGroup:
     """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
     ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
     bundle = res.bundle
     pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
     try:
-        ray.get(pg.ready(), timeout=timeout_s)
+        _wait_ready(pg, f"[{label}] {count} worker(s) of {bundle}", timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
         raise TimeoutError(f"waited {timeout_s:.0f} s for {count} workers of {bundle} and the cluster could not "
                            "place them: lower the request (use_gpu, cpus per worker, modules) or add nodes") from None
     return pg
+
+
+def workers_need(res: WorkerResources, count: int) -> dict[str, float]:
+    """What `count` workers of `res` hold together, in Ray's resource names ({"CPU": 4, "GPU": 2})."""
+    return {k: v * count for k, v in res.bundle.items()}
+
+
+WAIT_NOTE_S = 5.0  # a wait longer than this is announced
+
+
+def _wait_ready(pg: PlacementGroup, what: str, timeout_s: float | None) -> float:
+    """Wait for `pg` (raises GetTimeoutError after `timeout_s`); says once what it waits for and for whom."""
+    start = time.time()
+    try:
+        ray.get(pg.ready(), timeout=min(WAIT_NOTE_S, timeout_s or WAIT_NOTE_S))
+        return time.time() - start
+    except GetTimeoutError:
+        if timeout_s is not None and timeout_s <= WAIT_NOTE_S:
+            raise
+    print(f"{what}: waiting for resources held by {running_stages() or 'other work'}", flush=True)
+    ray.get(pg.ready(), timeout=None if timeout_s is None else max(timeout_s - (time.time() - start), 0.01))
+    waited = time.time() - start
+    print(f"{what}: placed after {waited:.0f} s", flush=True)
+    return waited
+
+
+def running_stages() -> str:
+    """The plmq stages running on the cluster now (their Ray task names), for a waiting message."""
+    try:
+        from ray.util.state import list_tasks
+
+        tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
+    except Exception:  # the state API needs the dashboard; the message is only a courtesy
+        return ""
+    return ", ".join(sorted({t.name.removeprefix("plmq ") for t in tasks if t.name.startswith("plmq ")}))
 
 
 def node_capacities(autoscaler_config: str | None = None) -> list[dict]:

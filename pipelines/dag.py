@@ -85,37 +85,102 @@ class DagResult:
     failed: dict[str, str]
 
 
-def _submit(stages, cfg, ctx, stage_keys, store, force_set) -> tuple[dict, list[str]]:
-    refs, skipped = {}, []
-    for st in stages:
-        done = None if st.name in force_set else store.done(st.name, stage_keys[st.name])
-        if done is not None:
-            print(f"[run] {st.name}: complete (key {stage_keys[st.name]}); skipping")
-            refs[st.name], _ = ray.put({**done, "skipped": True}), skipped.append(st.name)
-            continue
+class Room:
+    """What the stages that start workers of their own (Ray Train, module actors) hold: such a stage starts
+    when its inputs are complete and its workers fit beside those of the other such stages running, so a
+    stage waits in the DAG's queue (one line) instead of inside Ray Train or a placement group.
+    `capacity` None: no limit (an autoscaler adds nodes on demand)."""
+
+    def __init__(self, capacity: dict[str, float] | None):
+        self.capacity, self.held = capacity, {}
+
+    def fits(self, need: dict[str, float]) -> bool:
+        if self.capacity is None or not self.held:  # alone it always starts: resolve_resources checked it fits
+            return True
+        used = {k: sum(h.get(k, 0) for h in self.held.values()) for k in need}
+        return all(used[k] + v <= self.capacity.get(k, 0) + 1e-9 for k, v in need.items())
+
+    def holders(self) -> str:
+        return ", ".join(self.held)
+
+
+def _need_text(need: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}{'s' if v != 1 else ''}" for k, v in need.items())
+
+
+class _Scheduler:
+    """Submits each stage when its inputs allow (see Room) and gathers outcomes as they come."""
+
+    def __init__(self, cfg, ctx, stage_keys, room: Room):
+        self.cfg, self.ctx, self.keys, self.room = cfg, ctx, stage_keys, room
+        self.refs: dict[str, Any] = {}
+        self.waiting: list[Stage] = []
+        self.outcomes: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
+        self.announced: set[str] = set()
+
+    def submit(self, st: Stage) -> None:
         cpus = getattr(REGISTRY[st.kind], "TASK_CPUS", 0)  # what the stage computes in its own task
-        refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}", **faults.runtime_env()).remote(
-            st, cfg, ctx, stage_keys[st.name], *[refs[d] for d in st.deps])
-    return refs, skipped
+        self.refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}", **faults.runtime_env()).remote(
+            st, self.cfg, self.ctx, self.keys[st.name], *[self.refs[d] for d in st.deps])
+
+    def start_ready(self, write) -> None:
+        """Submit every waiting stage that can start now; fail those whose inputs failed."""
+        changed = True
+        while changed:
+            changed = False
+            for st in list(self.waiting):
+                if any(d in self.failed for d in st.deps):
+                    self.failed[st.name] = f"not run: its input {next(d for d in st.deps if d in self.failed)} failed"
+                elif not self._can_start(st, write):
+                    continue
+                else:
+                    self.submit(st)
+                self.waiting.remove(st)
+                changed = True
+
+    def _can_start(self, st: Stage, write) -> bool:
+        need = _needs(self.cfg, st)
+        if not need:
+            return all(d in self.refs for d in st.deps)
+        if not all(d in self.outcomes for d in st.deps):
+            return False
+        if not self.room.fits(need):
+            if st.name not in self.announced:
+                write(f"[run] {st.name}: waiting for {_need_text(need)} held by {self.room.holders()}")
+                self.announced.add(st.name)
+            return False
+        self.room.held[st.name] = need
+        return True
 
 
-def _gather(refs: dict) -> tuple[dict, dict]:
-    names = {ref: name for name, ref in refs.items()}
-    pending, outcomes, failed = list(refs.values()), {}, {}
-    with tqdm(total=len(pending), desc="stages", unit="stage") as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+def _needs(cfg, st: Stage) -> dict[str, float]:
+    fn = getattr(REGISTRY[st.kind], "needs", None)
+    return {k: v for k, v in fn(cfg, st).items() if v > 0} if fn else {}
+
+
+def _gather(sched: _Scheduler, total: int) -> None:
+    with tqdm(total=total, desc="stages", unit="stage") as bar:
+        sched.start_ready(bar.write)
+        while len(sched.outcomes) + len(sched.failed) < total:
+            names = {ref: name for name, ref in sched.refs.items() if name not in sched.outcomes
+                     and name not in sched.failed}
+            if not names:  # cannot happen with a plan whose dependencies come first
+                raise RuntimeError(f"stages wait for inputs that never start: {[s.name for s in sched.waiting]}")
+            ready, _ = ray.wait(list(names), num_returns=1)
             name = names[ready[0]]
             try:
-                outcomes[name] = ray.get(ready[0])
-                how = "complete earlier" if outcomes[name].get("skipped") else "done"
-                bar.write(f"[run] {name}: {how} ({outcomes[name].get('stage_s', 0)} s)")
+                sched.outcomes[name] = ray.get(ready[0])
+                how = "complete earlier" if sched.outcomes[name].get("skipped") else "done"
+                bar.write(f"[run] {name}: {how} ({sched.outcomes[name].get('stage_s', 0)} s)")
                 faults.point(f"driver.{name}")
             except Exception as err:  # one failed branch must not hide the others' results
-                failed[name] = _short_error(err)
-                bar.write(f"[run] {name}: FAILED:\n{failed[name]}")
-            bar.update(1)
-    return outcomes, failed
+                sched.failed[name] = _short_error(err)
+                bar.write(f"[run] {name}: FAILED:\n{sched.failed[name]}")
+            sched.room.held.pop(name, None)
+            sched.start_ready(bar.write)
+            bar.n = len(sched.outcomes) + len(sched.failed)
+            bar.refresh()
 
 
 def _short_error(err: Exception) -> str:
@@ -141,10 +206,25 @@ def execute(cfg: Any, stages: list[Stage], ctx: dict, force: list[str] | None = 
     ctx = {**ctx, "forced": sorted(force_set)}
     store = StageStore(ctx["run_dir"], ctx["local_root"])
     final = [s for s in stages if getattr(REGISTRY[s.kind], "FINAL", False)]
-    refs, skipped = _submit([s for s in stages if s not in final], cfg, ctx, stage_keys, store, force_set)
-    outcomes, failed = _gather(refs)
-    _run_final(final, cfg, ctx, stage_keys, outcomes, failed)
-    return DagResult(outcomes, skipped, failed)
+    sched = _Scheduler(cfg, ctx, stage_keys, Room(_capacity(cfg)))
+    skipped = []
+    for st in [s for s in stages if s not in final]:
+        done = None if st.name in force_set else store.done(st.name, stage_keys[st.name])
+        if done is None:
+            sched.waiting.append(st)
+            continue
+        print(f"[run] {st.name}: complete (key {stage_keys[st.name]}); skipping")
+        sched.refs[st.name], _ = ray.put({**done, "skipped": True}), skipped.append(st.name)
+    _gather(sched, len(stages) - len(final))
+    _run_final(final, cfg, ctx, stage_keys, sched.outcomes, sched.failed)
+    return DagResult(sched.outcomes, skipped, sched.failed)
+
+
+def _capacity(cfg: Any) -> dict[str, float] | None:
+    """The cluster's CPUs and GPUs now; None on an autoscaling cluster (it adds nodes for what waits)."""
+    if getattr(getattr(cfg, "cluster", None), "autoscaler_config", None):
+        return None
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
 def describe(cfg: Any, stages: list[Stage]) -> list[dict]:

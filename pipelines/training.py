@@ -7,6 +7,7 @@ fails; rank 0 writes the final model through the stage's `save` hook.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ from pipelines.config import FinetuneConfig
 from pipelines.data import load_tokenized
 from pipelines.io import atomic_dir
 from pipelines.tracking import RunLogger
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_TIMEOUT_S = 7 * 24 * 3600  # resolve_resources checked that the workers fit: waiting for them is normal
 
 
 def collate_fn(tokenizer):
@@ -180,8 +184,11 @@ def memory_stats(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def fit_to_dir(loop, loop_cfg: dict, cfg: FinetuneConfig, output_dir: Path, name: str):
-    """Run `loop` on Ray Train workers; its final checkpoint becomes output_dir/model atomically."""
+    """Run `loop` on Ray Train workers; its final checkpoint becomes output_dir/model atomically. The DAG starts
+    the stage when its workers fit; should other work still hold their resources, Ray Train waits for them for
+    START_TIMEOUT_S instead of logging a startup timeout each minute."""
     res = worker_resources(cfg.use_gpu, cfg.cpus_per_worker)
+    os.environ.setdefault(START_TIMEOUT_ENV, str(START_TIMEOUT_S))  # Ray Train hands it to its controller
     trainer = TorchTrainer(
         loop, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.use_gpu,

@@ -8,6 +8,10 @@ A stage module (`pipelines/stages/<kind>.py`) defines:
     def fragment(cfg, stage) -> dict                     # the config that decides the stage's result
     def run(cfg, stage, upstream, ctx) -> StageResult    # run one stage from its explicit inputs
 
+and optionally `TASK_CPUS` (CPUs its own Ray task holds), `FINAL = True` (runs last, in the driver) and
+`needs(cfg, stage) -> {"CPU": n, "GPU": g}` (what the workers or actors it starts hold: the DAG starts it
+only when they fit beside those of the other such stages running).
+
 `upstream` maps each dependency's name to its recorded outcome (`StageResult` as a dict).
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from ray.train.torch import prepare_data_loader, prepare_model
 
 from pipelines import checkpoints, models
+from pipelines.cluster import worker_resources, workers_need
 from pipelines.config import FinetuneConfig, RunConfig
 from pipelines.data import load_tokenized, tokenized_split
 from pipelines.stages.base import Context, Stage, StageResult, relative
@@ -35,6 +36,15 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
     ft = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in QUIET}
     return {"task": stage.task, "model": models.identity(cfg.model), "data": dataclasses.asdict(cfg.data),
             "finetune": ft}
+
+
+def needs(cfg: RunConfig, stage: Stage) -> dict[str, float]:
+    """What the stage's Ray Train workers hold while it runs (the DAG starts it when they fit); an LM task
+    trains nothing."""
+    if check_task(stage.task).kind == "lm":
+        return {}
+    ft = cfg.finetune
+    return workers_need(worker_resources(ft.use_gpu, ft.cpus_per_worker), ft.num_workers)
 
 
 def train_resources(ft: FinetuneConfig) -> dict:

@@ -27,7 +27,7 @@ from actors import fleet
 from actors.module_trainer import TrainerSettings
 from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
-from pipelines.cluster import WorkerResources, actor_resources, ensure_ray, spread_placement
+from pipelines.cluster import WorkerResources, actor_resources, ensure_ray, spread_placement, workers_need
 from pipelines.config import MremConfig, RunConfig
 from pipelines.config_dict import to_dict
 from pipelines.evaluation import (
@@ -65,6 +65,11 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
         stages += [Stage(f"{KIND}/{task}/{_canonical(q)}-{cfg.mrem.mode}", KIND, task, q, deps=deps,
                          checkpoint=checkpoint) for q in cfg.mrem.quant]
     return stages
+
+
+def needs(cfg: RunConfig, stage: Stage) -> dict[str, float]:
+    """What the stage's module actors hold while it runs (the DAG starts it when they fit)."""
+    return workers_need(actor_resources(cfg.mrem), cfg.mrem.modules or 1)
 
 
 def fragment(cfg: RunConfig, stage: Stage) -> dict:

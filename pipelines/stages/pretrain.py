@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.cluster import ensure_ray, worker_resources
+from pipelines.cluster import ensure_ray, worker_resources, workers_need
 from pipelines.config_dict import from_dict
 from pipelines.errors import ConfigError
 from pipelines.lm_data import LMData, check_corpora, corpus_label
@@ -67,6 +67,12 @@ def plan_sweep(cfg: PretrainRunConfig) -> list[Stage]:
     corpora = s.corpora or [cfg.data.corpus]
     _check_corpora(cfg, {f"sweep.corpora[{i}]": c for i, c in enumerate(s.corpora)} or {"data.corpus": cfg.data.corpus})
     return [_stage(r, c, seed) for c in corpora for seed in (s.seeds or [cfg.train.seed]) for r in s.recipes]
+
+
+def needs(cfg: PretrainRunConfig, stage: Stage) -> dict[str, float]:
+    """What the stage's Ray Train workers hold while it runs (the DAG starts it when they fit)."""
+    t = job_config(cfg, stage).train
+    return workers_need(worker_resources(t.use_gpu, t.cpus_per_worker), t.num_workers)
 
 
 def job_config(cfg: PretrainRunConfig, stage: Stage) -> PretrainRunConfig:
