@@ -1,0 +1,132 @@
+"""Bad data and model input fails before any work with one line naming the file (and line) or setting to fix:
+task TSVs, LM texts and corpora, model folders and their weights, checkpoints without a trained head; and the
+majority-class floor is computed on the examples the metric sees. No Ray: these are the up-front checks."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipelines import data as glue
+from pipelines.config import DataConfig, RunConfig
+from pipelines.errors import ConfigError, DataError
+from pipelines.evaluation import check_inputs
+
+SST2_HEADER = b"sentence\tlabel\n"
+
+
+def _dir_cfg(root) -> DataConfig:
+    return DataConfig(source="dir", dir=str(root))
+
+
+def _sst2(root, train: bytes, dev: bytes = SST2_HEADER + b"fine film\t1\n"):
+    """An SST-2 folder under `root` with the given raw bytes as train.tsv and dev.tsv."""
+    folder = root / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_bytes(train)
+    (folder / "dev.tsv").write_bytes(dev)
+    return folder
+
+
+# ---------------------------------------------------------------- task TSVs (data.dir)
+
+def test_missing_data_dir_names_the_setting(tmp_path):
+    with pytest.raises(DataError, match=rf"data.dir={re.escape(str(tmp_path / 'nope'))}: no such folder"):
+        glue.check_data("sst2", _dir_cfg(tmp_path / "nope"))
+
+
+def test_missing_task_folder_names_the_folder_and_its_files(tmp_path):
+    with pytest.raises(DataError, match=r"task rte: data.dir=.* has no folder RTE/; .*train.tsv, dev.tsv"):
+        glue.check_data("rte", _dir_cfg(tmp_path))
+
+
+def test_missing_split_file_is_found_before_work(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_bytes(SST2_HEADER + b"good\t1\n")
+    with pytest.raises(DataError, match=r"task sst2: split file .*SST-2/dev.tsv is missing"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_empty_file_is_named(tmp_path):
+    folder = _sst2(tmp_path, b"")
+    with pytest.raises(DataError, match=rf"task sst2: {re.escape(str(folder / 'train.tsv'))} is empty"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_header_only_file_is_named(tmp_path):
+    folder = _sst2(tmp_path, SST2_HEADER + b"good\t1\n", dev=SST2_HEADER)
+    with pytest.raises(DataError, match=rf"{re.escape(str(folder / 'dev.tsv'))} has a header line but no examples"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_wrong_column_count_is_found_before_work_with_file_and_line(tmp_path):
+    _sst2(tmp_path, SST2_HEADER + b"good\t1\nbad\t0\n", dev=SST2_HEADER + b"fine\t1\nso so\n")
+    with pytest.raises(DataError, match=r"task sst2, .*SST-2/dev.tsv, line 3: expected 2 tab-separated columns, "
+                                        r"found 1"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_non_numeric_label_names_file_line_label_and_the_valid_labels(tmp_path):
+    _sst2(tmp_path, SST2_HEADER + b"good\t1\nbad\t0\nmeh\tpositive\n")
+    with pytest.raises(DataError, match=r"SST-2/train.tsv, line 4: label 'positive' is not one of \['0', '1'\]"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_out_of_range_label_names_file_line_and_label(tmp_path):
+    _sst2(tmp_path, SST2_HEADER + b"good\t1\nbad\t2\n")
+    with pytest.raises(DataError, match=r"SST-2/train.tsv, line 3: label '2' is not one of \['0', '1'\]"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("score", ["high", "nan", "inf"])
+def test_regression_label_that_is_no_finite_number_is_named(tmp_path, score):
+    text = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n" \
+           f"0\tmain\tf\t2012\t1\tnone\tnone\tA plane.\tAn air plane.\t{score}\n"
+    (tmp_path / "STS-B").mkdir()
+    (tmp_path / "STS-B" / "dev.tsv").write_text(text)
+    with pytest.raises(DataError, match=rf"STS-B/dev.tsv, line 2: label '{score}' is not a finite number"):
+        glue.load_split("stsb", "dev", _dir_cfg(tmp_path))
+
+
+def test_binary_garbage_is_named_as_not_text(tmp_path):
+    folder = _sst2(tmp_path, SST2_HEADER + bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=rf"task sst2: {re.escape(str(folder / 'train.tsv'))} is not a text file "
+                                        r"\(a NUL byte at byte 15, line 2\)"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_latin1_file_names_line_and_byte_and_says_save_as_utf8(tmp_path):
+    folder = _sst2(tmp_path, SST2_HEADER + b"good\t1\ncaf\xe9 cr\xe8me\t0\n")
+    with pytest.raises(DataError, match=rf"task sst2: {re.escape(str(folder / 'train.tsv'))}, line 3: byte 25 "
+                                        r"\(0xe9\) is not UTF-8 .*save it as UTF-8"):
+        glue.check_data("sst2", _dir_cfg(tmp_path))
+
+
+def test_utf8_bom_is_accepted_and_stripped(tmp_path):
+    _sst2(tmp_path, b"\xef\xbb\xbf" + SST2_HEADER + "caf\u00e9\t1\nbad\t0\n".encode())
+    glue.check_data("sst2", _dir_cfg(tmp_path))
+    ds = glue.load_split("sst2", "train", _dir_cfg(tmp_path))
+    assert ds["text_a"] == ["caf\u00e9", "bad"] and ds["label"] == [1, 0]  # the header was found despite the BOM
+
+
+def test_crlf_line_ends_are_accepted(tmp_path):
+    _sst2(tmp_path, b"sentence\tlabel\r\ngood film\t1\r\nbad film\t0\r\n\r\n")
+    glue.check_data("sst2", _dir_cfg(tmp_path))
+    ds = glue.load_split("sst2", "train", _dir_cfg(tmp_path))
+    assert ds["text_a"] == ["good film", "bad film"] and ds["label"] == [1, 0]  # no \r left in text or label
+
+
+def test_a_headerless_task_with_too_few_columns_is_named(tmp_path):
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t1\tThe sailors rode the breeze.\n")
+    with pytest.raises(DataError, match=r"CoLA/train.tsv, line 1: 3 tab-separated columns, but task cola reads "
+                                        r"column 4"):
+        glue.load_split("cola", "train", _dir_cfg(tmp_path))
+
+
+def test_check_inputs_reads_every_split_before_work(tmp_path):
+    """The run's up-front check (runner.prepare -> check_inputs) finds a bad line in a dev file."""
+    _sst2(tmp_path, SST2_HEADER + b"good\t1\n", dev=SST2_HEADER + b"fine\t1\nawful\t-1\n")
+    cfg = RunConfig(model="tiny-bert", tasks=["sst2"], data=_dir_cfg(tmp_path))
+    with pytest.raises(DataError, match=r"SST-2/dev.tsv, line 3: label '-1'"):
+        check_inputs(cfg, cfg.model)
