@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from pipelines import data as glue
-from pipelines.config import DataConfig, RunConfig
+from pipelines import lm_eval
+from pipelines.cli import app
+from pipelines.config import DataConfig, RunConfig, load_config
 from pipelines.errors import ConfigError, DataError
 from pipelines.evaluation import check_inputs
+from pipelines.lm_data import LMData, check_windows
+from pipelines.pretrain_config import PretrainRunConfig
+from pipelines.stages import pretrain
 
 SST2_HEADER = b"sentence\tlabel\n"
 
@@ -130,3 +137,79 @@ def test_check_inputs_reads_every_split_before_work(tmp_path):
     cfg = RunConfig(model="tiny-bert", tasks=["sst2"], data=_dir_cfg(tmp_path))
     with pytest.raises(DataError, match=r"SST-2/dev.tsv, line 3: label '-1'"):
         check_inputs(cfg, cfg.model)
+
+
+# ---------------------------------------------------------------- LM texts: text:<file> tasks
+
+def _lm_cfg(cache_dir, *overrides):
+    return load_config(None, ["model=tiny-llama", "data.max_length=32", f"data.cache_dir={cache_dir}", *overrides])
+
+
+def test_text_task_with_a_missing_file_names_it(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match=rf"task text:{re.escape(str(tmp_path))}/nope.txt: no such file"):
+        _lm_cfg(cache_dir, f"tasks=[text:{tmp_path}/nope.txt]")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", " is empty"),
+    (b"\n \n\t\n", r" is empty \(only whitespace\)"),
+    (b"words\n" * 50 + b"\x00\x01\x02\xff" * 64, r" is not a text file \(a NUL byte at byte 300, line 51\)"),
+    (b"words\n" * 50 + "na\u00efve\n".encode("latin-1"), r", line 51: byte 302 \(0xef\) is not UTF-8 .*save it as "
+                                                       "UTF-8"),
+])
+def test_text_task_file_that_is_not_usable_text_is_named_before_work(tmp_path, cache_dir, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    cfg = _lm_cfg(cache_dir, f"tasks=[text:{path}]")
+    with pytest.raises(DataError, match=rf"task text:{re.escape(str(path))}: {re.escape(str(path))}{message}"):
+        check_inputs(cfg, cfg.model)
+
+
+def test_lm_calibration_by_mrem_is_checked_before_work_like_rtn_and_gptq(cache_dir):
+    """MREM's calibrate stage takes mrem.calib_samples windows of the calibration text, as RTN and GPTQ do: the
+    check before work covers it (a text shorter than one window is the same check's error, tested in
+    test_lm_task.py for rtn)."""
+    cfg = _lm_cfg(cache_dir, "tasks=[wikitext2]", "mrem.quant=[w8a8]", "mrem.calib_samples=100000")
+    warnings = lm_eval.check_lm_tasks(cfg, cfg.model)
+    assert len(warnings) == 1 and "mrem.calib_samples=100000 windows of data.max_length=32 tokens" in warnings[0]
+
+
+# ---------------------------------------------------------------- pre-training corpora (data.corpus)
+
+@pytest.mark.parametrize("content, message", [
+    (b"", " is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r" is not a text file \(a NUL byte at byte 8, line 3\)"),
+    ("caf\u00e9\n".encode("latin-1"), r", line 1: byte 3 \(0xe9\) is not UTF-8"),
+])
+def test_corpus_that_is_not_usable_text_is_refused_when_planned(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    cfg = load_config(None, [f"data.corpus={path}"], cls=PretrainRunConfig)
+    with pytest.raises(DataError, match=rf"data.corpus='{re.escape(str(path))}': {re.escape(str(path))}{message}"):
+        pretrain.plan(cfg)
+    result = CliRunner().invoke(app, ["pretrain", "--corpus", str(path)])
+    assert result.exit_code == 2 and f"{path}{message[:9]}" in result.output  # one line, no traceback
+
+
+def test_corpus_shorter_than_a_window_is_refused_when_planned(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("a short corpus\n" * 8)  # 120 bytes: fewer tokens than a window of 128 + 2 whatever the BPE
+    cfg = load_config(None, [f"data.corpus={path}"], cls=PretrainRunConfig)
+    with pytest.raises(DataError, match=rf"data.corpus='{re.escape(str(path))}': the text has 10[0-9] bytes, fewer "
+                                        r"than the 130 tokens one window of model.block_size=128 needs"):
+        pretrain.plan(cfg)
+    # its validation tenth, with an evaluation corpus given instead: that one is too short
+    cfg = load_config(None, ["data.corpus=tinyshakespeare", f"data.eval_corpus={path}"], cls=PretrainRunConfig)
+    with pytest.raises(DataError, match=r"data.eval_corpus: the text has 120 bytes, fewer than the 129 tokens"):
+        pretrain.plan(cfg)
+
+
+def test_tokenized_corpus_shorter_than_a_window_is_refused_before_training(tmp_path):
+    """The exact check once the BPE tokenizer has run (lm_train.prepare calls it before any worker starts)."""
+    np.save(tmp_path / "train.npy", np.arange(200, dtype=np.uint16))
+    np.save(tmp_path / "val.npy", np.arange(100, dtype=np.uint16))
+    data = LMData("my.txt", str(tmp_path), str(tmp_path / "train.npy"), str(tmp_path / "val.npy"), 300)
+    check_windows(data, 99)  # 200 >= 99 + 2 and 100 >= 99 + 1
+    with pytest.raises(DataError, match=r"data.corpus='my.txt': its val split has 100 tokens, fewer than the 101 "
+                                        r"one window of model.block_size=100 needs"):
+        check_windows(data, 100)
