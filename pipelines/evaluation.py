@@ -195,8 +195,10 @@ def task_fragment(task: str) -> dict:
 
 
 def check_inputs(cfg: RunConfig, model: str) -> None:
-    """Before any work, for a run that starts from `model`: GLUE split files, the context against the model's
-    positions, LM texts and their token counts, and that grouped QuantConfigs fit the model's layers."""
+    """Before any work, for a run that starts from `model` (cfg.model, or a checkpoint given to a verb): the model
+    folder and its weight files, GLUE split files, the context against the model's positions, LM texts and their
+    token counts, and that grouped QuantConfigs fit the model's layers."""
+    models.check_model(model, "model" if model == cfg.model else "checkpoint")
     for task in cfg.tasks:
         if check_task(task).kind == "glue":
             check_data(task, cfg.data)

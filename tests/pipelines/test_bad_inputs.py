@@ -3,10 +3,13 @@ task TSVs, LM texts and corpora, model folders and their weights, checkpoints wi
 majority-class floor is computed on the examples the metric sees. No Ray: these are the up-front checks."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 from typer.testing import CliRunner
 
 from pipelines import data as glue
@@ -17,7 +20,7 @@ from pipelines.errors import ConfigError, DataError
 from pipelines.evaluation import check_inputs
 from pipelines.lm_data import LMData, check_windows
 from pipelines.pretrain_config import PretrainRunConfig
-from pipelines.stages import pretrain
+from pipelines.stages import plan, pretrain
 
 SST2_HEADER = b"sentence\tlabel\n"
 
@@ -213,3 +216,86 @@ def test_tokenized_corpus_shorter_than_a_window_is_refused_before_training(tmp_p
     with pytest.raises(DataError, match=r"data.corpus='my.txt': its val split has 100 tokens, fewer than the 101 "
                                         r"one window of model.block_size=100 needs"):
         check_windows(data, 100)
+
+
+# ---------------------------------------------------------------- model folders (model=, a verb's checkpoint)
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    """A pre-trained causal LM saved by Hugging Face (no plmq metadata), as a user would give it."""
+    folder = tmp_path / "llama"
+    tiny_models.model("tiny-llama").save_pretrained(folder, safe_serialization=True)
+    tiny_models.tokenizer("tiny-llama").save_pretrained(folder)
+    return folder
+
+
+def _glue_cfg(model: str) -> RunConfig:
+    return RunConfig(model=model, tasks=["sst2"], data=DataConfig(max_length=32))
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/models/llama", "./my-model", "runs/sst2/finetune/model"])
+def test_missing_local_folder_says_the_folder_does_not_exist(name):
+    with pytest.raises(ConfigError, match=rf"model={re.escape(name)}: no such folder \(.*\); give a folder saved "
+                                          "with save_pretrained"):
+        check_inputs(_glue_cfg(name), name)
+
+
+def test_unknown_hub_name_offline_keeps_its_clear_error():
+    with pytest.raises(ConfigError, match=r"model='no-such-org/no-such-model': no model config found .* or a hub "
+                                          "name with internet access"):
+        check_inputs(_glue_cfg("no-such-org/no-such-model"), "no-such-org/no-such-model")
+
+
+def test_folder_without_config_json_is_named(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"model={re.escape(str(tmp_path / 'm'))}: .* has no config.json"):
+        check_inputs(_glue_cfg(str(tmp_path / "m")), str(tmp_path / "m"))
+
+
+def test_folder_without_weights_is_named(llama_folder):
+    (llama_folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=rf"model={re.escape(str(llama_folder))}: the folder holds no model "
+                                          r"weights \(\*.safetensors or \*.bin\)"):
+        check_inputs(_glue_cfg(str(llama_folder)), str(llama_folder))
+
+
+def test_truncated_safetensors_is_found_before_work(llama_folder):
+    weights = llama_folder / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)  # the header is intact, the tensors' bytes are cut
+    with pytest.raises(ConfigError, match=rf"model={re.escape(str(llama_folder))}: model.safetensors is truncated: "
+                                          rf"it has {size // 2} bytes, its header describes {size}"):
+        check_inputs(_glue_cfg(str(llama_folder)), str(llama_folder))
+
+
+def test_random_bytes_as_safetensors_are_found_before_work(llama_folder):
+    (llama_folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ConfigError, match=r"model.safetensors is not a safetensors file \(4096 bytes, no valid "
+                                          "header\\)"):
+        check_inputs(_glue_cfg(str(llama_folder)), str(llama_folder))
+
+
+def test_missing_shard_of_a_sharded_model_is_named(llama_folder):
+    (llama_folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json lists model-00002-of-00002.safetensors, "
+                                          r"which is missing \(1 of 2 shards missing\)"):
+        check_inputs(_glue_cfg(str(llama_folder)), str(llama_folder))
+
+
+def test_a_pretrained_causal_lm_folder_is_a_valid_model_for_glue_tasks(llama_folder):
+    """model=<pre-trained decoder> on GLUE: finetune trains a classifier head on it (the normal path)."""
+    cfg = load_config(None, [f"model={llama_folder}", "tasks=[sst2]", "data.max_length=32"])
+    check_inputs(cfg, cfg.model)
+    assert [s.name for s in plan(cfg)][:2] == ["finetune/sst2", "evaluate/sst2/fp"]
+
+
+def test_a_truncated_checkpoint_given_to_a_verb_fails_with_one_line(tiny_teacher):
+    weights = Path(tiny_teacher) / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size - 1)
+    result = CliRunner().invoke(app, ["evaluate", tiny_teacher, "--task", "sst2"])
+    assert result.exit_code == 2, result.output  # refused as bad input, not a traceback
+    assert f"checkpoint={tiny_teacher}: model.safetensors is truncated" in result.output
