@@ -12,15 +12,15 @@ import pytest
 import tiny_models
 from typer.testing import CliRunner
 
+from pipelines import checkpoints, lm_eval, models
 from pipelines import data as glue
-from pipelines import lm_eval
 from pipelines.cli import app
 from pipelines.config import DataConfig, RunConfig, load_config
 from pipelines.errors import ConfigError, DataError
 from pipelines.evaluation import check_inputs
 from pipelines.lm_data import LMData, check_windows
 from pipelines.pretrain_config import PretrainRunConfig
-from pipelines.stages import plan, pretrain
+from pipelines.stages import plan, plan_kinds, pretrain
 
 SST2_HEADER = b"sentence\tlabel\n"
 
@@ -299,3 +299,50 @@ def test_a_truncated_checkpoint_given_to_a_verb_fails_with_one_line(tiny_teacher
     result = CliRunner().invoke(app, ["evaluate", tiny_teacher, "--task", "sst2"])
     assert result.exit_code == 2, result.output  # refused as bad input, not a traceback
     assert f"checkpoint={tiny_teacher}: model.safetensors is truncated" in result.output
+
+
+# ---------------------------------------------------------------- no trained head for the task
+
+
+def test_a_causal_lm_folder_without_plmq_metadata_is_refused_for_glue(llama_folder):
+    for verb in (["evaluate"], ["rtn", "--quant", "w8a8"]):
+        result = CliRunner().invoke(app, [verb[0], str(llama_folder), *verb[1:], "--task", "sst2"])
+        assert result.exit_code == 2, result.output
+        assert (f"{llama_folder} was not written by plmq (no plmq_meta.json): it is a LlamaForCausalLM with no "
+                "classifier head for the GLUE task sst2") in result.output
+        assert f"plmq run --model {llama_folder} --task sst2" in result.output
+
+
+def test_a_classifier_folder_without_plmq_metadata_is_refused(tmp_path):
+    folder = tmp_path / "clf"
+    tiny_models.model("tiny-bert").save_pretrained(folder, safe_serialization=True)
+    with pytest.raises(ConfigError, match="was not written by plmq .*: nothing records which task its "
+                                          "BertForSequenceClassification head was trained for"):
+        plan_kinds(_glue_cfg("tiny-bert"), ("evaluate",), str(folder))
+
+
+def test_a_prequant_base_has_no_head_to_score(tiny_teacher):
+    checkpoints.update_meta(tiny_teacher, task_agnostic=True)
+    with pytest.raises(ConfigError, match="is a PreQuant base .*: its task head is left out, so it has no trained "
+                                          "head for sst2; run plmq prequant-finetune --task sst2"):
+        plan_kinds(_glue_cfg("tiny-bert"), ("rtn",), tiny_teacher)
+
+
+def test_a_plmq_checkpoint_that_names_no_task_is_refused_for_glue(tmp_path):
+    checkpoints.save(tiny_models.model("tiny-bert"), tiny_models.tokenizer("tiny-bert"), tmp_path / "fp", {}, "fp")
+    with pytest.raises(ConfigError, match="plmq_meta.json names no task, so nothing says its classifier head was "
+                                          "trained for sst2"):
+        plan_kinds(_glue_cfg("tiny-bert"), ("evaluate",), str(tmp_path / "fp"))
+
+
+def test_a_head_with_another_label_count_is_refused(tmp_path):
+    three = models.load_classifier("tiny-bert", 3)
+    checkpoints.save(three, tiny_models.tokenizer("tiny-bert"), tmp_path / "fp", {"task": "sst2"}, "fp")
+    with pytest.raises(ConfigError, match="describes BertForSequenceClassification with 3 outputs, not the sequence "
+                                          "classifier with 2 of sst2"):
+        plan_kinds(_glue_cfg("tiny-bert"), ("evaluate",), str(tmp_path / "fp"))
+
+
+def test_a_checkpoint_fine_tuned_on_the_task_is_accepted(tiny_teacher):
+    stages = plan_kinds(_glue_cfg("tiny-bert"), ("evaluate",), tiny_teacher)
+    assert [s.name for s in stages] == ["evaluate/sst2/checkpoint", "report"]
