@@ -174,6 +174,13 @@ def _subset(ds: datasets.Dataset, n: int | None, shuffle: bool, seed: int) -> da
     return ds.select(range(min(n, len(ds)))) if n else ds
 
 
+def examples(task_name: str, split: str, cfg: DataConfig, seed: int = 42) -> datasets.Dataset:
+    """The examples of a split a run uses, as `tokenized_split` takes them: data.train_examples shuffled
+    training rows (by `seed`), or the first data.eval_examples rows of a dev split."""
+    n = cfg.train_examples if split == "train" else cfg.eval_examples
+    return _subset(load_split(task_name, split, cfg), n, shuffle=split == "train", seed=seed)
+
+
 def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed: int = 42) -> Path:
     """Tokenize a split once and cache it as Arrow; returns the cache folder.
 
@@ -184,9 +191,7 @@ def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed
     path = cache / f"{task_name}-{split}-{_fingerprint(tokenizer, task_name, split, cfg, seed)}"
     if (path / "dataset_info.json").exists():
         return path
-    ds = load_split(task_name, split, cfg)
-    n = cfg.train_examples if split == "train" else cfg.eval_examples
-    ds = _subset(ds, n, shuffle=split == "train", seed=seed)
+    ds = examples(task_name, split, cfg, seed)
     has_pair = ds[0]["text_b"] is not None if len(ds) else False
 
     def encode(batch):

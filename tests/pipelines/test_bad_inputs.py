@@ -17,7 +17,7 @@ from pipelines import data as glue
 from pipelines.cli import app
 from pipelines.config import DataConfig, RunConfig, load_config
 from pipelines.errors import ConfigError, DataError
-from pipelines.evaluation import check_inputs
+from pipelines.evaluation import check_inputs, majority_baseline, majority_floor
 from pipelines.lm_data import LMData, check_windows
 from pipelines.pretrain_config import PretrainRunConfig
 from pipelines.stages import plan, plan_kinds, pretrain
@@ -346,3 +346,28 @@ def test_a_head_with_another_label_count_is_refused(tmp_path):
 def test_a_checkpoint_fine_tuned_on_the_task_is_accepted(tiny_teacher):
     stages = plan_kinds(_glue_cfg("tiny-bert"), ("evaluate",), tiny_teacher)
     assert [s.name for s in stages] == ["evaluate/sst2/checkpoint", "report"]
+
+
+# ---------------------------------------------------------------- the majority-class floor
+
+
+def test_majority_floor_is_computed_on_the_dev_examples_the_metric_uses(tmp_path):
+    """Train: mostly 1. Dev: four 1s first, then ten 0s. With data.eval_examples=4 the metric sees the four 1s
+    only, so a model that learned nothing (always 1) scores 100 there; the whole split would say 4/14."""
+    _sst2(tmp_path, SST2_HEADER + b"a\t1\nb\t1\nc\t1\nd\t0\n", dev=SST2_HEADER + b"e\t1\n" * 4 + b"f\t0\n" * 10)
+    whole = _dir_cfg(tmp_path)
+    assert majority_baseline("sst2", whole) == pytest.approx(4 / 14)
+    capped = DataConfig(source="dir", dir=str(tmp_path), eval_examples=4)
+    assert majority_baseline("sst2", capped) == 1.0
+    assert majority_floor(["sst2"], capped) == {"sst2": ("accuracy", 100.0)}
+    assert len(glue.examples("sst2", "dev", capped)) == 4  # what tokenized_split evaluates
+
+
+def test_majority_floor_guesses_from_the_training_examples_the_run_uses(tmp_path):
+    """Train: 20 ones, 21 zeros, so the whole split's majority is 0; the 3 rows data.train_examples keeps with
+    seed 5 are [0, 1, 1], so a model trained on them that learned nothing predicts 1."""
+    _sst2(tmp_path, SST2_HEADER + b"a\t1\n" * 20 + b"b\t0\n" * 21, dev=SST2_HEADER + b"e\t1\n" * 3 + b"f\t0\n")
+    cfg = DataConfig(source="dir", dir=str(tmp_path), train_examples=3)
+    assert glue.examples("sst2", "train", cfg, seed=5)["label"] == [0, 1, 1]
+    assert majority_baseline("sst2", cfg, seed=5) == 0.75
+    assert majority_baseline("sst2", _dir_cfg(tmp_path), seed=5) == 0.25  # all 41 rows: guess 0
