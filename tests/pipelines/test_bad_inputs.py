@@ -348,6 +348,15 @@ def test_a_checkpoint_fine_tuned_on_the_task_is_accepted(tiny_teacher):
     assert [s.name for s in stages] == ["evaluate/sst2/checkpoint", "report"]
 
 
+@pytest.mark.parametrize("content, message", [("{\"format\": \"fp\"", "is not valid JSON"),
+                                              ("[1, 2]", "holds list, not a JSON object")])
+def test_a_broken_plmq_meta_file_is_named(tiny_teacher, content, message):
+    (Path(tiny_teacher) / checkpoints.META_FILE).write_text(content)
+    result = CliRunner().invoke(app, ["evaluate", tiny_teacher, "--task", "sst2"])
+    assert result.exit_code == 2, result.output
+    assert f"{Path(tiny_teacher) / checkpoints.META_FILE} {message}" in result.output
+
+
 # ---------------------------------------------------------------- the majority-class floor
 
 
@@ -371,3 +380,4 @@ def test_majority_floor_guesses_from_the_training_examples_the_run_uses(tmp_path
     assert glue.examples("sst2", "train", cfg, seed=5)["label"] == [0, 1, 1]
     assert majority_baseline("sst2", cfg, seed=5) == 0.75
     assert majority_baseline("sst2", _dir_cfg(tmp_path), seed=5) == 0.25  # all 41 rows: guess 0
+
