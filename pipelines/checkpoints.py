@@ -112,7 +112,12 @@ def read_meta(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a plmq checkpoint (no {META_FILE}); pass a model folder "
                                 "written by a plmq stage (e.g. <output_dir>/<task>/finetune/model)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # a half-copied or hand-edited file
+        raise ValueError(f"{path} is not valid JSON ({err}); copy the checkpoint folder again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object; copy the checkpoint folder again")
     if meta.get("format") not in FORMATS:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} "
                          f"(known: {', '.join(FORMATS)})")

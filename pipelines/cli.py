@@ -179,7 +179,7 @@ def pretrain_verb(config: Path | None = ConfigArg, overrides: list[str] = SetOpt
         return pretrain_sweep(config, overrides, force, dry_run)
     try:
         stages = pretrain.plan(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         fail(f"config error: {err}")
     execute(cfg, stages, "pretrain", force, dry_run)
 
@@ -191,7 +191,7 @@ def pretrain_sweep(config: Path | None = ConfigArg, overrides: list[str] = SetOp
     cfg = load_pretrain(config, overrides, None, None, None)
     try:
         stages = pretrain.plan_sweep(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         fail(f"config error: {err}")
     execute(cfg, stages + pretrain_report.plan(cfg), "pretrain-sweep", force, dry_run)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -19,6 +21,7 @@ import datasets
 from pipelines.config import DataConfig
 from pipelines.errors import ConfigError, DataError
 from pipelines.tasks import GlueTask, check_task
+from pipelines.textfile import read_utf8
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_GLUE = REPO_ROOT / "data" / "glue"
@@ -36,9 +39,12 @@ def glue_task(name: str) -> GlueTask:
 def _parse_label(task: GlueTask, raw: str, where: str) -> float | int:
     if task.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
-            raise DataError(f"{where}: label {raw!r} is not a number ({task.name} is regression)") from None
+            value = math.nan
+        if not math.isfinite(value):  # float() also takes "nan" and "inf": no score to learn or compare
+            raise DataError(f"{where}: label {raw!r} is not a finite number ({task.name} is regression)")
+        return value
     if raw not in task.labels:
         raise DataError(f"{where}: label {raw!r} is not one of {list(task.labels)} for task {task.name}")
     return task.labels.index(raw)
@@ -52,19 +58,35 @@ def _column_index(task: GlueTask, header: list[str] | None, col: str | int, path
     return header.index(col)
 
 
+def _rows(task: GlueTask, path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields)]) of a task TSV read as strict UTF-8 (textfile.read_utf8: a BOM such as
+    MRPC's is dropped, CRLF line ends are accepted); blank lines at the end are ignored."""
+    text = read_utf8(path, f"task {task.name}")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = [(reader.line_num, row) for row in reader]
+    while rows and not rows[-1][1]:
+        rows.pop()
+    header = rows.pop(0)[1] if task.header and rows else None
+    if not rows:
+        what = "a header line but no examples" if header else "no examples"
+        raise DataError(f"task {task.name}: {path} has {what}; it should hold one tab-separated example per line "
+                        f"after the header{'' if task.header else ' (this task has no header)'}")
+    return header, rows
+
+
 def read_tsv(task: GlueTask, path: Path) -> dict[str, list]:
-    """Read one GLUE TSV into columns; strict about shape and labels."""
+    """Read one GLUE TSV into columns; strict about encoding, shape and labels (errors name file and line)."""
     if not path.is_file():
         raise DataError(f"task {task.name}: split file {path} is missing")
-    with path.open(encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops MRPC's BOM
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = rows.pop(0) if task.header and rows else None
-    width = len(header) if header else (len(rows[0]) if rows else 0)
+    header, rows = _rows(task, path)
+    width = len(header) if header else len(rows[0][1])
     idx = [_column_index(task, header, c, path) for c in task.text_cols]
     label_idx = _column_index(task, header, task.label_col, path)
+    if max(*idx, label_idx) >= width:
+        raise DataError(f"task {task.name}, {path}, line {rows[0][0]}: {width} tab-separated columns, but task "
+                        f"{task.name} reads column {max(*idx, label_idx) + 1}")
     out: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
-    first_line = 2 if header else 1
-    for lineno, row in enumerate(rows, start=first_line):
+    for lineno, row in rows:
         where = f"task {task.name}, {path}, line {lineno}"
         if len(row) != width:
             raise DataError(f"{where}: expected {width} tab-separated columns, found {len(row)}")
@@ -86,20 +108,38 @@ def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
     })
 
 
+def _task_folder(task: GlueTask, cfg: DataConfig) -> Path:
+    """The folder of a task's TSVs (local sources), or a DataError saying where it should be."""
+    if cfg.source == "bundled":
+        folder = BUNDLED_GLUE / task.folder
+        if not folder.is_dir():
+            raise DataError(f"task {task.name} is not bundled (bundled: SST-2, RTE, MRPC, WNLI, QNLI dev); "
+                            f"set data.source=dir with data.dir=<your glue_data folder>, or data.source=hub")
+        return folder
+    root = Path(cfg.dir)
+    if not root.is_dir():
+        raise DataError(f"data.dir={cfg.dir}: no such folder; set data.dir to a glue_data/-style folder that holds "
+                        f"{task.folder}/train.tsv and {task.folder}/{task.dev_splits[0]}.tsv")
+    if not (root / task.folder).is_dir():
+        raise DataError(f"task {task.name}: data.dir={cfg.dir} has no folder {task.folder}/; put the GLUE TSVs of "
+                        f"{task.name} (train.tsv, {', '.join(s + '.tsv' for s in task.dev_splits)}) there or change "
+                        "data.dir")
+    return root / task.folder
+
+
 def check_data(task_name: str, cfg: DataConfig) -> None:
-    """Fail before any work when a task's split files are missing (local sources only)."""
+    """Fail before any work when a task's split files are missing or unreadable (local sources only): every
+    split is read as the stages will read it, so a bad encoding, column count or label names file and line."""
     task = glue_task(task_name)
     if cfg.source == "hub":
         return
-    root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
-    folder = root / task.folder
-    if cfg.source == "bundled" and not folder.is_dir():
-        raise DataError(f"task {task.name} is not bundled (bundled: SST-2, RTE, MRPC, WNLI, QNLI dev); "
-                        f"set data.source=dir with data.dir=<your glue_data folder>, or data.source=hub")
+    folder = _task_folder(task, cfg)
     for split in ("train", *task.dev_splits):
         if not (folder / f"{split}.tsv").is_file():
             raise DataError(f"task {task.name}: split file {folder / f'{split}.tsv'} is missing; "
                             f"put the GLUE TSVs of {task.name} there or change data.source/data.dir")
+    for split in ("train", *task.dev_splits):
+        read_tsv(task, folder / f"{split}.tsv")
 
 
 def load_split(task_name: str, split: str, cfg: DataConfig) -> datasets.Dataset:
@@ -109,12 +149,7 @@ def load_split(task_name: str, split: str, cfg: DataConfig) -> datasets.Dataset:
         raise DataError(f"task {task.name} has no split {split!r}; splits: train, {', '.join(task.dev_splits)}")
     if cfg.source == "hub":
         return _hub_split(task, split)
-    root = BUNDLED_GLUE if cfg.source == "bundled" else Path(cfg.dir)
-    folder = root / task.folder
-    if cfg.source == "bundled" and not folder.is_dir():
-        raise DataError(f"task {task.name} is not bundled (bundled: SST-2, RTE, MRPC, WNLI, QNLI dev); "
-                        f"set data.source=dir with data.dir=<your glue_data folder>, or data.source=hub")
-    return datasets.Dataset.from_dict(read_tsv(task, folder / f"{split}.tsv"))
+    return datasets.Dataset.from_dict(read_tsv(task, _task_folder(task, cfg) / f"{split}.tsv"))
 
 
 def default_cache_dir() -> Path:
@@ -139,6 +174,13 @@ def _subset(ds: datasets.Dataset, n: int | None, shuffle: bool, seed: int) -> da
     return ds.select(range(min(n, len(ds)))) if n else ds
 
 
+def examples(task_name: str, split: str, cfg: DataConfig, seed: int = 42) -> datasets.Dataset:
+    """The examples of a split a run uses, as `tokenized_split` takes them: data.train_examples shuffled
+    training rows (by `seed`), or the first data.eval_examples rows of a dev split."""
+    n = cfg.train_examples if split == "train" else cfg.eval_examples
+    return _subset(load_split(task_name, split, cfg), n, shuffle=split == "train", seed=seed)
+
+
 def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed: int = 42) -> Path:
     """Tokenize a split once and cache it as Arrow; returns the cache folder.
 
@@ -149,9 +191,7 @@ def tokenized_split(task_name: str, split: str, tokenizer, cfg: DataConfig, seed
     path = cache / f"{task_name}-{split}-{_fingerprint(tokenizer, task_name, split, cfg, seed)}"
     if (path / "dataset_info.json").exists():
         return path
-    ds = load_split(task_name, split, cfg)
-    n = cfg.train_examples if split == "train" else cfg.eval_examples
-    ds = _subset(ds, n, shuffle=split == "train", seed=seed)
+    ds = examples(task_name, split, cfg, seed)
     has_pair = ds[0]["text_b"] is not None if len(ds) else False
 
     def encode(batch):

@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipelines import checkpoints, lm_eval, models
 from pipelines.config import DataConfig, EvaluateConfig, RunConfig
-from pipelines.data import check_data, glue_task, load_split, tokenized_split
+from pipelines.data import check_data, examples, glue_task, tokenized_split
 from pipelines.errors import ConfigError
 from pipelines.part_loader import weight_files
 from pipelines.partition import UnsupportedModel, find_blocks
@@ -61,21 +61,23 @@ def main_metric_name(spec: GlueTask) -> str:
     return spec.main_metric if len(spec.dev_splits) == 1 else f"matched_{spec.main_metric}"
 
 
-def majority_floor(tasks: list[str], data: DataConfig) -> dict[str, tuple[str, float]]:
+def majority_floor(tasks: list[str], data: DataConfig, seed: int = 42) -> dict[str, tuple[str, float]]:
     """Per classification task, (main metric, points) of always predicting the majority train label
     (language-modelling tasks have none)."""
-    floors = {t: majority_baseline(t, data) for t in tasks if check_task(t).kind == "glue"}
+    floors = {t: majority_baseline(t, data, seed) for t in tasks if check_task(t).kind == "glue"}
     return {t: (main_metric_name(check_task(t)), round(100 * v, 2)) for t, v in floors.items() if v is not None}
 
 
-def majority_baseline(task: str, data: DataConfig) -> float | None:
-    """The main dev metric of always predicting the training set's most frequent label: what a model that
-    learned nothing scores. None for regression (a constant has no correlation)."""
+def majority_baseline(task: str, data: DataConfig, seed: int = 42) -> float | None:
+    """The main dev metric of always predicting the most frequent label of the training examples the run uses:
+    what a model that learned nothing scores, on the same dev examples as the models' metric (the first
+    data.eval_examples, see data.examples; the whole split would be another number). None for regression (a
+    constant has no correlation)."""
     spec = glue_task(task)
     if spec.is_regression:
         return None
-    guess = np.bincount(np.asarray(load_split(task, "train", data)["label"], dtype=int)).argmax()
-    labels = np.asarray(load_split(task, spec.dev_splits[0], data)["label"], dtype=int)
+    guess = np.bincount(np.asarray(examples(task, "train", data, seed)["label"], dtype=int)).argmax()
+    labels = np.asarray(examples(task, spec.dev_splits[0], data)["label"], dtype=int)
     return glue_metrics(spec, np.full_like(labels, guess), labels)[spec.main_metric]
 
 
@@ -195,8 +197,10 @@ def task_fragment(task: str) -> dict:
 
 
 def check_inputs(cfg: RunConfig, model: str) -> None:
-    """Before any work, for a run that starts from `model`: GLUE split files, the context against the model's
-    positions, LM texts and their token counts, and that grouped QuantConfigs fit the model's layers."""
+    """Before any work, for a run that starts from `model` (cfg.model, or a checkpoint given to a verb): the model
+    folder and its weight files, GLUE split files, the context against the model's positions, LM texts and their
+    token counts, and that grouped QuantConfigs fit the model's layers."""
+    models.check_model(model, "model" if model == cfg.model else "checkpoint")
     for task in cfg.tasks:
         if check_task(task).kind == "glue":
             check_data(task, cfg.data)

@@ -28,7 +28,9 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from pipelines.errors import DataError
 from pipelines.io import atomic_dir
+from pipelines.textfile import read_utf8
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = {
@@ -72,8 +74,9 @@ def corpus_parts(spec: str, key: str = "data.corpus") -> list[Path]:
 
 
 def read_corpus(spec: str, key: str = "data.corpus") -> str:
-    """The text of a corpus spec: its corpora's texts joined by a newline."""
-    return "\n".join(path.read_text(encoding="utf-8") for path in corpus_parts(spec, key))
+    """The text of a corpus spec: its corpora's texts joined by a newline (each UTF-8 and not empty: a DataError
+    naming `key` and the file otherwise)."""
+    return "\n".join(read_utf8(path, f"{key}={spec!r}") for path in corpus_parts(spec, key))
 
 
 def corpus_label(spec: str) -> str:
@@ -81,14 +84,47 @@ def corpus_label(spec: str) -> str:
     return "+".join(part.strip() if part.strip() in CORPORA else Path(part.strip()).stem for part in spec.split("+"))
 
 
-def check_corpora(corpus: str, eval_corpus: str | None = None, key: str = "data.corpus") -> None:
-    """Before any work: every corpus exists, and the evaluation text is not part of the training text."""
+def _check_disjoint(corpus: str, eval_corpus: str | None, key: str) -> None:
+    """Every corpus file exists, and the evaluation text is not part of the training text."""
     train = {p.resolve() for p in corpus_parts(corpus, key)}
     if eval_corpus is not None:
         shared = sorted(str(p) for p in corpus_parts(eval_corpus, "data.eval_corpus") if p.resolve() in train)
         if shared:
             raise ValueError(f"data.eval_corpus={eval_corpus!r}: {shared[0]} is also in {key}={corpus!r}; "
                              "evaluate on text the model does not train on")
+
+
+def check_corpora(corpus: str, eval_corpus: str | None = None, key: str = "data.corpus",
+                  block_size: int | None = None, val_fraction: float = 0.1) -> None:
+    """Before any work: every corpus is a non-empty UTF-8 text file, the evaluation text is not part of the
+    training text and, given `block_size`, the training and validation texts can hold a window of it
+    (byte-level BPE makes at most one token per byte, so a text with fewer bytes is too short whatever the
+    tokenizer learns; `check_windows` checks the exact token counts once tokenized)."""
+    _check_disjoint(corpus, eval_corpus, key)
+    text = read_corpus(corpus, key)
+    if eval_corpus is None:
+        train_text, val_text = split_text(text, val_fraction)
+        val_key = f"the last data.val_fraction={val_fraction} of {key}"
+    else:
+        train_text, val_text, val_key = text, read_corpus(eval_corpus, "data.eval_corpus"), "data.eval_corpus"
+    if block_size is not None:
+        parts = ((f"{key}={corpus!r}", train_text, block_size + 2), (val_key, val_text, block_size + 1))
+        for what, part, need in parts:
+            if len(part.encode()) < need:
+                raise DataError(f"{what}: the text has {len(part.encode())} bytes, fewer than the {need} tokens one "
+                                f"window of model.block_size={block_size} needs; use a longer corpus or lower "
+                                "model.block_size")
+
+
+def check_windows(data: LMData, block_size: int) -> None:
+    """Once tokenized: the training tokens hold a window of `block_size` + 1 targets (get_batch) and the
+    validation tokens one window (eval_windows); a DataError naming the corpus otherwise."""
+    for split, need in (("train", block_size + 2), ("val", block_size + 1)):
+        have = len(data.load(split))
+        if have < need:
+            raise DataError(f"data.corpus={data.corpus!r}: its {split} split has {have} tokens, fewer than the "
+                            f"{need} one window of model.block_size={block_size} needs; use a longer corpus or "
+                            "lower model.block_size")
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -166,7 +202,7 @@ def prepare_corpus(corpus: str, vocab_size: int = 4096, val_fraction: float = 0.
     tokenize both texts; returns cached paths."""
     if vocab_size < 257 or vocab_size > 2**20:
         raise ValueError(f"data.vocab_size={vocab_size}: expected 257..1048576 (byte-level BPE needs 256 bytes)")
-    check_corpora(corpus, eval_corpus)
+    _check_disjoint(corpus, eval_corpus, "data.corpus")
     text = read_corpus(corpus)
     if eval_corpus is None:
         train, val = split_text(text, val_fraction)

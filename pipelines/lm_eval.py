@@ -30,6 +30,7 @@ from pipelines.data import default_cache_dir
 from pipelines.errors import ConfigError, DataError
 from pipelines.lm_data import CORPORA, split_text
 from pipelines.tasks import LMTask, TextSource, check_task
+from pipelines.textfile import read_utf8
 
 EVAL_FRACTION = 0.1              # tinyshakespeare and text:<file>: the last 10% of the text is evaluated
 LOGITS_BUDGET = 2**28            # logits `perplexity` holds at once (floats): caps the windows per forward pass
@@ -72,12 +73,7 @@ def read_text(task: str, src: TextSource) -> str:
         text = _hub_text(task, src)
     else:
         path = CORPORA[src.ref] if src.kind == "corpus" else Path(src.ref)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DataError(f"task {task}: the text file {path} is missing") from None
-        except UnicodeDecodeError as err:
-            raise DataError(f"task {task}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        text = read_utf8(path, f"task {task}")  # missing, empty, binary or not UTF-8: a DataError naming the file
     if src.part == "all":
         return text
     head, tail = split_text(text, EVAL_FRACTION)
@@ -221,7 +217,7 @@ def is_causal_lm(config) -> bool:
 def check_lm_tasks(cfg: RunConfig, model: str) -> list[str]:
     """Before any work, for each LM task of `cfg`: `model` is a causal LM, its texts can be read and are
     tokenized (cached for the stages), the evaluation text holds a window of data.max_length tokens and, when
-    RTN or GPTQ calibrates, the calibration text one token more. Returns (and prints) the warnings."""
+    RTN, GPTQ or MREM calibrates, the calibration text one token more. Returns (and prints) the warnings."""
     tasks = [t for t in cfg.tasks if check_task(t).kind == "lm"]
     if not tasks:
         return []
@@ -235,7 +231,8 @@ def check_lm_tasks(cfg: RunConfig, model: str) -> list[str]:
     for task in tasks:
         spec = check_task(task)
         check_eval_text(task, len(token_ids(task, spec.evaluation, tokenizer, cfg.data)), cfg.data.max_length)
-        calibrating = [(s, c.calib_samples) for s, c in (("rtn", cfg.rtn), ("gptq", cfg.gptq)) if c.quant]
+        calibrating = [(s, c.calib_samples) for s, c in (("rtn", cfg.rtn), ("gptq", cfg.gptq), ("mrem", cfg.mrem))
+                       if c.quant]
         if not calibrating:
             continue
         calib = len(token_ids(task, spec.calibration, tokenizer, cfg.data))

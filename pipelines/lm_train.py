@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from pipelines import checkpoints, faults
 from pipelines.io import atomic_dir, write_json_atomic
-from pipelines.lm_data import LMData, eval_windows, get_batch, hf_tokenizer, prepare_corpus
+from pipelines.lm_data import LMData, check_windows, eval_windows, get_batch, hf_tokenizer, prepare_corpus
 from pipelines.models import load_causal_lm
 from pipelines.pretrain_config import ModelSection, PretrainRunConfig, TrainSection
 from pipelines.tracking import RunLogger
@@ -96,9 +96,11 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, dev
 
 
 def prepare(cfg: PretrainRunConfig) -> LMData:
-    """cfg's corpus split and tokenized (cached)."""
+    """cfg's corpus split and tokenized (cached); a DataError when a split is shorter than one window."""
     d = cfg.data
-    return prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir, d.eval_corpus)
+    data = prepare_corpus(d.corpus, d.vocab_size, d.val_fraction, d.cache_dir, d.eval_corpus)
+    check_windows(data, cfg.model.block_size)  # before the workers start: their batches need a full window
+    return data
 
 
 def save_model(model: torch.nn.Module, data: LMData, result: dict, cfg: PretrainRunConfig, path: str | Path) -> None:

@@ -6,9 +6,11 @@ from each family's config class (tests); anything else is a Hugging Face name or
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -233,6 +235,81 @@ def model_config(path: str | Path) -> PretrainedConfig:
     if str(path) in TINY_PRESETS:
         return TINY_PRESETS[str(path)]
     return AutoConfig.from_pretrained(resolve(str(path)))
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
+
+
+def check_model(name: str, setting: str = "model") -> None:
+    """Before any work: `name` is a preset, a hub name, or a local model folder with a config.json and weights
+    that are all there (see check_weights); a ConfigError naming `setting` otherwise. A name that cannot be a
+    hub id (`/data/m`, `./m`, `runs/x/model`) and is no folder is reported as a missing folder."""
+    if name in TINY_PRESETS:
+        return
+    try:
+        path = Path(resolve(name))
+    except RuntimeError as err:  # minilm-l6 without its package
+        raise ConfigError(f"{setting}={name}: {err}") from None
+    if not path.exists():
+        try:
+            validate_repo_id(name)
+        except ValueError:
+            raise ConfigError(f"{setting}={name}: no such folder ({path.absolute()}); give a folder saved with "
+                              "save_pretrained (config.json and weights), a preset (minilm-l6, tiny-bert, ...) or "
+                              "a Hugging Face model name") from None
+        return  # a hub name: check_max_length says when its config cannot be found
+    if not path.is_dir():
+        raise ConfigError(f"{setting}={name}: {path} is a file; give the folder that holds config.json and the "
+                          "weights")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{setting}={name}: {path} has no config.json, so it is not a saved Hugging Face model; "
+                          "give a folder written by save_pretrained or by a plmq stage")
+    check_weights(path, setting)
+
+
+def check_weights(folder: Path, setting: str = "model") -> None:
+    """A model folder holds weights (*.safetensors, or *.bin), every shard its safetensors index lists, and no
+    truncated or foreign safetensors file (the header read, its tensors' byte ranges checked against the file
+    size: safetensors itself fails only when the model is loaded, deep in a stage)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not sorted(folder.glob("*.bin")):
+        raise ConfigError(f"{setting}={folder}: the folder holds no model weights (*.safetensors or *.bin); save "
+                          "the model into it with save_pretrained, or give the folder that holds them")
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{setting}={folder}: {index} is not a safetensors index (no weight_map)") from None
+        missing = [f for f in shards if not (folder / f).is_file()]
+        if missing:
+            raise ConfigError(f"{setting}={folder}: {SAFETENSORS_INDEX} lists {missing[0]}, which is missing "
+                              f"({len(missing)} of {len(shards)} shards missing); copy the whole model folder")
+    for path in files:
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ConfigError(f"{setting}={folder}: {path.name} {problem}; copy or save the model again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header alone: 8 bytes of header length, the JSON
+    header, then the tensors' bytes, which must reach as far as the header's largest data offset says."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > min(size - 8, MAX_HEADER):
+            return f"is not a safetensors file ({size} bytes, no valid header): truncated or another format"
+        try:
+            header = json.loads(f.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            need = 8 + length + max(ends, default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "is not a safetensors file (its header is not a valid safetensors header)"
+    if size < need:
+        return f"is truncated: it has {size} bytes, its header describes {need} (an interrupted copy or save?)"
+    return None
 
 
 def check_max_length(name: str, max_length: int) -> None:

@@ -5,6 +5,7 @@ is the plan of a single-stage verb (e.g. `plmq rtn CHECKPOINT`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 from pipelines import checkpoints, models
@@ -40,10 +41,17 @@ def plan(cfg: RunConfig) -> list[Stage]:
 
 
 def check_tasks(checkpoint: str, tasks: list[str]) -> None:
-    """A model fine-tuned on one GLUE task is not scored or quantized for another: its head answers that task.
-    A causal LM answers every language-modelling task and no GLUE task; a classifier no LM task."""
-    trained_on = checkpoints.read_meta(checkpoint).get("task")
-    head = models.head_of(models.model_config(checkpoint))
+    """A checkpoint given to a verb answers only the tasks its head was trained for, so no verb scores or
+    quantizes a head that learned nothing (a silently wrong number): a model fine-tuned on one GLUE task answers
+    that task only; a causal LM every language-modelling task and no GLUE task; a classifier no LM task; a
+    PreQuant base (its head left out) and a folder plmq did not write (nothing records a trained head) none."""
+    models.check_model(checkpoint, "checkpoint")
+    config = models.model_config(checkpoint)
+    head = models.head_of(config)
+    if not (Path(checkpoint) / checkpoints.META_FILE).is_file():
+        raise ConfigError(_not_written_by_plmq(checkpoint, config, head, tasks))
+    meta = checkpoints.read_meta(checkpoint)
+    trained_on = meta.get("task")
     for task in tasks:
         kind = check_task(task).kind
         if kind == "lm" and head != "causal-lm":
@@ -54,9 +62,41 @@ def check_tasks(checkpoint: str, tasks: list[str]) -> None:
             raise ConfigError(f"{checkpoint} is a causal language model: it has no classifier head for the GLUE "
                               f"task {task}; pass --task with a language-modelling task (e.g. wikitext2), or a "
                               f"model fine-tuned on {task}")
-        if kind == "glue" and trained_on and task != trained_on:
-            raise ConfigError(f"{checkpoint} was fine-tuned on {trained_on}, so its head does not answer {task}: "
-                              f"pass --task {trained_on} (or a model fine-tuned on {task})")
+        if kind == "glue":
+            _check_glue_head(checkpoint, meta, config, task)
+
+
+def _not_written_by_plmq(checkpoint: str, config, head: str, tasks: list[str]) -> str:
+    """Why a Hugging Face folder without plmq_meta.json is refused, and how to use it instead."""
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    task = tasks[0]
+    what = (f"it is a {arch} with no classifier head for the GLUE task {task}" if head == "causal-lm"
+            and check_task(task).kind == "glue" else f"nothing records which task its {arch} head was trained for")
+    return (f"{checkpoint} was not written by plmq (no {checkpoints.META_FILE}): {what}. To start from it, give it as "
+            f"the model: plmq run --model {checkpoint} --task {task} (fine-tunes a classifier head on a GLUE task; "
+            "adopts a causal LM as is on a language-modelling task)")
+
+
+def _check_glue_head(checkpoint: str, meta: dict, config, task: str) -> None:
+    """The checkpoint's classifier head was trained on `task`: its metadata names that task and its config a
+    sequence classifier with the task's number of labels."""
+    trained_on = meta.get("task")
+    if meta.get("task_agnostic"):
+        raise ConfigError(f"{checkpoint} is a PreQuant base (prequant-quantize): its task head is left out, so it "
+                          f"has no trained head for {task}; run plmq prequant-finetune --task {task} to train one")
+    if not trained_on:
+        raise ConfigError(f"{checkpoint}: its {checkpoints.META_FILE} names no task, so nothing says its classifier "
+                          f"head was trained for {task}; pass a model fine-tuned on {task} (plmq finetune --task "
+                          f"{task} writes <output_dir>/{task}/finetune/model)")
+    if task != trained_on:
+        raise ConfigError(f"{checkpoint} was fine-tuned on {trained_on}, so its head does not answer {task}: "
+                          f"pass --task {trained_on} (or a model fine-tuned on {task})")
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    labels = check_task(task).num_labels
+    if not arch.endswith("ForSequenceClassification") or config.num_labels != labels:
+        raise ConfigError(f"{checkpoint}: its config.json describes {arch or 'no architecture'} with "
+                          f"{config.num_labels} outputs, not the sequence classifier with {labels} of {task}; "
+                          f"pass a model fine-tuned on {task}")
 
 
 def plan_kinds(cfg: RunConfig, kinds: tuple[str, ...], checkpoint: str | None = None,

@@ -25,7 +25,7 @@ import torch
 
 from pipelines.cluster import ensure_ray, worker_resources, workers_need
 from pipelines.config_dict import from_dict
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, DataError
 from pipelines.lm_data import LMData, check_corpora, corpus_label
 from pipelines.lm_train import RaySession, prepare, save_model, train
 from pipelines.pretrain_config import QUIET_TRAIN, PretrainRunConfig, with_recipe
@@ -42,11 +42,13 @@ def _stage(recipe: str, corpus: str, seed: int) -> Stage:
 
 
 def _check_corpora(cfg: PretrainRunConfig, corpora: dict[str, str]) -> None:
-    """Before any work: every training corpus ({config key: corpus}) and the evaluation corpus exist and do
-    not overlap."""
+    """Before any work: every training corpus ({config key: corpus}) and the evaluation corpus exist, are
+    UTF-8 text long enough for a window of model.block_size and do not overlap."""
     for key, corpus in corpora.items():
         try:
-            check_corpora(corpus, cfg.data.eval_corpus, key)
+            check_corpora(corpus, cfg.data.eval_corpus, key, cfg.model.block_size, cfg.data.val_fraction)
+        except DataError:
+            raise  # an empty, binary or too short text: says which file
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

@@ -27,7 +27,7 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
     rows = [upstream[n]["row"] for n in stage.deps if n in upstream and upstream[n].get("row")]
-    rep = report(rows, ctx.root, floors=majority_floor(cfg.tasks, cfg.data))
+    rep = report(rows, ctx.root, floors=majority_floor(cfg.tasks, cfg.data, cfg.finetune.seed))
     write_text_atomic(ctx.root / "results.md", rep.table + "\n")
     write_json_atomic(ctx.root / "results.json", rows)
     files = [p for p in (rep.markdown, rep.csv, rep.plot) if p]

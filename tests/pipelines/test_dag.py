@@ -149,7 +149,7 @@ def test_report_shows_each_tasks_majority_class_floor_last(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--set", "mremm.steps=3"], "unknown config key 'mremm'"),
     (["--force", "distill"], "--force 'distill' names no stage"),
-    (["--set", "data.dir=/nonexistent/glue"], "split file /nonexistent/glue/SST-2/train.tsv is missing"),
+    (["--set", "data.dir=/nonexistent/glue"], "data.dir=/nonexistent/glue: no such folder"),
     (["--set", "finetune.cpus_per_worker=64"], "the largest node"),
     (["--set", "mrem.use_gpu=true"], "mrem.use_gpu=true but no node"),
 ])
