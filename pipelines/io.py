@@ -1,14 +1,18 @@
-"""Atomic writes: a reader never sees a half-written file or folder."""
+"""Atomic writes (a reader never sees a half-written file or folder), and the one way a training state is read
+back from an output folder (never unpickled)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -61,3 +65,18 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+class UnsafeFile(pickle.UnpicklingError):
+    """A file in an output folder that holds more than tensors and plain data: it is never unpickled."""
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """A training state written with torch.save: tensors, numbers, strings, lists and dicts only. A file that
+    holds other Python objects (a crafted pickle could run code on load) raises UnsafeFile, naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFile(f"{path}: refusing to load it: it holds Python objects beyond tensors and plain data, "
+                         "and plmq never unpickles a file from an output folder (a crafted one could run code). "
+                         f"Delete it; the work it saved is redone. ({str(err).splitlines()[0][:200]})") from None

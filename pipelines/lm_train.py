@@ -6,7 +6,7 @@ it runs: `RaySession` (a Ray Train worker: DDP, checkpoints through `ray.train.r
 `LocalSession` (this process, checkpoints in a folder). It checkpoints every
 `train.checkpoint_every` steps (model, optimizer incl. integer states, step, RNG state, loss
 history; the data position is the step) and resumes from the last checkpoint exactly. A train
-state is plain tensors, numbers, lists and dicts, read with `torch.load(weights_only=True)`.
+state is plain tensors, numbers, lists and dicts, read with `io.load_tensors` (never unpickled).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ray.train.torch import get_device, prepare_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipelines import checkpoints, faults
-from pipelines.io import atomic_dir, write_json_atomic
+from pipelines.io import atomic_dir, load_tensors, write_json_atomic
 from pipelines.lm_data import LMData, check_windows, eval_windows, get_batch, hf_tokenizer, prepare_corpus
 from pipelines.models import load_causal_lm
 from pipelines.pretrain_config import ModelSection, PretrainRunConfig, TrainSection
@@ -129,7 +129,7 @@ class LocalSession:
 
     def restore(self) -> dict | None:
         path = self.dir / STATE_FILE
-        return torch.load(path, map_location=self.device, weights_only=True) if path.exists() else None
+        return load_tensors(path, self.device) if path.exists() else None
 
     def save(self, step: int, metrics: dict, state: dict) -> None:
         with atomic_dir(self.dir) as tmp:  # a crash mid-write leaves the previous checkpoint intact
@@ -155,7 +155,7 @@ class RaySession:
             return None
         with ckpt.as_directory() as d:
             path = Path(d) / STATE_FILE
-            return torch.load(path, map_location=self.device, weights_only=True) if path.exists() else None
+            return load_tensors(path, self.device) if path.exists() else None
 
     def final_reported(self) -> bool:
         """When the run's last checkpoint is its final model (an earlier attempt finished), report it again."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.io import atomic_dir
+from pipelines.io import atomic_dir, load_tensors
 from pipelines.partition import PartSpec, layout, part_forward, prune_to_part
 from quant import QuantConfig, calibrate, quantize_model
 
@@ -165,4 +165,4 @@ def save_state(folder: str | Path, state: dict) -> None:
 def load_state(folder: str | Path, device: str) -> dict | None:
     """The state `save_state` wrote, or None; tensors, numbers and lists only (nothing unpickled)."""
     path = Path(folder) / STATE_FILE
-    return torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
+    return load_tensors(path, device) if path.is_file() else None

@@ -26,7 +26,7 @@ from pipelines import faults
 from pipelines.cluster import worker_resources
 from pipelines.config import FinetuneConfig
 from pipelines.data import load_tokenized
-from pipelines.io import atomic_dir
+from pipelines.io import atomic_dir, load_tensors
 from pipelines.tracking import RunLogger
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -58,7 +58,7 @@ def _restore(model, optimizer, scheduler) -> int | None:
         if not (Path(d) / "train_state.pt").exists():  # the final model of an earlier attempt
             _report(-1, float("nan"), None, lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
             return None
-        state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=True)
+        state = load_tensors(Path(d) / "train_state.pt")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
