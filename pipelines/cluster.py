@@ -11,6 +11,7 @@ import yaml
 from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from pipelines import faults
 from pipelines.config import MremConfig, RunConfig
 from pipelines.errors import ConfigError
 from pipelines.models import num_layers
@@ -25,6 +26,14 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None
     else:
         # The dashboard serves the state API that Ray Train's controller polls.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
+
+
+def stage_runtime_env() -> dict:
+    """Ray options for a stage's task: the work it starts (Ray Train's controller and workers, actors) inherits
+    the driver's cluster address, so Ray's state API finds this cluster even when another Ray instance runs on
+    the machine; and any armed fault points (tests)."""
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                                         **faults.env_vars()}}}
 
 
 def cluster_gpus() -> float:

@@ -23,6 +23,7 @@ import ray
 from tqdm.auto import tqdm
 
 from pipelines import faults, tracking
+from pipelines.cluster import stage_runtime_env
 from pipelines.stages import REGISTRY, Context, Stage
 from pipelines.store import StageStore, stage_key
 
@@ -121,7 +122,7 @@ class _Scheduler:
 
     def submit(self, st: Stage) -> None:
         cpus = getattr(REGISTRY[st.kind], "TASK_CPUS", 0)  # what the stage computes in its own task
-        self.refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}", **faults.runtime_env()).remote(
+        self.refs[st.name] = run_stage.options(num_cpus=cpus, name=f"plmq {st.name}", **stage_runtime_env()).remote(
             st, self.cfg, self.ctx, self.keys[st.name], *[self.refs[d] for d in st.deps])
 
     def start_ready(self, write) -> None:

@@ -50,8 +50,11 @@ def fired(folder: str | Path) -> list[str]:
     return sorted(unquote(p.name) for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
 
 
+def env_vars() -> dict[str, str]:
+    """The variables that carry the armed points into a Ray task or actor: {} when none is armed."""
+    return {ENV: os.environ[ENV], DIR_ENV: os.environ.get(DIR_ENV, "")} if armed() else {}
+
+
 def runtime_env() -> dict:
     """Ray options that carry the armed points into a task or actor: {} when none is armed."""
-    if not armed():
-        return {}
-    return {"runtime_env": {"env_vars": {ENV: os.environ[ENV], DIR_ENV: os.environ.get(DIR_ENV, "")}}}
+    return {"runtime_env": {"env_vars": env_vars()}} if armed() else {}
