@@ -119,3 +119,9 @@ def test_k_counts_actors_sharing_one_gpu(ray_one_fake_gpu):
     with pytest.raises(ConfigError, match=r"mrem.modules=2: the cluster cannot hold 2 .* share GPUs"):
         resolve_resources(cfg("mrem.modules=2"))  # a whole GPU each: the second actor would wait for the first
     assert resolve_resources(cfg("mrem.modules=2", "mrem.gpus_per_actor=0.5")).mrem.modules == 2
+
+
+def test_the_head_keeps_its_dashboard_on_loopback():
+    """Job submission and the state API are reached through `ray dashboard cluster.yaml` (an SSH tunnel)."""
+    commands = " ".join(yaml.safe_load(CLUSTER_YAML.read_text())["head_start_ray_commands"])
+    assert "ray start --head" in commands and "--dashboard-host" not in commands
