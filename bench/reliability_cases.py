@@ -37,16 +37,20 @@ TSVS = [  # (case, train.tsv bytes, a word the error must contain)
 ]
 
 
+def _sets(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
 def make_bad_inputs(tmp: Path, config: Path) -> list[tuple[str, list[str], str]]:
     """Every case as (name, `plmq` arguments, expected word), with its files made under `tmp`."""
-    run = ["run", str(config), "--set"]
-    cases = [(name, [*run, *sets], word) for name, sets, word in SETS]
+    run = ["run", str(config)]
+    cases = [(name, [*run, *_sets(sets)], word) for name, sets, word in SETS]
     for i, (name, body, word) in enumerate(TSVS):
         glue = tmp / f"glue{i}" / "SST-2"
         glue.mkdir(parents=True)
         (glue / "train.tsv").write_bytes(body)
         (glue / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
-        cases.append((name, [*run, "data.source=dir", f"data.dir={glue.parent}"], word))
+        cases.append((name, [*run, *_sets(["data.source=dir", f"data.dir={glue.parent}"])], word))
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "broken.yaml").write_text("model: [tiny-bert\n")
     cases += [("YAML that is not a mapping", ["run", str(tmp / "list.yaml")], "mapping"),
@@ -68,8 +72,8 @@ def _model_cases(tmp: Path, run: list[str]) -> list[tuple[str, list[str], str]]:
     checkpoints.save(model, models.load_tokenizer("tiny-bert"), cut, {"task": "sst2"}, "fp")
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return [("model folder without weights", [*run, f"model={empty}"], "no-weights"),
-            ("truncated safetensors", [*run, f"model={cut}"], "model.safetensors"),
+    return [("model folder without weights", [*run, "--set", f"model={empty}"], "no-weights"),
+            ("truncated safetensors", [*run, "--set", f"model={cut}"], "model.safetensors"),
             ("checkpoint of another task", ["evaluate", str(full), "--task", "rte"], "sst2")]
 
 
@@ -79,6 +83,6 @@ def _output_cases(tmp: Path, config: Path, run: list[str]) -> list[tuple[str, li
     locked.mkdir()
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(), "command": "bench"}
     (locked / ".plmq.lock").write_text(json.dumps(holder))
-    return [("output_dir is a file", [*run, f"output_dir={tmp / 'a-file'}"], "output_dir"),
-            ("output_dir under a file", [*run, f"output_dir={tmp / 'a-file' / 'run'}"], "output_dir"),
-            ("a second writer", [*run, f"output_dir={locked}"], str(os.getpid()))]
+    return [("output_dir is a file", [*run, "--set", f"output_dir={tmp / 'a-file'}"], "output_dir"),
+            ("output_dir under a file", [*run, "--set", f"output_dir={tmp / 'a-file' / 'run'}"], "output_dir"),
+            ("a second writer", [*run, "--set", f"output_dir={locked}"], str(os.getpid()))]

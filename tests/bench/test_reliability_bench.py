@@ -1,7 +1,10 @@
 """bench/reliability.py: its scans and its page (no Ray; the faults themselves are tested in tests/pipelines)."""
 from __future__ import annotations
 
+import typer
+
 from bench import reliability
+from pipelines.cli import app
 from bench.reliability_cases import make_bad_inputs
 
 
@@ -18,6 +21,9 @@ def test_every_bad_input_case_is_built_and_the_page_counts_them(tmp_path):
     config.write_text("model: tiny-bert\n")
     cases = make_bad_inputs(tmp_path, config)
     assert len({name for name, _, _ in cases}) == len(cases) == 29
+    verbs = typer.main.get_command(app).commands
+    for _, args, _ in cases:  # each is a valid command line: the error must come from plmq, not from the parser
+        verbs[args[0]].make_context(args[0], list(args[1:]))
     assert (tmp_path / "truncated" / "model.safetensors").stat().st_size < \
         (tmp_path / "ckpt" / "model.safetensors").stat().st_size
     results = {"faults": {"tried": 2, "survived": 1}, "bad_inputs": {"tried": 3, "clear_error_before_work": 3},
