@@ -46,3 +46,13 @@ def test_the_quantized_pretraining_gap_compares_like_with_like(tmp_path):
     assert gap["fp_ppl"] == 500.0 and gap["w8a8g8gw8m8v8_ppl"] == 510.0 and gap["gap_pct"] == 2.0
     with pytest.raises(SystemExit, match="trained differently"):
         lm.qpretrain_gap(fp, _trained(tmp_path / "short", "w8a8", 510.0, steps=100))
+
+
+def test_contended_timings_stay_out_of_the_speedup():
+    results = _results()
+    details = {"mrem_s": {"train_s": 900.0}, "mrem_p": {"train_s": 150.0}}
+    results["configs"]["w4a8"] = {"mrem_s": 104.0, "mrem_p": 104.0, "wall_s": {"mrem_s": 2000.0, "mrem_p": 400.0},
+                                  "details": details, "timing_contended": "tests ran beside it"}
+    lm.judge(results)
+    assert results["speedup_p2_vs_s"] == 2.0 and results["configs"]["w4a8"]["p_vs_s_pct"] == 0.0
+    assert "| contended |" in lm.markdown(results)
