@@ -128,7 +128,7 @@ def record(checkpoint: str | Path, task: str, data: DataConfig, k: int, n: int, 
     memory at a time (pipelines.part_loader), each fed the boundary its predecessor wrote; write the
     boundary activations into `folder` (atomically). Returns the folder's metadata."""
     lay = part_loader.probe_layout(checkpoint)
-    specs = split_layers(lay.count, k)
+    specs = split_layers(lay.count, k, lay.tail)
     tokens = token_rows(task, AutoTokenizer.from_pretrained(str(checkpoint)), data, n, seed)
     rows, seq_len = tokens["input_ids"].shape
     with atomic_dir(folder) as tmp:

@@ -51,23 +51,31 @@ class Layout:
     prefix: tuple[str, ...]      # modules with parameters that run before the blocks (or never)
     suffix: tuple[str, ...]      # ... and after them
     tied: tuple[str, ...] = ()   # parameter names shared by two modules (tied embeddings)
+    tail: float = 0.0            # what the suffix (final norm, head) costs per token, in blocks: its parameters
+                                 # over one block's (a matmul costs its parameters per token; embeddings are lookups)
 
 
 class UnsupportedModel(ValueError):
     """The model has no stack of blocks MREM can split."""
 
 
-def split_layers(num_layers: int, k: int) -> list[PartSpec]:
-    """K contiguous layer ranges; uneven splits give the earlier modules one layer more."""
+def split_layers(num_layers: int, k: int, tail: float = 0.0) -> list[PartSpec]:
+    """K contiguous layer ranges whose slowest module is as fast as it can be, when each block costs 1 and the
+    last module also runs the suffix, costing `tail` blocks (a large vocabulary's head: Layout.tail). Modules
+    train at the same time, so the slowest sets MREM-P's time. Uneven splits give the earlier modules one layer
+    more."""
     if not 1 <= k <= num_layers:
         raise ValueError(f"mrem.modules={k}: must be between 1 and the model's {num_layers} layers")
-    base, extra = divmod(num_layers, k)
-    specs, start = [], 0
-    for i in range(k):
-        end = start + base + (1 if i < extra else 0)
-        specs.append(PartSpec(i, start, end, k))
-        start = end
-    return specs
+    if k == 1:
+        return [PartSpec(0, 0, num_layers, 1)]
+    # the first k-1 modules share `s` layers evenly; the last takes the rest and the tail (ties: larger s)
+    s = min(range(k - 1, num_layers), key=lambda s: (max(-(-s // (k - 1)), num_layers - s + tail), -s))
+    base, extra = divmod(s, k - 1)
+    bounds = [0]
+    for i in range(k - 1):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    bounds.append(num_layers)
+    return [PartSpec(i, bounds[i], bounds[i + 1], k) for i in range(k)]
 
 
 def _config_layers(model: nn.Module) -> int | None:
@@ -211,9 +219,15 @@ def layout(model: nn.Module) -> Layout:
     blocks, block_list = find_blocks(model)
     prefix, suffix, returns = _probe(model, blocks, block_list)
     lay = Layout(blocks, len(block_list), _hidden_arg(block_list[0]), returns, tuple(prefix), tuple(suffix),
-                 _tied(model))
+                 _tied(model), _tail(model, suffix, block_list[0]))
     object.__setattr__(model, LAYOUT_ATTR, lay)
     return lay
+
+
+def _tail(model: nn.Module, suffix: list[str], block: nn.Module) -> float:
+    """The suffix's parameters (each tensor once, tied ones included) over one block's."""
+    params = {id(p): p for name in suffix for p in model.get_submodule(name).parameters()}
+    return round(sum(p.numel() for p in params.values()) / max(sum(p.numel() for p in block.parameters()), 1), 3)
 
 
 def num_layers(model: nn.Module) -> int:

@@ -20,7 +20,8 @@ from pipelines.stages.base import Context, Stage, StageResult, input_checkpoint,
 KIND = "calibrate"
 TASK_CPUS = 1  # it runs the teacher in its own Ray task
 SETTINGS = ("calib_samples", "calib_batch_size", "shard_size", "seed")  # the mrem settings that decide it
-SHARDS = 2  # what a calibration folder holds (2: the model's layout in meta.json); older folders are not reused
+SHARDS = 3  # what a calibration folder holds (2: the layout in meta.json; 3: modules split by cost, the head
+#            counted); older folders are not reused
 
 
 def name(task: str) -> str:

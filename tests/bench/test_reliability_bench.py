@@ -4,8 +4,8 @@ from __future__ import annotations
 import typer
 
 from bench import reliability
-from pipelines.cli import app
 from bench.reliability_cases import make_bad_inputs
+from pipelines.cli import app
 
 
 def test_the_product_code_has_no_unsafe_load_and_leftover_temporaries_are_found(tmp_path):

@@ -26,6 +26,23 @@ def test_split_is_contiguous_and_uneven_splits_front_load():
     assert [(s.start, s.end) for s in split_layers(6, 1)] == [(0, 6)]
 
 
+def test_a_costly_head_moves_layers_to_the_earlier_modules():
+    """The last module also runs the head: with a head worth 2 blocks, 6 layers split 4 + 2 (cost 4 and 4)."""
+    assert [(s.start, s.end) for s in split_layers(6, 2, tail=2.0)] == [(0, 4), (4, 6)]
+    assert [(s.start, s.end) for s in split_layers(7, 2, tail=0.0)] == [(0, 4), (4, 7)]
+    assert [(s.start, s.end) for s in split_layers(8, 4, tail=100.0)] == [(0, 3), (3, 5), (5, 7), (7, 8)]
+    for n, k, tail in [(6, 3, 0.5), (12, 4, 1.7), (32, 8, 2.5), (5, 5, 3.0)]:  # the slowest module is the fastest
+        specs = split_layers(n, k, tail)                                     # any contiguous split can give
+        cost = max(max(s.end - s.start for s in specs[:-1]), specs[-1].end - specs[-1].start + tail)
+        assert specs[-1].end == n and all(s.end > s.start for s in specs)
+        assert cost <= max(-(-(n - 1) // (k - 1)), 1 + tail) and cost >= (n + tail) / k
+
+
+def test_the_layout_prices_the_head_in_blocks():
+    lm, clf = layout(models.load_causal_lm("tiny-llama")), layout(models.load_classifier("tiny-bert", 2, seed=0))
+    assert lm.tail > 10 and clf.tail < 0.25  # tiny-llama: a 32000-word head on 32-wide blocks; a pooler and 2 classes
+
+
 @pytest.mark.parametrize("k", [0, 7])
 def test_bad_module_count_is_rejected(k):
     with pytest.raises(ValueError, match=f"mrem.modules={k}"):
