@@ -10,6 +10,7 @@ import ray
 import yaml
 from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.state import list_tasks
 
 from pipelines import faults
 from pipelines.config import MremConfig, RunConfig
@@ -76,14 +77,13 @@ def actor_resources(mrem: MremConfig) -> WorkerResources:
     return worker_resources(mrem.use_gpu, mrem.cpus_per_actor, mrem.gpus_per_actor)
 
 
-def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None,
-                     label: str = "mrem") -> PlacementGroup:
+def spread_placement(res: WorkerResources, count: int, timeout_s: float | None = None) -> PlacementGroup:
     """A placement group of `count` worker bundles spread over nodes (soft: packs when it must),
     ready when it returns. On an autoscaling cluster the request is what makes nodes launch."""
     bundle = res.bundle
     pg = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
     try:
-        _wait_ready(pg, f"[{label}] {count} worker(s) of {bundle}", timeout_s)
+        _wait_ready(pg, f"[placement] {count} worker(s) of {bundle}", timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
         raise TimeoutError(f"waited {timeout_s:.0f} s for {count} workers of {bundle} and the cluster could not "
@@ -118,8 +118,6 @@ def _wait_ready(pg: PlacementGroup, what: str, timeout_s: float | None) -> float
 def running_stages() -> str:
     """The plmq stages running on the cluster now (their Ray task names), for a waiting message."""
     try:
-        from ray.util.state import list_tasks
-
         tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
     except Exception:  # the state API needs the dashboard; the message is only a courtesy
         return ""

@@ -116,6 +116,7 @@ class _Scheduler:
         self.cfg, self.ctx, self.keys, self.room = cfg, ctx, stage_keys, room
         self.refs: dict[str, Any] = {}
         self.waiting: list[Stage] = []
+        self.needs = {name: {} for name in stage_keys}  # set for each stage as it joins `waiting`
         self.outcomes: dict[str, dict] = {}
         self.failed: dict[str, str] = {}
         self.announced: set[str] = set()
@@ -140,8 +141,12 @@ class _Scheduler:
                 self.waiting.remove(st)
                 changed = True
 
+    def wait(self, st: Stage) -> None:
+        self.needs[st.name] = _needs(self.cfg, st)
+        self.waiting.append(st)
+
     def _can_start(self, st: Stage, write) -> bool:
-        need = _needs(self.cfg, st)
+        need = self.needs[st.name]
         if not need:
             return all(d in self.refs for d in st.deps)
         if not all(d in self.outcomes for d in st.deps):
@@ -212,7 +217,7 @@ def execute(cfg: Any, stages: list[Stage], ctx: dict, force: list[str] | None = 
     for st in [s for s in stages if s not in final]:
         done = None if st.name in force_set else store.done(st.name, stage_keys[st.name])
         if done is None:
-            sched.waiting.append(st)
+            sched.wait(st)
             continue
         print(f"[run] {st.name}: complete (key {stage_keys[st.name]}); skipping")
         sched.refs[st.name], _ = ray.put({**done, "skipped": True}), skipped.append(st.name)

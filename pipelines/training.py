@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from pipelines import faults
-from pipelines.cluster import worker_resources
+from pipelines.cluster import worker_resources, workers_need
 from pipelines.config import FinetuneConfig
 from pipelines.data import load_tokenized
 from pipelines.io import atomic_dir, load_tensors
@@ -181,6 +181,11 @@ def memory_stats(optimizer: torch.optim.Optimizer) -> dict:
     return {"optimizer_state_bytes": state_bytes,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
             "peak_cuda_mb": None if cuda is None else round(cuda, 1)}
+
+
+def train_needs(cfg: FinetuneConfig) -> dict[str, float]:
+    """What `fit_to_dir`'s workers hold together while they run (a stage's `needs`)."""
+    return workers_need(worker_resources(cfg.use_gpu, cfg.cpus_per_worker), cfg.num_workers)
 
 
 def fit_to_dir(loop, loop_cfg: dict, cfg: FinetuneConfig, output_dir: Path, name: str):

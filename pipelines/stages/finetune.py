@@ -15,12 +15,11 @@ import torch
 from ray.train.torch import prepare_data_loader, prepare_model
 
 from pipelines import checkpoints, models
-from pipelines.cluster import worker_resources, workers_need
 from pipelines.config import FinetuneConfig, RunConfig
 from pipelines.data import load_tokenized, tokenized_split
 from pipelines.stages.base import Context, Stage, StageResult, relative
 from pipelines.tasks import check_task
-from pipelines.training import fit_to_dir, make_loader, make_optimizer, run_loop
+from pipelines.training import fit_to_dir, make_loader, make_optimizer, run_loop, train_needs
 
 KIND = "finetune"
 QUIET = ("log_every",)  # settings that do not change a trained model
@@ -43,8 +42,7 @@ def needs(cfg: RunConfig, stage: Stage) -> dict[str, float]:
     trains nothing."""
     if check_task(stage.task).kind == "lm":
         return {}
-    ft = cfg.finetune
-    return workers_need(worker_resources(ft.use_gpu, ft.cpus_per_worker), ft.num_workers)
+    return train_needs(cfg.finetune)
 
 
 def train_resources(ft: FinetuneConfig) -> dict:

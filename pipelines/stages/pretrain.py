@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines.cluster import ensure_ray, worker_resources, workers_need
+from pipelines.cluster import ensure_ray, worker_resources
 from pipelines.config_dict import from_dict
 from pipelines.errors import ConfigError, DataError
 from pipelines.lm_data import LMData, check_corpora, corpus_label
 from pipelines.lm_train import RaySession, prepare, save_model, train
 from pipelines.pretrain_config import QUIET_TRAIN, PretrainRunConfig, with_recipe
 from pipelines.stages.base import Context, Stage, StageResult, relative
-from pipelines.training import fit_to_dir
+from pipelines.training import fit_to_dir, train_needs
 
 KIND = "pretrain"
 METRICS = ("val_loss", "val_ppl", "final_train_loss", "opt_state_bytes", "step_s", "step_cpu_s", "wall_s")
@@ -73,8 +73,7 @@ def plan_sweep(cfg: PretrainRunConfig) -> list[Stage]:
 
 def needs(cfg: PretrainRunConfig, stage: Stage) -> dict[str, float]:
     """What the stage's Ray Train workers hold while it runs (the DAG starts it when they fit)."""
-    t = job_config(cfg, stage).train
-    return workers_need(worker_resources(t.use_gpu, t.cpus_per_worker), t.num_workers)
+    return train_needs(job_config(cfg, stage).train)
 
 
 def job_config(cfg: PretrainRunConfig, stage: Stage) -> PretrainRunConfig:
