@@ -1,7 +1,9 @@
 """Fault injection for tests: a process exits (`os._exit`) at a named point, exactly once.
 
 `PLMQ_FAULTS` names the points as `site@step`, comma-separated; `PLMQ_FAULTS_DIR` is a folder where
-each point that fired leaves a marker file, so a restarted process passes it the second time. The sites:
+each point that fired leaves a marker file, so a restarted process passes it the second time. A point
+written `site@step:hold` does not exit: the process stops there for good (its other threads go on), so
+a test can take its node away at a known step. The sites:
 
 - `mrem.module<i>@N`: MREM module actor i, after its N-th training step;
 - `finetune.rank<r>@N`: Ray Train worker of rank r (fine-tune), after its N-th optimizer step;
@@ -16,6 +18,7 @@ actors and Train workers those start.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -23,14 +26,26 @@ ENV, DIR_ENV = "PLMQ_FAULTS", "PLMQ_FAULTS_DIR"
 EXIT_CODE = 43
 
 
-def armed() -> list[str]:
-    return [p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()]
+ACTIONS = ("exit", "hold")
+
+
+def armed() -> dict[str, str]:
+    """The armed points: {"site@step": "exit" | "hold"}."""
+    points = {}
+    for p in (p.strip() for p in os.environ.get(ENV, "").split(",")):
+        name, _, action = p.partition(":")
+        if p and (action or "exit") not in ACTIONS:
+            raise RuntimeError(f"{ENV}: {p!r} has the action {action!r}; use site@step or site@step:hold")
+        if p:
+            points[name] = action or "exit"
+    return points
 
 
 def point(site: str, step: int = 0) -> None:
-    """Exit this process here when `site@step` is armed and has not fired yet."""
+    """Exit (or hold) this process here when `site@step` is armed and has not fired yet."""
     name = f"{site}@{step}"
-    if name not in armed():
+    action = armed().get(name)
+    if action is None:
         return
     folder = os.environ.get(DIR_ENV)
     if not folder:
@@ -41,7 +56,9 @@ def point(site: str, step: int = 0) -> None:
         return  # fired before: this is the restarted process
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
-    print(f"[fault] {name}: exiting ({ENV})", flush=True)
+    print(f"[fault] {name}: {'holding' if action == 'hold' else 'exiting'} ({ENV})", flush=True)
+    while action == "hold":
+        time.sleep(3600)
     os._exit(EXIT_CODE)
 
 

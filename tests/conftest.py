@@ -97,6 +97,26 @@ def ray_two_nodes():
     yield ray
 
 
+@pytest.fixture
+def ray_nodes_to_lose():
+    """A head with no CPU and two 1-CPU nodes: every worker runs on a node a test may remove
+    (`cluster.remove_node`) and replace (`cluster.add_node`). Yields (ray, cluster); stopped after the test."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 2**20})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        return cluster
+
+    _ray_use("nodes_to_lose", start)
+    yield ray, _RAY_STATE["cluster"]
+    _ray_stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_teardown():
     yield
