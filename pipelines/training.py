@@ -160,7 +160,8 @@ def run_loop(cfg: dict, setup, save) -> None:
                                      "scheduler": scheduler.state_dict(), "step": step, "rng": rng_states()})
     train_s = time.time() - start
     meta = {"task": cfg["task"], "base_model": cfg["model"], "num_labels": cfg["num_labels"], "steps": step,
-            "train_examples": len(loader.dataset), "config_key": cfg["key"], **memory_stats(optimizer),
+            "train_examples": len(loader.dataset), "config_key": cfg["key"], "resumed_from_step": start_step,
+            **memory_stats(optimizer),
             **throughput(inner, step - start_step, ft.batch_size, train_s)}
     _report(step, loss_avg, None, lambda d: save(inner, tokenizer, d, meta, optimizer))
 

@@ -106,7 +106,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
     meta = checkpoints.update_meta(out / "model", final_loss=loss, wall_s=round(wall_s, 1))
     info = {"train_examples": len(load_tokenized(train_path)), "epochs": ft.epochs, "steps": meta["steps"],
             "final_loss": loss, "wall_s": wall_s, "train_s": meta.get("train_s"),
-            "examples_per_s": meta.get("examples_per_s"), "device": meta.get("device")}
+            "examples_per_s": meta.get("examples_per_s"), "device": meta.get("device"),
+            "resumed_from_step": meta.get("resumed_from_step", 0)}
     return StageResult(outputs=relative(out / "model", ctx.root), checkpoint=str(out / "model"),
                        metrics={k: v for k, v in info.items() if isinstance(v, (int, float)) and k != "epochs"},
                        info=info,

@@ -14,12 +14,14 @@ from pipelines.training import make_optimizer
 
 @pytest.fixture
 def separable_cfg(tmp_path, cache_dir, separable_glue):
-    glue_dir = separable_glue
-    return load_config(None, [
-        "model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}", "experiment=plmq-test",
-        "data.source=dir", f"data.dir={glue_dir}", "data.max_length=16", f"data.cache_dir={cache_dir}",
-        "finetune.epochs=3", "finetune.batch_size=16", "finetune.lr=2e-3", "finetune.log_every=10",
-        "finetune.warmup_ratio=0.05"])
+    return load_config(None, separable_overrides(tmp_path, cache_dir, separable_glue))
+
+
+def separable_overrides(tmp_path, cache_dir, glue_dir) -> list[str]:
+    return ["model=tiny-bert", "tasks=[sst2]", f"output_dir={tmp_path / 'out'}", "experiment=plmq-test",
+            "data.source=dir", f"data.dir={glue_dir}", "data.max_length=16", f"data.cache_dir={cache_dir}",
+            "finetune.epochs=3", "finetune.batch_size=16", "finetune.lr=2e-3", "finetune.log_every=10",
+            "finetune.warmup_ratio=0.05"]
 
 
 @pytest.mark.ray
@@ -76,23 +78,51 @@ def test_optimizer_gives_named_parameters_their_own_lr_and_skips_frozen_ones():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_worker_resumes_and_trains_the_same_weights(ray_session, mlflow_uri, separable_cfg, tmp_path,
-                                                             inject_faults):
-    """The Train worker dies after step 45 of 76 (pipelines.faults); Ray Train restarts it from the epoch-1
-    checkpoint (step 38) with its RNG state, and the model equals an uninterrupted run's bit for bit."""
+def test_a_killed_worker_or_driver_resumes_and_trains_the_same_weights(ray_session, mlflow_uri, separable_cfg,
+                                                                       tmp_path, cache_dir, separable_glue,
+                                                                       inject_faults):
+    """The Train worker dies at step 80 of 114 (pipelines.faults); Ray Train restarts it from its latest registered
+    checkpoint with its RNG state (step 38 or 76: by step 80 the worker has handed over the step-76 report, which
+    waits until Ray Train took the step-38 one). Then `plmq run` itself is killed while its worker is at step 80: the
+    same command again resumes the fine-tune. Both models equal an uninterrupted run's bit for bit."""
     import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
     import torch
     from safetensors.torch import load_file
 
-    cfg = dataclasses.replace(separable_cfg, finetune=dataclasses.replace(separable_cfg.finetune, epochs=2))
+    from pipelines import faults
+
+    cfg = separable_cfg  # 3 epochs of 38 steps
     whole = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
-    fired = inject_faults("finetune.rank0@45")
+    fired = inject_faults("finetune.rank0@80")
     cut = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "cut")))
-    assert fired() == ["finetune.rank0@45"]
-    a, b = (load_file(f"{s.outcomes['finetune/sst2']['checkpoint']}/model.safetensors") for s in (whole, cut))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert cut.rows[0]["value"] == whole.rows[0]["value"]
+    assert fired() == ["finetune.rank0@80"]
+
+    driver_dir, markers = tmp_path / "driver", tmp_path / "driver-faults"
+    markers.mkdir()
+    sets = [f"--set={o}" for o in separable_overrides(tmp_path, cache_dir, separable_glue)]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           faults.ENV: "finetune.rank0@80:hold", faults.DIR_ENV: str(markers)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", *sets, f"--set=output_dir={driver_dir}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not faults.fired(markers) and driver.poll() is None:  # the test's timeout bounds this wait
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    assert driver.wait() == -signal.SIGKILL and faults.fired(markers) == ["finetune.rank0@80"]
+    again = run(dataclasses.replace(cfg, output_dir=str(driver_dir)))
+
+    a = load_file(f"{whole.outcomes['finetune/sst2']['checkpoint']}/model.safetensors")
+    assert whole.outcomes["finetune/sst2"]["info"]["resumed_from_step"] == 0
+    for resumed in (cut, again):
+        assert resumed.outcomes["finetune/sst2"]["info"]["resumed_from_step"] in (38, 76)
+        b = load_file(f"{resumed.outcomes['finetune/sst2']['checkpoint']}/model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert resumed.rows[0]["value"] == whole.rows[0]["value"]
 
 
 def _separable_cola(glue_dir) -> None:
