@@ -5,6 +5,9 @@ Formats:
   fp        Hugging Face weights (safetensors), config and tokenizer (finetune)
   packed    low-bit codes packed densely + quant_config.json (rtn, mrem)
   prequant  packed low-bit weights + FP outlier columns (+ LoRA adapters) (prequant-quantize/-finetune)
+  onnx      model.onnx with integer weights and QDQ inputs or MatMulNBits (export), run in ONNX Runtime or
+            OpenVINO (meta["runtime"])
+  compressed-tensors  a Hugging Face folder transformers and vLLM load (export)
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedModel
 
-from pipelines import lora, models
+from pipelines import lora, models, runtimes
 from pipelines.io import atomic_dir, write_json_atomic
 from quant import load_quantized, prequant, save_quantized
 
@@ -80,11 +83,34 @@ def _load_prequant(directory: Path, meta: dict) -> PreTrainedModel:
     return prequant.load_prequantized(model, directory, allow_missing=head if meta.get("task_agnostic") else None)
 
 
+ONNX_FILE = "model.onnx"
+
+
+def _save_onnx(model: PreTrainedModel, directory: Path, meta: dict) -> None:
+    from quant.deploy.onnx import save_onnx  # torch.onnx: imported when a run exports
+
+    save_onnx(model, runtimes.example_inputs(model), directory / ONNX_FILE, act_type=meta.get("act_type", "uint8"))
+    _save_config(model, directory)
+
+
+def _load_onnx(directory: Path, meta: dict) -> runtimes.OnnxModel:
+    return runtimes.OnnxModel(directory / ONNX_FILE, meta.get("runtime", "onnxruntime"))
+
+
+def _save_compressed_tensors(model: PreTrainedModel, directory: Path, meta: dict) -> None:
+    from quant.deploy.compressed_tensors import save_compressed_tensors  # imported when a run exports
+
+    save_compressed_tensors(model, directory)
+
+
 FORMATS: dict[str, Format] = {
     "fp": Format(_save_fp, _load_fp),
     "packed": Format(_save_packed, _load_packed),
     "prequant": Format(_save_prequant, _load_prequant),
+    "onnx": Format(_save_onnx, _load_onnx),
+    "compressed-tensors": Format(_save_compressed_tensors, _load_fp),
 }
+EXPORTS = ("onnx", "compressed-tensors")  # formats other runtimes load
 
 
 def write(model: PreTrainedModel, tokenizer, directory: str | Path, meta: dict, fmt: str = "fp") -> None:
@@ -141,5 +167,5 @@ def update_meta(directory: str | Path, **fields) -> dict:
 
 
 def weight_bytes(directory: str | Path) -> int:
-    """Bytes of the weight files (*.safetensors) in a checkpoint folder."""
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+    """Bytes of the weight files (*.safetensors, *.onnx) in a checkpoint folder."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.onnx") for f in Path(directory).glob(pattern))

@@ -159,6 +159,22 @@ def mrem(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder (t
     single(cfg, ("calibrate", "mrem"), "mrem", checkpoint, dry_run)
 
 
+@app.command()
+def export(checkpoint: Path = typer.Argument(..., help="quantized model folder (written by rtn, gptq or mrem)"),
+           format: list[str] = typer.Option([], "--format", help="onnx | compressed-tensors (repeatable)"),
+           runtime: str | None = typer.Option(None, help="what runs an ONNX export: onnxruntime | openvino"),
+           config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,
+           output_dir: str | None = OutOpt, dry_run: bool = DryOpt) -> None:
+    """Write a quantized model in a format other runtimes load (ONNX: ONNX Runtime, OpenVINO; compressed-tensors:
+    transformers, vLLM), then evaluate and time it in that runtime."""
+    extra = [f"export.formats=[{','.join(format)}]"] if format else []
+    extra += [f"export.runtime={runtime}"] if runtime else []
+    cfg = load(config, list(overrides) + extra, task, None, output_dir)
+    if not cfg.export.formats:
+        fail("config error: no format: pass --format onnx (or compressed-tensors) or set export.formats")
+    single(cfg, ("export",), "export", checkpoint, dry_run)
+
+
 def load_pretrain(config: Path | None, overrides: list[str], recipe: str | None, corpus: str | None,
                   output_dir: str | None) -> PretrainRunConfig:
     extra = [f"quant.recipe={recipe}"] if recipe else []

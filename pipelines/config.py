@@ -129,6 +129,30 @@ class RtnConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Stage `export`: each quantized model (rtn, gptq, mrem) also written in formats other runtimes load, and
+    evaluated and timed there."""
+    formats: list[str] = field(default_factory=list)  # onnx, compressed-tensors; empty = skip
+    act_type: str = "uint8"          # ONNX input codes: uint8 (zero point 128; ONNX Runtime on x86) or int8 (TensorRT)
+    runtime: str = "onnxruntime"     # what runs model.onnx: onnxruntime or openvino
+    latency_batch: int = 32          # examples per timed forward
+    latency_tokens: int = 64         # tokens per example in the timed forward
+    latency_runs: int = 10           # timed forwards (the median is reported)
+
+    def validate(self) -> None:
+        known = ("onnx", "compressed-tensors")
+        bad = [f for f in self.formats if f not in known]
+        if bad:
+            raise ConfigError(f"export.formats: unknown format(s) {bad}; use onnx and/or compressed-tensors")
+        if self.act_type not in ("uint8", "int8"):
+            raise ConfigError(f"export.act_type={self.act_type!r}: use uint8 (ONNX Runtime) or int8 (TensorRT)")
+        if self.runtime not in ("onnxruntime", "openvino"):
+            raise ConfigError(f"export.runtime={self.runtime!r}: use onnxruntime or openvino")
+        for name in ("latency_batch", "latency_tokens", "latency_runs"):
+            at_least_one("export", name, getattr(self, name))
+
+
+@dataclass
 class GptqConfig:
     """GPTQ post-training quantization (stage `gptq`): the RTN grids, rounded block by block on calibration
     inputs so that each layer's output error shrinks (pipelines/gptq_model.py)."""
@@ -288,6 +312,7 @@ class RunConfig:
     gptq: GptqConfig = field(default_factory=GptqConfig)
     mrem: MremConfig = field(default_factory=MremConfig)
     prequant: PrequantConfig = field(default_factory=PrequantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
@@ -305,7 +330,7 @@ class RunConfig:
                               f"the language-modelling task(s) {lm}; set prequant.quant=[] or run those tasks in "
                               "another config")
         for section in (self.data, self.finetune, self.evaluate, self.rtn, self.gptq, self.mrem, self.prequant,
-                        self.cluster):
+                        self.export, self.cluster):
             section.validate()
 
     @property

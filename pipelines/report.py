@@ -13,10 +13,11 @@ from matplotlib.figure import Figure
 
 from pipelines.io import markdown_table, write_text_atomic
 
+# latency_ms: an exported model's median forward time in its runtime (export.latency_*); model_MB: its files.
 # wall_s: the stage's time from its start (queueing for workers included); cpu_s/gpu_s: wall_s times the
 # CPUs/GPUs its workers reserved; value and drop_vs_fp in points of the task's main metric (perplexity: as is).
 COLUMNS = ["task", "method", "bits", "metric", "value", "drop_vs_fp", "trainable_pct", "model_MB",
-           "wall_s", "cpu_s", "gpu_s"]
+           "latency_ms", "wall_s", "cpu_s", "gpu_s"]
 LOWER_IS_BETTER = ("ppl",)  # metrics whose rise is the loss: their rows show the increase over FP, not a drop
 # After drop_vs_fp when any row's metric is lower-is-better: value - FP value, and that in % of the FP value.
 INCREASE_COLUMNS = ["increase_vs_fp", "increase_pct"]

@@ -14,6 +14,7 @@ from pipelines.errors import ConfigError
 from pipelines.stages import (
     calibrate,
     evaluate,
+    export,
     finetune,
     gptq,
     mrem,
@@ -29,7 +30,7 @@ from pipelines.tasks import check_task
 
 PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, gptq, calibrate, mrem, prequant_quantize,
                                     prequant_finetune)
-REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, report, pretrain, pretrain_report)}
+REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, export, report, pretrain, pretrain_report)}
 
 __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]
 
@@ -37,6 +38,7 @@ __all__ = ["REGISTRY", "Context", "Stage", "StageResult", "plan", "plan_kinds"]
 def plan(cfg: RunConfig) -> list[Stage]:
     """Every stage of a config, dependencies first, and the report over them."""
     stages = [s for module in PIPELINE for s in module.plan(cfg)]
+    stages += export.plan_after(cfg, stages)
     return stages + report.plan(cfg, stages)
 
 

@@ -1,0 +1,126 @@
+"""Stage `export`: a quantized model written in a format other runtimes load (ONNX for ONNX Runtime and
+OpenVINO, compressed-tensors for transformers and vLLM), then evaluated and timed in that runtime, so the
+report's figures for it come from the deployed artefact.
+
+Planned after each rtn, gptq and mrem stage for every format of `export.formats` (`plan_after`), or on a
+user's checkpoint (`plmq export CHECKPOINT --format onnx`). A QuantConfig a format cannot hold is refused
+when the run is planned, naming the formats that can.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import shutil
+import statistics
+import time
+
+import torch
+
+from pipelines import checkpoints, models
+from pipelines.config import RunConfig
+from pipelines.config_dict import to_dict
+from pipelines.errors import ConfigError
+from pipelines.evaluation import eval_metrics, evaluate_model, report_row, task_fragment
+from pipelines.stages.base import Context, Stage, StageResult, export_folder, relative
+from pipelines.tasks import check_task
+from quant.deploy import problem, working_formats
+
+KIND = "export"
+TASK_CPUS = 1
+SOURCES = ("rtn", "gptq", "mrem")
+RESOURCES = {"cpus": 1, "gpus": 0}
+
+
+def check(quant: str, fmt: str, what: str) -> None:
+    """Raise ConfigError when `fmt` cannot hold a model quantized with `quant`."""
+    why = problem(quant, fmt)
+    if why:
+        works = working_formats(quant)
+        raise ConfigError(f"export.formats: {what} ({quant}) cannot be exported to {fmt}: {why}. Formats that take "
+                          f"{quant}: {', '.join(works) or 'none'}; onnx takes w8a8, w4a8, w2a8 and w4g128a16, "
+                          "compressed-tensors also -e8 embeddings")
+
+
+def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
+    """On a user's checkpoint: one stage per task and format, its QuantConfig checked against each format now."""
+    if not checkpoint:
+        return []
+    quant = checkpoints.read_meta(checkpoint).get("quant")
+    if not quant:
+        raise ConfigError(f"{checkpoint} is not quantized (its {checkpoints.META_FILE} names no quant): export a "
+                          "model written by rtn, gptq or mrem")
+    for fmt in cfg.export.formats:
+        check(quant, fmt, checkpoint)
+    return [Stage(f"{KIND}/{t}/checkpoint/{fmt}", KIND, t, method=fmt, checkpoint=checkpoint)
+            for t in cfg.tasks for fmt in cfg.export.formats]
+
+
+def plan_after(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:
+    """One stage per quantized model of `stages` and format."""
+    out = []
+    for s in stages:
+        if s.kind not in SOURCES or not check_task(s.task).kind == "glue":
+            continue
+        for fmt in cfg.export.formats:
+            check(s.quant, fmt, s.name)
+            out.append(Stage(f"{KIND}/{s.name.split('/', 1)[1]}/{fmt}", KIND, s.task, s.quant, method=fmt,
+                             deps=(s.name,)))
+    return out
+
+
+def fragment(cfg: RunConfig, stage: Stage) -> dict:
+    ex = cfg.export
+    given = {"checkpoint": models.identity(stage.checkpoint)} if stage.checkpoint else {}
+    return {"task": stage.task, **task_fragment(stage.task), **given, "format": stage.method,
+            "act_type": ex.act_type, "runtime": ex.runtime, "data": to_dict(cfg.data),
+            "evaluate": to_dict(cfg.evaluate), "latency": [ex.latency_batch, ex.latency_tokens, ex.latency_runs]}
+
+
+def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResult:
+    fmt, start = stage.method, time.time()
+    source = stage.checkpoint or next(iter(upstream.values()))["checkpoint"]
+    loaded = checkpoints.load(source)
+    quant = loaded.meta.get("quant")
+    if not quant:
+        raise ConfigError(f"{source} is not quantized (its {checkpoints.META_FILE} names no quant): export a model "
+                          "written by rtn, gptq or mrem")
+    check(quant, fmt, source)
+    rest = stage.name.split("/", 2)[2]
+    out = export_folder(ctx.root / check_task(stage.task).slug / KIND / rest.replace("/", "-"), stage)
+    if ctx.force:
+        shutil.rmtree(out, ignore_errors=True)
+    meta = {**loaded.meta, "exported_from": source, "act_type": cfg.export.act_type, "runtime": cfg.export.runtime}
+    nbytes = checkpoints.save(loaded.model, loaded.tokenizer, out, meta, fmt)
+    export_s = time.time() - start
+    deployed = checkpoints.load(out)
+    result = evaluate_model(deployed.model, deployed.tokenizer, stage.task, cfg.data, cfg.evaluate,
+                            model_bytes=nbytes, device="cpu")
+    latency_ms = latency(deployed.model, deployed.tokenizer, cfg.export.latency_batch, cfg.export.latency_tokens,
+                         cfg.export.latency_runs)
+    wall_s = time.time() - start
+    runtime = cfg.export.runtime if fmt == "onnx" else "transformers"
+    row = report_row(stage.task, f"{loaded.meta.get('method', 'checkpoint')}-{quant}@{runtime}", result, wall_s,
+                     quant, 0.0, RESOURCES)
+    row["latency_ms"] = round(latency_ms, 2)
+    info = {"format": fmt, "runtime": runtime, "source": source, "bytes": nbytes, "export_s": round(export_s, 2),
+            "latency_ms": latency_ms, "wall_s": wall_s, "eval": dataclasses.asdict(result)}
+    metrics = {**eval_metrics(result), "bytes": nbytes, "export_s": export_s, "latency_ms": latency_ms,
+               "wall_s": wall_s}
+    return StageResult(outputs=relative(out, ctx.root), checkpoint=str(out), row=row, metrics=metrics, info=info,
+                       resources=RESOURCES)
+
+
+def latency(model, tokenizer, batch: int, tokens: int, runs: int) -> float:
+    """Median milliseconds of one forward on `batch` examples of `tokens` tokens (after one warm-up)."""
+    ids = torch.full((batch, tokens), tokenizer.unk_token_id or 0, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    takes = getattr(model, "input_names", None) or inspect.signature(model.forward).parameters
+    inputs = {k: v for k, v in inputs.items() if k in takes}
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 1):
+            t0 = time.perf_counter()
+            model(**inputs)
+            if i:
+                times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
