@@ -5,11 +5,12 @@ SST-2; for each, what happened and the work redone.
     python -m bench.reliability --quick     # faults only, no bad inputs; prints, writes nothing
 
 Faults are injected with `pipelines.faults` (PLMQ_FAULTS): a module actor, a Ray Train worker, a stage process and
-the driver each exit at a given step, once. A fault counts as survived when the same command again (or Ray's own
-restart) completes and only the interrupted work is redone. Bad inputs run `plmq run` as a user would; one counts
-when it exits with status 2, one `error:` line and no traceback, before any stage record exists. Afterwards the
-output folders are searched for half-written files (temporary names left behind), and the product code for loads
-that could unpickle (bench/reliability_cases.py lists the inputs).
+the driver each exit at a given step, once; the driver is also killed while its fine-tune's worker holds at a step,
+and a two-node `ray.cluster_utils.Cluster` loses the node of a module actor holding at a step. A fault counts as
+survived when the same command again (or Ray's own restart) completes and only the interrupted work is redone. Bad
+inputs run `plmq run` as a user would; one counts when it exits with status 2, one `error:` line and no traceback,
+before any stage record exists. Afterwards the output folders are searched for half-written files (temporary names
+left behind), and the product code for loads that could unpickle (bench/reliability_cases.py lists the inputs).
 """
 from __future__ import annotations
 
@@ -79,22 +80,118 @@ def row(case: str, outcome: str, redone_s: float, survived: bool, **extra) -> di
     return {"case": case, "outcome": outcome, "redone_s": round(redone_s, 1), "survived": survived, **extra}
 
 
-def worker_fault(tmp: Path) -> list[dict]:
-    """A Ray Train worker dies mid-epoch 2; and the reference run it must equal."""
+FT3 = {**BASE["finetune"], "epochs": 3}  # 114 steps of 38 per epoch: a fault at step 80 finds a registered checkpoint
+
+
+def _same_weights(a, b) -> bool:
     from safetensors.torch import load_file
 
+    x, y = (load_file(f"{s.outcomes['finetune/sst2']['checkpoint']}/model.safetensors") for s in (a, b))
+    return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+def worker_fault(tmp: Path) -> list[dict]:
+    """A Ray Train worker dies in epoch 3; `plmq run` is killed while its worker is there; and the reference run
+    both must equal."""
     from pipelines.runner import run
 
-    whole = run(config(tmp / "ft-whole", rtn={"quant": []})[0])
-    with Faults(tmp, "finetune.rank0@45") as f:
-        cut = run(config(tmp / "ft-cut", rtn={"quant": []})[0])
-    a, b = (load_file(f"{s.outcomes['finetune/sst2']['checkpoint']}/model.safetensors") for s in (whole, cut))
-    equal = all((a[k] == b[k]).all() for k in a)
+    whole = run(config(tmp / "ft-whole", rtn={"quant": []}, finetune=FT3)[0])
+    with Faults(tmp, "finetune.rank0@80") as f:
+        cut = run(config(tmp / "ft-cut", rtn={"quant": []}, finetune=FT3)[0])
     info = whole.outcomes["finetune/sst2"]["info"]
     per_step = info["train_s"] / info["steps"]
-    return [row("Ray Train worker killed at step 45 of 76 (fine-tune, 38 steps per epoch)",
-                f"restarted by Ray Train from the step-38 checkpoint; weights equal to an uninterrupted run: {equal}",
-                7 * per_step, bool(f.fired()) and equal)]
+    resumed = cut.outcomes["finetune/sst2"]["info"]["resumed_from_step"]
+    equal = _same_weights(whole, cut)
+    rows = [row("Ray Train worker killed at step 80 of 114 (fine-tune, 38 steps per epoch)",
+                f"restarted by Ray Train from the step-{resumed} checkpoint; weights equal to an uninterrupted run: "
+                f"{equal}", (80 - resumed) * per_step, bool(f.fired()) and resumed > 0 and equal)]
+    return rows + [driver_in_stage_fault(tmp, whole, per_step)]
+
+
+def driver_in_stage_fault(tmp: Path, whole, per_step: float) -> dict:
+    """`plmq run` is killed (SIGKILL) while its fine-tune's worker is at step 80; the same command again."""
+    import signal
+    import subprocess
+
+    from pipelines import faults
+    from pipelines.runner import run
+
+    cfg, path = config(tmp / "ft-driver", rtn={"quant": []}, finetune=FT3)
+    (tmp / "ft-driver-faults").mkdir()
+    env = {**os.environ, faults.ENV: "finetune.rank0@80:hold", faults.DIR_ENV: str(tmp / "ft-driver-faults"),
+           "RAY_ADDRESS": ray_address()}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not faults.fired(tmp / "ft-driver-faults") and driver.poll() is None:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    killed = driver.wait() == -signal.SIGKILL
+    again = run(cfg)
+    resumed = again.outcomes["finetune/sst2"]["info"]["resumed_from_step"]
+    equal = _same_weights(whole, again)
+    return row("driver (`plmq run`) killed (SIGKILL) while its fine-tune was at step 80 of 114",
+               f"the same command again resumed the fine-tune from its step-{resumed} checkpoint; weights equal to an "
+               f"uninterrupted run: {equal}", (80 - resumed) * per_step, killed and resumed > 0 and equal,
+               mlflow_runs_left_running=running_runs())
+
+
+def node_fault(tmp: Path) -> list[dict]:
+    """A two-node cluster (`ray.cluster_utils.Cluster`, the head without CPUs) loses the node of MREM-P's module 1 at
+    its step 25 and gains a new one, as an autoscaler would add; the stage goes on, module 1 from its checkpoint."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        with Faults(tmp, "mrem.module1@25:hold") as f:
+            outcome = _lose_module_node(tmp, cluster, f.fired)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return [outcome]
+
+
+def _lose_module_node(tmp: Path, cluster, fired) -> dict:
+    """Run MREM-P in a thread (Ray adds nodes from the main thread only); when module 1 holds at step 25, remove
+    its node and add another."""
+    import threading
+
+    import ray
+
+    from pipelines.runner import StageFailure, run
+
+    cfg, _ = config(tmp / "node", rtn={"quant": []}, finetune={**BASE["finetune"], "epochs": 1},
+                    mrem={**BASE["mrem"], "quant": ["w4a8"]})
+    outcome: dict = {}
+
+    def go() -> None:
+        try:
+            outcome["summary"] = run(cfg)
+        except StageFailure as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    while not fired() and thread.is_alive():
+        time.sleep(0.2)
+    name = next(n for n in ray.util.list_named_actors() if n.startswith("mrem-") and n.endswith("-1"))
+    node_id = ray.get(ray.get_actor(name).placement.remote())["node_id"]
+    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id))
+    cluster.add_node(num_cpus=1)
+    thread.join()
+    again = "" if "summary" in outcome else "; its stage failed (its process was on that node), the same command again"
+    summary = outcome.get("summary") or run(cfg)
+    info = next(o["info"] for n, o in summary.outcomes.items() if n.startswith("mrem/"))
+    s0, s1 = info["modules_stats"]
+    ok = s1["resumed_from_step"] == 20 and s1["node_id"] != node_id and not s0["restarted"]
+    return row("worker node of MREM-P module 1 removed at its step 25 of 60 (two-node Cluster; a new node added)",
+               f"module 1 restarted on the new node from step {s1['resumed_from_step']}{again}; module 0 restarted: "
+               f"{s0['restarted']}", (25 - s1["resumed_from_step"]) * info["train_s"] / 60, bool(fired()) and ok)
 
 
 def actor_fault(tmp: Path) -> list[dict]:
@@ -256,6 +353,7 @@ def main() -> None:
         tmp = Path(name)
         rows = [r for fn in (worker_fault, actor_fault, stage_fault, driver_fault, record_faults) for r in fn(tmp)]
         bad = [] if args.quick else bad_input_rows(tmp)
+        rows += node_fault(tmp)  # last: it replaces this process's Ray instance with a Cluster
         results = {"faults": {"tried": len(rows), "survived": sum(r["survived"] for r in rows)},
                    "bad_inputs": {"tried": len(bad), "clear_error_before_work":
                                   sum(r["clear_error_before_work"] for r in bad)},

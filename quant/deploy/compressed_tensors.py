@@ -22,8 +22,7 @@ The written integer codes are read back and compared with plmq's before the fold
 Activation grid: plmq clamps int8 activations to [-127, 127], compressed-tensors to [-128, 127].
 With plmq's min-max steps no calibrated value falls below -127, so the logits only differ where an
 input is below -127.5 steps (outside the calibrated range), where compressed-tensors keeps one more
-step: 0.35-0.45% of the largest logit on the tiny test models (test batch larger than the calibration
-batch), 0 when plmq's grid is patched to [-128, 127].
+step.
 
 Not exportable (ValueError before anything is written): binary w1 (int1 is [-1, 0], no +1),
 asymmetric weights, 3/5/6/7-bit weights (compressed-tensors 0.17 and 0.20 pack them differently),
