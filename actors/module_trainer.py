@@ -70,6 +70,9 @@ class ModuleTrainer:
         part = part_loader.load_part(checkpoint, spec, layout)  # only the tensors this module runs
         student, teacher = rc.student_and_teacher(part, spec, quant, settings.student_dropout)
         self.student, self.teacher = student.to(self.device), teacher.to(self.device)
+        # one calibration pass on a few samples gives Linears that read one tensor (q, k, v) one input quantizer
+        # before the optimizer collects the steps; train() calibrates the ranges on more samples
+        rc.init_ranges(self.student, spec, self._first_batches(min(8, num_samples), 8))
         self.optimizer = rc.optimizer(self.student, settings.lr, settings.lr_quant)
         self.queue = PredecessorQueue(settings.queue_size, settings.wait_s, settings.seed + spec.index)
         self.state_dir = Path(work_dir) / f"module{spec.index}"

@@ -113,10 +113,13 @@ def calibrate(model: nn.Module, max_samples: int = 2**20) -> Iterator[nn.Module]
     Inside, static activation quantizers pass tensors through unquantized (weights
     stay quantized) and gradients are off. min-max keeps running extremes; percentile
     and MSE keep a uniform sample of at most max_samples elements per quantizer.
+    On exit, Linears that read one tensor (q, k, v) share one input quantizer
+    (`share_input_quantizers`).
     """
     qs = [q for _, q in quantizers(model, "act") if not q.dynamic]
     for q in qs:
         q.start_observing(max_samples)
+    groups, hooks = _watch_inputs(model)
     try:
         with torch.no_grad():
             yield model
@@ -124,8 +127,54 @@ def calibrate(model: nn.Module, max_samples: int = 2**20) -> Iterator[nn.Module]
         for q in qs:
             q.observing, q._obs = False, None
         raise
+    finally:
+        for h in hooks:
+            h.remove()
     for q in qs:
         q.finish_observing()
+    share_input_quantizers(groups)
+
+
+def _watch_inputs(model: nn.Module) -> tuple[list[list[QuantLinear]], list]:
+    """Pre-hooks that group, during the first forward, the QuantLinears with a static input quantizer that run
+    one after another on the same tensor (q, k, v; gate, up). Only the last input is held, so nothing big is
+    kept and a freed tensor's id cannot join two groups."""
+    groups: list[list[QuantLinear]] = []
+    state: dict = {"last": None, "seen": set(), "done": False}
+
+    def record(mod: QuantLinear, args: tuple) -> None:
+        if state["done"] or not args:
+            return
+        if id(mod) in state["seen"]:  # a second forward: the structure is known
+            state.update(done=True, last=None)
+            return
+        state["seen"].add(id(mod))
+        if args[0] is state["last"]:
+            groups[-1].append(mod)
+        else:
+            groups.append([mod])
+        state["last"] = args[0]
+
+    hooks = [m.register_forward_pre_hook(record) for _, m in quant_modules(model)
+             if isinstance(m, QuantLinear) and m.act_q is not None and not m.act_q.dynamic]
+    return groups, hooks
+
+
+def share_input_quantizers(groups: list[list[QuantLinear]]) -> int:
+    """Each group of Linears that read one tensor gets one input quantizer (the first's, with the largest
+    step of the group), so the tensor is quantized once: what integer runtimes (ONNX Runtime's fused
+    matmuls, vLLM's fused qkv) need. Returns the number of quantizers replaced."""
+    replaced = 0
+    for group in (g for g in groups if len(g) > 1):
+        first = group[0].act_q
+        steps = [m.act_q.step for m in group if m.act_q.step is not None]
+        if steps and all(s.shape == steps[0].shape for s in steps):
+            with torch.no_grad():
+                first.step.copy_(torch.stack([s.detach() for s in steps]).amax(0))
+        for m in group[1:]:
+            if m.act_q is not first:
+                m.act_q, replaced = first, replaced + 1
+    return replaced
 
 
 def freeze(model: nn.Module) -> None:

@@ -82,6 +82,19 @@ def test_w8a8_stays_close_to_fp(model_factory, kind, token_ids):
     assert 0 < rel < 0.05
 
 
+def test_linears_that_read_one_tensor_share_one_input_quantizer(tiny_bert, token_ids):
+    quantize_model(tiny_bert, "w8a8")
+    with calibrate(tiny_bert):
+        tiny_bert(input_ids=token_ids)
+        tiny_bert(input_ids=token_ids[:2])
+    for layer in tiny_bert.bert.encoder.layer:
+        qkv = [getattr(layer.attention.self, n).act_q for n in ("query", "key", "value")]
+        assert qkv[0] is qkv[1] is qkv[2]
+        others = [layer.attention.output.dense.act_q, layer.intermediate.dense.act_q, layer.output.dense.act_q]
+        assert len({id(q) for q in others + qkv[:1]}) == 4
+    assert len([q for _, q in quantizers(tiny_bert, "act")]) == 9
+
+
 def test_calibrate_then_train_and_freeze(tiny_bert, token_ids):
     quantize_model(tiny_bert, "w4a8:weight.learnable=true,act.learnable=true")
     acts = [q for _, q in quantizers(tiny_bert, "act")]
@@ -90,7 +103,7 @@ def test_calibrate_then_train_and_freeze(tiny_bert, token_ids):
         tiny_bert(input_ids=token_ids)
     assert all(bool(q.initialized) for q in acts)
     steps = {n: p for n, p in tiny_bert.named_parameters() if n.endswith("_q.step")}
-    assert len(steps) == 26  # 13 weight + 13 activation steps, all trainable
+    assert len(steps) == 22  # 13 weight + 9 activation steps (q, k, v share one per layer), all trainable
     tiny_bert.train()
     out = tiny_bert(input_ids=token_ids, labels=torch.zeros(3, dtype=torch.long))
     out.loss.backward()
