@@ -90,6 +90,15 @@ class Quantizer(nn.Module):
     def _qmax(self) -> int:
         return qrange(self.spec.bits, self.spec.symmetric)[1]
 
+    @property
+    def _qmin(self) -> int:
+        """Symmetric activations use the full signed range [-2**(bits-1), 2**(bits-1) - 1] (the step is still
+        max|x| / qmax), as int8 runtimes do (ONNX Runtime's uint8 with zero point 128, compressed-tensors);
+        weights keep the symmetric [-qmax, qmax]."""
+        if self.kind == "act" and self.spec.symmetric:
+            return -(2 ** (self.spec.bits - 1))
+        return qrange(self.spec.bits, self.spec.symmetric)[0]
+
     def _store(self, key: str, value: Tensor | None) -> None:
         """Set step/zero_point/threshold in place when possible (keeps optimizer refs)."""
         cur = getattr(self, key)
@@ -179,7 +188,8 @@ class Quantizer(nn.Module):
         else:
             g = lsq_grad_scale(xg.numel() // p["step"].numel(), self._qmax) if self.spec.learnable else 1.0
             stochastic = self.training and self.spec.rounding == "stochastic"
-            out = fake_quant(xg, p["step"], p["zero_point"], self.spec.bits, self.spec.symmetric, stochastic, g)
+            out = fake_quant(xg, p["step"], p["zero_point"], self.spec.bits, self.spec.symmetric, stochastic, g,
+                             qmin=self._qmin)
         return out.reshape(x.shape)
 
     def _static(self, index: Tensor | None) -> dict[str, Tensor | None]:
@@ -201,7 +211,7 @@ class Quantizer(nn.Module):
             elif self.spec.scheme == "binary":
                 q = tq.binary_codes(xg)
             else:
-                q = quantize_int(xg, p["step"], p["zero_point"], self.spec.bits, self.spec.symmetric)
+                q = quantize_int(xg, p["step"], p["zero_point"], self.spec.bits, self.spec.symmetric, self._qmin)
             params = {k: v.reshape(_strip(v.shape)).contiguous() for k, v in p.items() if v is not None}
             return q.to(torch.int16).reshape(x.shape), params
 

@@ -87,18 +87,23 @@ def fake_quant(
     stochastic: bool = False,
     grad_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    qmin: int | None = None,
 ) -> Tensor:
-    """Fake-quantize x on the grid (step, zero_point); differentiable in all three."""
-    qmin, qmax = qrange(bits, symmetric)
+    """Fake-quantize x on the grid (step, zero_point); differentiable in all three. `qmin`: the grid's lowest
+    code when not qrange's (activations: -2**(bits-1))."""
+    lo, qmax = qrange(bits, symmetric)
+    qmin = lo if qmin is None else qmin
     zp = zero_point if not symmetric else None
     if step.dtype != x.dtype:  # e.g. fp32 steps with a bf16 model: compute in x's dtype
         step, zp = step.to(x.dtype), (zp.to(x.dtype) if zp is not None else None)
     return _FakeQuant.apply(x, step, zp, qmin, qmax, stochastic, grad_scale, generator)
 
 
-def quantize_int(x: Tensor, step: Tensor, zero_point: Tensor | None, bits: int, symmetric: bool) -> Tensor:
+def quantize_int(x: Tensor, step: Tensor, zero_point: Tensor | None, bits: int, symmetric: bool,
+                 qmin: int | None = None) -> Tensor:
     """Integer codes (int16) of x, nearest rounding; same arithmetic as fake_quant."""
-    qmin, qmax = qrange(bits, symmetric)
+    lo, qmax = qrange(bits, symmetric)
+    qmin = lo if qmin is None else qmin
     v = x / step if symmetric else x / step + zero_point
     return torch.round(torch.clamp(v, float(qmin), float(qmax))).to(torch.int16)
 

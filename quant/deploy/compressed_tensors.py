@@ -19,10 +19,8 @@ Formats (one config group per distinct scheme; weights always symmetric int, sca
     to load a pack-quantized nn.Embedding). Mixed with the linears the format is "mixed-precision".
 The written integer codes are read back and compared with plmq's before the folder is published.
 
-Activation grid: plmq clamps int8 activations to [-127, 127], compressed-tensors to [-128, 127].
-With plmq's min-max steps no calibrated value falls below -127, so the logits only differ where an
-input is below -127.5 steps (outside the calibrated range), where compressed-tensors keeps one more
-step.
+Activation grid: plmq's int8 activations use [-128, 127] (quant.modules.Quantizer), as compressed-tensors
+does, so the loaded model computes what plmq's fake quantization does.
 
 Not exportable (ValueError before anything is written): binary w1 (int1 is [-1, 0], no +1),
 asymmetric weights, 3/5/6/7-bit weights (compressed-tensors 0.17 and 0.20 pack them differently),

@@ -54,14 +54,14 @@ def test_an_export_scores_what_plmq_scored_in_its_runtime(tiny_teacher, tiny_run
     source = _rtn(cfg, tiny_teacher, tmp_path / "run")
     (stage,) = export.plan(cfg, source.checkpoint)
     result = export.run(cfg, stage, {}, Context(tmp_path / "run", "k2"))
-    assert result.row["value"] == pytest.approx(source.row["value"], abs=1.0)
+    assert result.row["value"] == source.row["value"]
     assert result.row["latency_ms"] > 0 and result.info["bytes"] > 0
     assert result.row["method"] == f"rtn-{quant}@{'onnxruntime' if fmt == 'onnx' else 'transformers'}"
     plmq, deployed = checkpoints.load(source.checkpoint), checkpoints.load(result.checkpoint)
     batch = plmq.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         ours, theirs = plmq.model(**batch).logits, deployed.model(**batch).logits
-    assert torch.allclose(ours, theirs, atol=0.02 * ours.abs().max().item()), (ours, theirs)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)  # one int8 grid in plmq and the runtimes
     if fmt == "onnx":  # every quantized Linear runs as an integer matmul in ONNX Runtime
         linears = sum(1 for _ in quant_modules(plmq.model))
         assert runtimes.integer_matmuls(f"{result.checkpoint}/model.onnx") == linears
