@@ -88,10 +88,12 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def family(method: str) -> str:
-    """`rtn-w4a8` -> `rtn`, `mrem-parallel-w2a8` -> `mrem-parallel`: one line per method in the plot."""
+    """`rtn-w4a8` -> `rtn`, `mrem-parallel-w2a8` -> `mrem-parallel`, `rtn-w8a8@onnxruntime` -> `rtn@onnxruntime`:
+    one line per method (and runtime of an export) in the plot."""
+    method, at, runtime = method.partition("@")
     parts = method.split("-")
     keep = [p for p in parts if not (p[:1] == "w" and any(ch.isdigit() for ch in p))]
-    return "-".join(keep) or method
+    return ("-".join(keep) or method) + at + runtime
 
 
 def plot(rows: list[dict], path: Path) -> Path:

@@ -59,7 +59,7 @@ def plan_after(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:
     """One stage per quantized model of `stages` and format."""
     out = []
     for s in stages:
-        if s.kind not in SOURCES or not check_task(s.task).kind == "glue":
+        if s.kind not in SOURCES:
             continue
         for fmt in cfg.export.formats:
             check(s.quant, fmt, s.name)

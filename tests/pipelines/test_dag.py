@@ -133,6 +133,7 @@ def test_report_table_csv_and_plot(tmp_path):
     assert Path(rep.plot).read_bytes()[:4] == b"\x89PNG"
     assert "| sst2 | rtn-w4a8 | 4 |" in Path(rep.markdown).read_text()
     assert family("mrem-parallel-w2a8") == "mrem-parallel" and family("prequant-w4a16") == "prequant"
+    assert family("rtn-w8a8@onnxruntime") == "rtn@onnxruntime"
 
 
 def test_report_shows_each_tasks_majority_class_floor_last(tmp_path):

@@ -39,6 +39,8 @@ def test_the_run_plans_an_export_after_each_quantized_model_and_refuses_what_a_f
         plan(bad)
     with pytest.raises(ConfigError, match="export.formats: unknown format"):
         load_config(None, ["export.formats=[tflite]"])
+    with pytest.raises(ConfigError, match="exports run on GLUE classifiers for now"):
+        load_config(None, ["tasks=[wikitext2]", "export.formats=[onnx]"])
 
 
 def _rtn(cfg, checkpoint, root):
