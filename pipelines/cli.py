@@ -160,7 +160,7 @@ def mrem(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder (t
 
 
 @app.command()
-def export(checkpoint: Path = typer.Argument(..., help="quantized model folder (written by rtn, gptq or mrem)"),
+def export(checkpoint: Path = typer.Argument(..., help="quantized model folder (rtn, gptq, mrem, prequant)"),
            format: list[str] = typer.Option([], "--format", help="onnx | compressed-tensors (repeatable)"),
            runtime: str | None = typer.Option(None, help="what runs an ONNX export: onnxruntime | openvino"),
            config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, task: str | None = TaskOpt,

@@ -2,9 +2,9 @@
 OpenVINO, compressed-tensors for transformers and vLLM), then evaluated and timed in that runtime, so the
 report's figures for it come from the deployed artefact.
 
-Planned after each rtn, gptq and mrem stage for every format of `export.formats` (`plan_after`), or on a
-user's checkpoint (`plmq export CHECKPOINT --format onnx`). A QuantConfig a format cannot hold is refused
-when the run is planned, naming the formats that can.
+Planned after each rtn, gptq, mrem and prequant-finetune stage for every format of `export.formats`
+(`plan_after`), or on a user's checkpoint (`plmq export CHECKPOINT --format onnx`). A QuantConfig a format cannot
+hold is refused when the run is planned, naming the formats that can.
 """
 from __future__ import annotations
 
@@ -27,12 +27,16 @@ from quant.deploy import problem, working_formats
 
 KIND = "export"
 TASK_CPUS = 1
-SOURCES = ("rtn", "gptq", "mrem")
+SOURCES = ("rtn", "gptq", "mrem", "prequant-finetune")
 RESOURCES = {"cpus": 1, "gpus": 0}
 
 
-def check(quant: str, fmt: str, what: str) -> None:
-    """Raise ConfigError when `fmt` cannot hold a model quantized with `quant`."""
+def check(quant: str, fmt: str, what: str, prequant: bool = False) -> None:
+    """Raise ConfigError when `fmt` cannot hold a model quantized with `quant` (by PreQuant: with FP columns)."""
+    if prequant and fmt == "compressed-tensors":
+        raise ConfigError(f"export.formats: {what} is a PreQuant model: its FP outlier columns have no "
+                          "compressed-tensors scheme; export it to onnx (weight-only PreQuant runs as MatMulNBits "
+                          "plus a float matmul on its columns)")
     why = problem(quant, fmt)
     if why:
         works = working_formats(quant)
@@ -45,12 +49,13 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
     """On a user's checkpoint: one stage per task and format, its QuantConfig checked against each format now."""
     if not checkpoint:
         return []
-    quant = checkpoints.read_meta(checkpoint).get("quant")
+    meta = checkpoints.read_meta(checkpoint)
+    quant = meta.get("quant")
     if not quant:
         raise ConfigError(f"{checkpoint} is not quantized (its {checkpoints.META_FILE} names no quant): export a "
-                          "model written by rtn, gptq or mrem")
+                          "model written by rtn, gptq, mrem or prequant-finetune")
     for fmt in cfg.export.formats:
-        check(quant, fmt, checkpoint)
+        check(quant, fmt, checkpoint, prequant=meta["format"] == "prequant")
     return [Stage(f"{KIND}/{t}/checkpoint/{fmt}", KIND, t, method=fmt, checkpoint=checkpoint)
             for t in cfg.tasks for fmt in cfg.export.formats]
 
@@ -62,7 +67,7 @@ def plan_after(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:
         if s.kind not in SOURCES:
             continue
         for fmt in cfg.export.formats:
-            check(s.quant, fmt, s.name)
+            check(s.quant, fmt, s.name, prequant=s.kind == "prequant-finetune")
             out.append(Stage(f"{KIND}/{s.name.split('/', 1)[1]}/{fmt}", KIND, s.task, s.quant, method=fmt,
                              deps=(s.name,)))
     return out
@@ -83,8 +88,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
     quant = loaded.meta.get("quant")
     if not quant:
         raise ConfigError(f"{source} is not quantized (its {checkpoints.META_FILE} names no quant): export a model "
-                          "written by rtn, gptq or mrem")
-    check(quant, fmt, source)
+                          "written by rtn, gptq, mrem or prequant-finetune")
+    check(quant, fmt, source, prequant=loaded.meta["format"] == "prequant")
     rest = stage.name.split("/", 2)[2]
     out = export_folder(ctx.root / check_task(stage.task).slug / KIND / rest.replace("/", "-"), stage)
     if ctx.force:

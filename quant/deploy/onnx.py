@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..convert import quant_modules
 from ..layers import QuantEmbedding, QuantLinear
+from ..prequant.layer import OutlierLinear
 
 OPSET = 17
 ACT_TYPES = ("uint8", "int8")
@@ -112,12 +113,13 @@ class _QDQLinear(nn.Module):
 
 
 class _NBitsLinear(nn.Module):
-    """A weight-only QuantLinear as MatMulNBits (codes + 2**(bits-1), the op's default zero point)."""
+    """A weight-only QuantLinear as MatMulNBits (codes + 2**(bits-1), the op's default zero point); a PreQuant
+    OutlierLinear adds its FP columns as a float matmul on the features they read."""
 
-    def __init__(self, m: QuantLinear):
+    def __init__(self, m: QuantLinear | OutlierLinear):
         super().__init__()
         spec = m.weight_q.spec
-        q, params = m.weight_q.codes(m.linear_weight())
+        q, params = m.weight_q.codes(m.weight if isinstance(m, OutlierLinear) else m.linear_weight())
         n, k = q.shape
         block = spec.group_size if spec.granularity == "group" else _channel_block(k)
         step, blocks = params["step"].float().reshape(n, -1), -(-k // block)
@@ -127,9 +129,14 @@ class _NBitsLinear(nn.Module):
         self.register_buffer("scales", steps.reshape(-1).contiguous())
         self.register_buffer("dense", m.weight_q.decode(q, params).float())  # what tracing computes with
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        outliers = isinstance(m, OutlierLinear) and m.num_outliers > 0
+        self.register_buffer("outlier_idx", m.outlier_idx.detach().clone() if outliers else None)
+        self.register_buffer("outlier_t", m.outlier.detach().t().contiguous() if outliers else None)
 
     def forward(self, x: Tensor) -> Tensor:
         y = _MatMulNBits.apply(x, self.packed, self.scales, self.dense, self.k, self.n, self.bits, self.block)
+        if self.outlier_idx is not None:  # the FP columns: Gather + a small float MatMul
+            y = y + x.index_select(-1, self.outlier_idx) @ self.outlier_t
         return y if self.bias is None else y + self.bias
 
 
@@ -155,14 +162,22 @@ def _pack_blocks(q: Tensor, bits: int, block: int) -> Tensor:
     return out.to(torch.uint8)
 
 
-def kind_of(m: QuantLinear) -> str:
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every quantized layer: QuantLinear, QuantEmbedding and PreQuant's OutlierLinear."""
+    yield from quant_modules(model)
+    yield from ((n, m) for n, m in model.named_modules() if isinstance(m, OutlierLinear))
+
+
+def kind_of(m: QuantLinear | OutlierLinear) -> str:
     """"qdq" (static activations), "nbits" (weight-only) or why the layer cannot be exported."""
-    if m.transposed:
+    if isinstance(m, OutlierLinear) and m.act_q is not None:
+        return "PreQuant layers with quantized inputs are not exported (weight-only PreQuant is)"
+    if getattr(m, "transposed", False):
         return "GPT-2's Conv1D is not exported (transposed weights)"
     w, a = m.weight_q, m.act_q
     if w is None:
         return "its weights are not quantized"
-    if m.out_q is not None:
+    if getattr(m, "out_q", None) is not None:
         return "output quantizers (-o) have no ONNX Runtime kernel"
     if not w.spec.symmetric or w.spec.scheme == "binary":
         return f"{'asymmetric' if not w.spec.symmetric else 'binary'} weights have no integer kernel"
@@ -183,7 +198,7 @@ def kind_of(m: QuantLinear) -> str:
 def check_onnx(model: nn.Module) -> None:
     """Raise ValueError naming the first layer that cannot be exported and the configs that can."""
     found = False
-    for name, m in quant_modules(model):
+    for name, m in _layers(model):
         if isinstance(m, QuantEmbedding):
             raise ValueError(f"{name}: quantized embeddings (-e) are not exported to ONNX; export a config without "
                              "-e, e.g. w8a8, w4a8, w2a8 (static int8 inputs) or w4g128a16, w8a16 (weight-only)")
@@ -193,14 +208,14 @@ def check_onnx(model: nn.Module) -> None:
                              "(w8a8, w4a8, w2a8) or 2/4/8-bit weight-only configs (w4g128a16, w8a16)")
         found = True
     if not found:
-        raise ValueError("the model has no quantized layers; export a model written by rtn, gptq or mrem")
+        raise ValueError("the model has no quantized layers; export a model written by rtn, gptq, mrem or prequant")
 
 
 @contextlib.contextmanager
 def _export_modules(model: nn.Module, act_type: str) -> Iterator[_SharedInputs]:
     """Swap every QuantLinear for its export module for the duration of the `with`."""
     shared, swapped = _SharedInputs(), []
-    for name, m in list(quant_modules(model)):
+    for name, m in list(_layers(model)):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         new = _QDQLinear(m, shared, act_type) if kind_of(m) == "qdq" else _NBitsLinear(m)
@@ -260,7 +275,7 @@ def save_onnx(model: nn.Module, example: dict[str, Tensor], path: str | os.PathL
     check_onnx(model)
     model = copy.deepcopy(model).eval()
     changed = _share_steps(model, example)
-    kinds = [kind_of(m) for _, m in quant_modules(model)]
+    kinds = [kind_of(m) for _, m in _layers(model)]
     wrapper = _Logits(model, list(example))
     axes = {n: {0: "batch", 1: "sequence"} for n in example}
     path = Path(path)
