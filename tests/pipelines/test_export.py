@@ -69,6 +69,26 @@ def test_an_export_scores_what_plmq_scored_in_its_runtime(tiny_teacher, tiny_run
         assert runtimes.integer_matmuls(f"{result.checkpoint}/model.onnx") == linears
 
 
+@pytest.mark.slow
+def test_minilm_exports_every_quantized_linear_as_an_integer_matmul(tmp_path):
+    """MiniLM (offline) at W8A8: ONNX Runtime fuses all 37 quantized Linears (36 in the encoder, the pooler) and
+    gives plmq's logits."""
+    from pipelines import models
+    from quant import calibrate, quantize_model
+
+    model, tok = models.load_classifier("minilm-l6", 2, seed=0).eval(), models.load_tokenizer("minilm-l6")
+    quantize_model(model, "w8a8")
+    batch = tok(TEXTS * 4, padding=True, return_tensors="pt")
+    with calibrate(model):
+        model(**batch)
+    checkpoints.save(model, tok, tmp_path / "onnx", {"task": "sst2", "quant": "w8a8"}, "onnx")
+    assert runtimes.integer_matmuls(tmp_path / "onnx" / checkpoints.ONNX_FILE) == 37
+    test = tok(["an unexpectedly moving and funny film", "no"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**test).logits
+    assert torch.allclose(checkpoints.load(tmp_path / "onnx").model(**test).logits, ours, atol=1e-5)
+
+
 def test_openvino_runs_the_onnx_export(tiny_teacher, tiny_run_cfg, tmp_path):
     cfg = tiny_run_cfg("rtn.quant=[w8a8]", "rtn.calib_samples=64")
     source = _rtn(cfg, tiny_teacher, tmp_path / "run")
