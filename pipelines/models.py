@@ -218,7 +218,7 @@ def checkpoint_identity(path: str | Path) -> str:
     """Where a checkpoint lies and which weights it holds (size and mtime of its weight files, as make does):
     work keyed on it is not resumed or reused once another model is written to the same folder."""
     path = Path(path).resolve()
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.onnx"))
     if not files:
         raise FileNotFoundError(f"{path} holds no model weights (*.safetensors or *.bin): pass a folder "
                                 "written by `plmq finetune` or `save_pretrained`")
@@ -269,11 +269,12 @@ def check_model(name: str, setting: str = "model") -> None:
 
 
 def check_weights(folder: Path, setting: str = "model") -> None:
-    """A model folder holds weights (*.safetensors, or *.bin), every shard its safetensors index lists, and no
+    """A model folder holds weights (*.safetensors, *.bin, or an exported model.onnx), every shard its safetensors
+    index lists, and no
     truncated or foreign safetensors file (the header read, its tensors' byte ranges checked against the file
     size: safetensors itself fails only when the model is loaded, deep in a stage)."""
     files = sorted(folder.glob("*.safetensors"))
-    if not files and not sorted(folder.glob("*.bin")):
+    if not files and not sorted(folder.glob("*.bin")) and not (folder / "model.onnx").is_file():
         raise ConfigError(f"{setting}={folder}: the folder holds no model weights (*.safetensors or *.bin); save "
                           "the model into it with save_pretrained, or give the folder that holds them")
     index = folder / SAFETENSORS_INDEX

@@ -106,6 +106,11 @@ def plan_kinds(cfg: RunConfig, kinds: tuple[str, ...], checkpoint: str | None = 
     """The stages of `kinds` only (a single-stage verb), reading `checkpoint` when given."""
     if checkpoint:
         check_tasks(checkpoint, cfg.tasks)
+        meta = checkpoints.read_meta(checkpoint)
+        if meta["format"] in checkpoints.EXPORTS and kinds != ("evaluate",):
+            raise ConfigError(f"{checkpoint} is an export (format {meta['format']}) that its runtime runs: plmq "
+                              f"evaluate takes it; to quantize or export again, give the plmq checkpoint it was "
+                              f"written from ({meta.get('exported_from', 'see its plmq_meta.json')})")
     stages = [s for k in kinds for s in REGISTRY[k].plan(cfg, checkpoint)]
     names = {s.name for s in stages}
     missing = {d for s in stages for d in s.deps if d not in names}

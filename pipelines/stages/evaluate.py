@@ -33,11 +33,14 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
     result = evaluate_model(loaded.model, loaded.tokenizer, stage.task, cfg.data, cfg.evaluate,
                             model_bytes=loaded.nbytes)
     eval_s = time.time() - start
-    if stage.checkpoint:
-        method, wall_s, resources = "checkpoint", eval_s, {"cpus": 1, "gpus": 0}
+    quant = loaded.meta.get("quant") if stage.checkpoint else None
+    if stage.checkpoint:  # a quantized checkpoint or export says so (bits; the runtime that ran an export)
+        runtime = {"onnx": "@" + loaded.meta.get("runtime", "onnxruntime"), "compressed-tensors": "@transformers"}
+        method = "checkpoint" + runtime.get(loaded.meta["format"], "")
+        wall_s, resources = eval_s, {"cpus": 1, "gpus": 0}
     else:  # the FP reference's cost is its fine-tune's
         ft = upstream_of(upstream, "finetune")
         method, wall_s, resources = "fp", ft["info"]["wall_s"] + eval_s, ft["resources"]
-    row = report_row(stage.task, method, result, wall_s, None, 100.0, resources)
+    row = report_row(stage.task, method, result, wall_s, quant, 0.0 if quant else 100.0, resources)
     return StageResult(row=row, metrics=eval_metrics(result), info=dataclasses.asdict(result),
                        resources={"cpus": 1, "gpus": 0})

@@ -7,7 +7,7 @@ import torch
 
 from pipelines import checkpoints, runtimes
 from pipelines.config import ConfigError, load_config
-from pipelines.stages import Context, export, plan, rtn
+from pipelines.stages import Context, evaluate, export, plan, plan_kinds, rtn
 from quant import quant_modules
 from quant.deploy import problem, working_formats
 
@@ -100,6 +100,18 @@ def test_openvino_runs_the_onnx_export(tiny_teacher, tiny_run_cfg, tmp_path):
     assert ov_model.runtime == "openvino"
     ours = ort_model(**batch).logits
     assert torch.allclose(ov_model(**batch).logits, ours, atol=0.02 * ours.abs().max().item())
+
+
+def test_plmq_evaluate_runs_an_export_in_its_runtime_and_other_verbs_refuse_it(tiny_teacher, tiny_run_cfg, tmp_path):
+    cfg = tiny_run_cfg("rtn.quant=[w8a8]", "rtn.calib_samples=64", "export.formats=[onnx]")
+    source = _rtn(cfg, tiny_teacher, tmp_path / "run")
+    (stage,) = export.plan(cfg, source.checkpoint)
+    exported = export.run(cfg, stage, {}, Context(tmp_path / "run", "k2")).checkpoint
+    (ev, _) = plan_kinds(cfg, ("evaluate",), exported)  # the evaluate stage, then the report
+    row = evaluate.run(cfg, ev, {}, Context(tmp_path / "ev", "k3")).row
+    assert row["method"] == "checkpoint@onnxruntime" and row["bits"] == 8 and row["value"] == source.row["value"]
+    with pytest.raises(ConfigError, match="is an export \\(format onnx\\).*plmq evaluate takes it"):
+        plan_kinds(cfg, ("rtn",), exported)
 
 
 def test_export_of_an_unquantized_or_unexportable_checkpoint_fails_before_work(tiny_teacher, tiny_run_cfg, tmp_path):
