@@ -329,10 +329,6 @@ class RunConfig:
             raise ConfigError(f"prequant.quant={self.prequant.quant}: PreQuant runs on GLUE tasks only, not on "
                               f"the language-modelling task(s) {lm}; set prequant.quant=[] or run those tasks in "
                               "another config")
-        if lm and self.export.formats:
-            raise ConfigError(f"export.formats={self.export.formats}: exports run on GLUE classifiers for now, not on "
-                              f"the language-modelling task(s) {lm}; set export.formats=[] or run those tasks in "
-                              "another config")
         for section in (self.data, self.finetune, self.evaluate, self.rtn, self.gptq, self.mrem, self.prequant,
                         self.export, self.cluster):
             section.validate()

@@ -56,12 +56,22 @@ def plan(cfg: RunConfig, checkpoint: str | None = None) -> list[Stage]:
                           "model written by rtn, gptq, mrem or prequant-finetune")
     for fmt in cfg.export.formats:
         check(quant, fmt, checkpoint, prequant=meta["format"] == "prequant")
+    check_family(checkpoint)
     return [Stage(f"{KIND}/{t}/checkpoint/{fmt}", KIND, t, method=fmt, checkpoint=checkpoint)
             for t in cfg.tasks for fmt in cfg.export.formats]
 
 
+def check_family(model: str) -> None:
+    """GPT-2 keeps its Linears as Conv1D (weights stored [in, out]): neither format takes them."""
+    if models.model_config(model).model_type == "gpt2":
+        raise ConfigError(f"export.formats: {model} is a GPT-2, whose Conv1D layers neither ONNX export nor "
+                          "compressed-tensors takes; export a model of another family (BERT, Llama, Qwen, Mistral)")
+
+
 def plan_after(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:
     """One stage per quantized model of `stages` and format."""
+    if cfg.export.formats and any(s.kind in SOURCES for s in stages):
+        check_family(cfg.model)
     out = []
     for s in stages:
         if s.kind not in SOURCES:

@@ -39,8 +39,10 @@ def test_the_run_plans_an_export_after_each_quantized_model_and_refuses_what_a_f
         plan(bad)
     with pytest.raises(ConfigError, match="export.formats: unknown format"):
         load_config(None, ["export.formats=[tflite]"])
-    with pytest.raises(ConfigError, match="exports run on GLUE classifiers for now"):
-        load_config(None, ["tasks=[wikitext2]", "export.formats=[onnx]"])
+    gpt2 = load_config(None, ["model=tiny-gpt2", "tasks=[wikitext2]", f"output_dir={tmp_path}", "rtn.quant=[w8a8]",
+                              "export.formats=[onnx]"])
+    with pytest.raises(ConfigError, match="is a GPT-2, whose Conv1D layers neither"):
+        plan(gpt2)
 
 
 def _rtn(cfg, checkpoint, root):

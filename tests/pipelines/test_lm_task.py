@@ -328,12 +328,17 @@ def test_adopt_evaluate_rtn_on_tiny_llama_reports_ppl(ray_session, mlflow_uri, t
     cfg = load_config(None, ["model=tiny-llama", "tasks=[wikitext2]", f"output_dir={tmp_path / 'out'}",
                              "experiment=lm-test", "data.max_length=32", "data.eval_examples=8",
                              f"data.cache_dir={cache_dir}", "evaluate.batch_size=4", "rtn.quant=[w4g16,w8a8]",
-                             "rtn.calib_samples=8", "rtn.batch_size=4"])
+                             "rtn.calib_samples=8", "rtn.batch_size=4", "export.formats=[onnx,compressed-tensors]",
+                             "export.latency_batch=2", "export.latency_tokens=16", "export.latency_runs=2"])
     from pipelines.runner import run
 
     summary = run(cfg)
     rows = {r["method"]: r for r in summary.rows}
-    assert set(rows) == {"fp", "rtn-w4g16a16", "rtn-w8a8"} and {r["metric"] for r in rows.values()} == {"ppl"}
+    exports = {f"rtn-{q}@{r}" for q in ("w4g16a16", "w8a8") for r in ("onnxruntime", "transformers")}
+    assert set(rows) == {"fp", "rtn-w4g16a16", "rtn-w8a8"} | exports
+    assert {r["metric"] for r in rows.values()} == {"ppl"}
+    for name in exports:  # the decoder runs in ONNX Runtime and transformers with plmq's perplexity
+        assert rows[name]["value"] == pytest.approx(rows[name.split("@")[0]]["value"], rel=1e-4)
     assert all(r["value"] > 1000 for r in rows.values())  # a random model over a 30k vocabulary
     assert rows["rtn-w4g16a16"]["bits"] == 4 and rows["rtn-w4g16a16"]["model_MB"] < rows["fp"]["model_MB"]
     assert "| wikitext2 | rtn-w4g16a16 | 4 | ppl |" in summary.table and "increase_vs_fp" in summary.table
