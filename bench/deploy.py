@@ -50,17 +50,14 @@ def runtimes_of(label: str, folder: str, tmp: Path) -> dict:
     """{runtime: model with .logits} for one checkpoint, plus the files each one reads."""
     from pipelines import checkpoints
     from pipelines.runtimes import OnnxModel, example_inputs
+    from quant.deploy.onnx import trace
 
     loaded = checkpoints.load(folder)
     out = {("torch-fp32" if label == "fp" else "plmq-fakequant"): (loaded.model, loaded.nbytes, None)}
     onnx_dir = tmp / f"{label}-onnx"
     if label == "fp":
         path = onnx_dir / "model.onnx"
-        onnx_dir.mkdir(parents=True)
-        example = example_inputs(loaded.model)
-        torch.onnx.export(_Logits(loaded.model, list(example)), tuple(example.values()), str(path),
-                          input_names=list(example), output_names=["logits"], dynamo=False,
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in example})
+        trace(loaded.model, example_inputs(loaded.model), path)  # the FP model, as plmq traces its exports
         out["ort-fp32"] = (OnnxModel(path), path.stat().st_size, None)
         return out
     from quant import QuantConfig
@@ -78,15 +75,6 @@ def runtimes_of(label: str, folder: str, tmp: Path) -> dict:
         nbytes = checkpoints.save(loaded.model, loaded.tokenizer, ct, loaded.meta, "compressed-tensors")
         out["transformers-ct"] = (checkpoints.load(ct).model, nbytes, round(time.time() - t0, 1))
     return out
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, model, names):
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *inputs):
-        return self.model(**dict(zip(self.names, inputs))).logits
 
 
 def accuracy(model, tokenizer) -> float:

@@ -276,12 +276,21 @@ def save_onnx(model: nn.Module, example: dict[str, Tensor], path: str | os.PathL
     model = copy.deepcopy(model).eval()
     changed = _share_steps(model, example)
     kinds = [kind_of(m) for _, m in _layers(model)]
-    wrapper = _Logits(model, list(example))
-    axes = {n: {0: "batch", 1: "sequence"} for n in example}
+    with _export_modules(model, act_type):
+        trace(model, example, path)
+    return {"qdq_linears": kinds.count("qdq"), "nbits_linears": kinds.count("nbits"), "shared_steps_changed": changed}
+
+
+def trace(model: nn.Module, example: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """`model`'s logits as ONNX (the TorchScript exporter, `dynamo=False`), traced on `example`, with dynamic batch
+    and sequence axes (a classifier's logits have no sequence axis, a causal LM's do)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _export_modules(model, act_type), torch.no_grad():
-        torch.onnx.export(wrapper, tuple(example.values()), str(path), input_names=list(example),
-                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False, custom_opsets={"com.microsoft": 1})
-    return {"qdq_linears": kinds.count("qdq"), "nbits_linears": kinds.count("nbits"), "shared_steps_changed": changed}
+    with torch.no_grad():
+        per_token = model(**example).logits.dim() == 3
+        axes = {n: {0: "batch", 1: "sequence"} for n in [*example, "logits"]}
+        if not per_token:
+            axes["logits"] = {0: "batch"}
+        torch.onnx.export(_Logits(model, list(example)), tuple(example.values()), str(path),
+                          input_names=list(example), output_names=["logits"], dynamic_axes=axes,
+                          opset_version=OPSET, dynamo=False, custom_opsets={"com.microsoft": 1})
