@@ -291,6 +291,7 @@ def trace(model: nn.Module, example: dict[str, Tensor], path: str | os.PathLike)
         axes = {n: {0: "batch", 1: "sequence"} for n in [*example, "logits"]}
         if not per_token:
             axes["logits"] = {0: "batch"}
-        torch.onnx.export(_Logits(model, list(example)), tuple(example.values()), str(path),
+        wrapper = _Logits(model, list(example)).train(model.training)  # the exporter restores this mode after
+        torch.onnx.export(wrapper, tuple(example.values()), str(path),
                           input_names=list(example), output_names=["logits"], dynamic_axes=axes,
                           opset_version=OPSET, dynamo=False, custom_opsets={"com.microsoft": 1})

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from quant import OutlierConfig, calibrate, prequantize, quantize_model
-from quant.deploy.onnx import check_onnx, save_onnx
+from quant.deploy.onnx import check_onnx, save_onnx, trace
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -44,6 +44,16 @@ def test_onnx_runtime_computes_what_plmq_computes(tmp_path, quant):
     with torch.no_grad():
         expected = model(**test).logits.numpy()
     np.testing.assert_allclose(_run(tmp_path / "m.onnx", test), expected, atol=1e-6, rtol=0)
+
+
+def test_tracing_leaves_the_model_in_eval_mode_with_its_outputs(tmp_path):
+    model = _bert()
+    test = _inputs(2, 8, 1)
+    trace(model, test, tmp_path / "fp.onnx")
+    assert not model.training  # the exporter restores its wrapper's mode, which must not switch dropout on
+    with torch.no_grad():
+        expected = model(**test).logits.numpy()
+    np.testing.assert_allclose(_run(tmp_path / "fp.onnx", test), expected, atol=1e-6, rtol=0)
 
 
 def test_prequant_columns_run_beside_matmulnbits(tmp_path):
