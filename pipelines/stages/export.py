@@ -78,8 +78,7 @@ def plan_after(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:
             continue
         for fmt in cfg.export.formats:
             check(s.quant, fmt, s.name, prequant=s.kind == "prequant-finetune")
-            out.append(Stage(f"{KIND}/{s.name.split('/', 1)[1]}/{fmt}", KIND, s.task, s.quant, method=fmt,
-                             deps=(s.name,)))
+            out.append(Stage(f"{KIND}/{s.name}/{fmt}", KIND, s.task, s.quant, method=fmt, deps=(s.name,)))
     return out
 
 
@@ -100,8 +99,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
         raise ConfigError(f"{source} is not quantized (its {checkpoints.META_FILE} names no quant): export a model "
                           "written by rtn, gptq, mrem or prequant-finetune")
     check(quant, fmt, source, prequant=loaded.meta["format"] == "prequant")
-    rest = stage.name.split("/", 2)[2]
-    out = export_folder(ctx.root / check_task(stage.task).slug / KIND / rest.replace("/", "-"), stage)
+    rest = stage.name.removeprefix(f"{KIND}/").replace("/", "-")  # e.g. rtn-sst2-w8a8-onnx
+    out = export_folder(ctx.root / check_task(stage.task).slug / KIND / rest, stage)
     if ctx.force:
         shutil.rmtree(out, ignore_errors=True)
     meta = {**loaded.meta, "exported_from": source, "act_type": cfg.export.act_type, "runtime": cfg.export.runtime}

@@ -27,9 +27,9 @@ def test_the_run_plans_an_export_after_each_quantized_model_and_refuses_what_a_f
     cfg = load_config(None, ["model=tiny-bert", f"output_dir={tmp_path}", "rtn.quant=[w8a8,w4g16a16]",
                              "export.formats=[onnx,compressed-tensors]"])
     exports = {s.name: s for s in plan(cfg) if s.kind == "export"}
-    assert set(exports) == {f"export/sst2/{q}/{f}" for q in ("w8a8", "w4g16a16") for f in
+    assert set(exports) == {f"export/rtn/sst2/{q}/{f}" for q in ("w8a8", "w4g16a16") for f in
                             ("onnx", "compressed-tensors")}
-    assert exports["export/sst2/w8a8/onnx"].deps == ("rtn/sst2/w8a8",)
+    assert exports["export/rtn/sst2/w8a8/onnx"].deps == ("rtn/sst2/w8a8",)
     report = next(s for s in plan(cfg) if s.kind == "report")
     assert set(exports) <= set(report.deps)
     bad = load_config(None, ["model=tiny-bert", f"output_dir={tmp_path}", "rtn.quant=[w4g16a8]",
