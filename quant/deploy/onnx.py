@@ -70,8 +70,12 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, packed, scales, dense, k, n, bits, block):
-        return g.op("com.microsoft::MatMulNBits", x, packed, scales, K_i=k, N_i=n, bits_i=bits, block_size_i=block,
-                    accuracy_level_i=0)
+        out = g.op("com.microsoft::MatMulNBits", x, packed, scales, K_i=k, N_i=n, bits_i=bits, block_size_i=block,
+                   accuracy_level_i=0)
+        sizes = x.type().varyingSizes()  # the exporter cannot infer a contrib op's output: x's, last axis N
+        if sizes is not None:
+            out.setType(x.type().with_sizes(sizes[:-1] + [n]))
+        return out
 
 
 class _SharedInputs:
