@@ -8,6 +8,8 @@ so that a restarted actor resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import resource
 import time
 import warnings
@@ -44,6 +46,13 @@ class TrainerSettings:
     seed: int = 0
     num_threads: int = 1
     student_dropout: bool = False  # off: the student matches the teacher's (eval-mode) outputs
+    converge: bool = False         # stop once the held-out loss stops improving (rc.Plateau); `steps` caps it
+    min_steps: int = 0             # converge: never stop before (teacher forcing is over by then)
+    check_every: int = 50          # converge: steps between held-out checks
+    patience: int = 2              # converge: checks without improvement that make a plateau
+    tolerance: float = 0.01        # converge: the relative improvement that counts
+    lr_decay: float = 0.1          # converge: both learning rates' factor after the first plateau
+    holdout: int = 0               # the last `holdout` calibration rows: never trained on, the stop test's data
 
 
 class MetricLogger(Protocol):
@@ -64,6 +73,7 @@ class ModuleTrainer:
         self.fed = fed_by_predecessor  # MREM-P: module k-1 pushes its outputs here
         self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         self.num_samples = num_samples
+        self.n_train = num_samples - settings.holdout  # rows 0..n_train-1 train; the rest are held out
         self.tokens = ShardReader(token_refs, shard_size)
         self.inputs = self.tokens if spec.first else ShardReader(input_refs, shard_size)
         self.pred: ShardReader | None = None  # MREM-S: the predecessor's outputs for every sample
@@ -77,6 +87,8 @@ class ModuleTrainer:
         self.queue = PredecessorQueue(settings.queue_size, settings.wait_s, settings.seed + spec.index)
         self.state_dir = Path(work_dir) / f"module{spec.index}"
         self.step, self.losses, self.pushed_bytes, self.initial_error = 0, [], 0, None
+        self.plateau = rc.Plateau(settings.tolerance, settings.patience)
+        self.lr_factor, self.curve, self.stop_reason, self.final_from = 1.0, [], None, None
         self.restarted = _was_restarted()
         self.resumed_from = self._restore()
 
@@ -88,6 +100,9 @@ class ModuleTrainer:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses, self.initial_error = state["step"], state["losses"], state["initial_error"]
+        self.plateau = rc.Plateau(**state["plateau"])
+        self.lr_factor, self.curve = state["lr_factor"], state["curve"]
+        self.stop_reason, self.final_from = state["stop_reason"], state["final_from"]
         torch.set_rng_state(state["rng"])  # dropout: the stream an uninterrupted run would have drawn
         print(f"[mrem module {self.spec.index}] resumed from {self.state_dir} at step {self.step}")
         return self.step
@@ -95,7 +110,9 @@ class ModuleTrainer:
     def _checkpoint(self) -> None:
         rc.save_state(self.state_dir, {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                                        "step": self.step, "losses": self.losses, "initial_error": self.initial_error,
-                                       "rng": torch.get_rng_state()})
+                                       "rng": torch.get_rng_state(), "plateau": dataclasses.asdict(self.plateau),
+                                       "lr_factor": self.lr_factor, "curve": self.curve,
+                                       "stop_reason": self.stop_reason, "final_from": self.final_from})
 
     # ---- data --------------------------------------------------------------------------
     def _batch(self, idx: np.ndarray) -> rc.Batch:
@@ -115,7 +132,7 @@ class ModuleTrainer:
 
     def _random_batches(self, count: int, rng: np.random.Generator) -> Iterator[rc.Batch]:
         for _ in range(count):
-            yield self._batch(rng.choice(self.num_samples, self.s.batch_size, replace=False))
+            yield self._batch(rng.choice(self.n_train, self.s.batch_size, replace=False))
 
     def _first_batches(self, n: int, size: int = 32) -> Iterator[rc.Batch]:
         for start in range(0, n, size):
@@ -130,17 +147,18 @@ class ModuleTrainer:
         self.queue.finish()
 
     def set_predecessor_outputs(self, refs: list) -> None:
-        """MREM-S: the predecessor's outputs for every calibration sample (shards)."""
+        """The predecessor's final outputs for every calibration sample (shards): MREM-S's input from the start;
+        in MREM-P (converge) the outputs a finished predecessor hands over, trained on from then on."""
         self.pred = ShardReader(list(refs), self.tokens.shard_size)
 
     def _next_input(self, rng: np.random.Generator):
         """(rows, predecessor output or None): sequential shards, else the predecessor's pushes
         in order, else (first module, or nothing pushed) a random batch of teacher inputs."""
         if self.pred is not None:
-            idx = rng.choice(self.num_samples, self.s.batch_size, replace=False)
+            idx = rng.choice(self.n_train, self.s.batch_size, replace=False)
             return idx, self.pred.rows(idx, "hidden")
         item = self.queue.take() if self.fed else None
-        return item if item is not None else (rng.choice(self.num_samples, self.s.batch_size, replace=False), None)
+        return item if item is not None else (rng.choice(self.n_train, self.s.batch_size, replace=False), None)
 
     def lam(self, step: int) -> float:
         """The teacher's share of the student input (MREM-S: none, the predecessors' outputs only)."""
@@ -156,7 +174,7 @@ class ModuleTrainer:
         return rc.reconstruction_loss(self.student, self.teacher, self.spec, batch, rc.mix(hidden, p, lam))
 
     def _step(self, rng: np.random.Generator) -> None:
-        factor = rc.cosine(self.step, self.s.steps)
+        factor = self.lr_factor * rc.cosine(self.step, self.s.steps)  # a plateau lowers lr_factor (converge)
         for group, base in zip(self.optimizer.param_groups, (self.s.lr, self.s.lr_quant)):
             group["lr"] = base * factor
         idx, pred = self._next_input(rng)
@@ -180,16 +198,60 @@ class ModuleTrainer:
             self.initial_error = self.reconstruction_error()
         if self.fed and self.pred is None:  # MREM-P warm-up: the predecessor's first outputs, not its end
             self.queue.first(self.s.first_push_s)
-        while self.step < self.s.steps:
+        while self.step < self.s.steps and self.stop_reason is None:
             self._step(np.random.default_rng((self.s.seed, self.spec.index, self.step)))  # a resume draws the same
-            if self.step % self.s.log_every == 0 or self.step == self.s.steps:
+            if self._check_due() and self._converged():
+                self.stop_reason = "converged"
+            if self.step % self.s.log_every == 0 or self.step == self.s.steps or self.stop_reason:
                 self._log(start)
-            if self.step % self.s.checkpoint_every == 0:
+            if self.step % self.s.checkpoint_every == 0 or self.stop_reason:
                 self._checkpoint()
             faults.point(f"mrem.module{self.spec.index}", self.step)
+        self.stop_reason = self.stop_reason or ("budget" if self.s.converge else "steps")
         if self.next is not None and not self.spec.last:
+            if self.s.converge:  # MREM-P: the successor goes on training on this module's final outputs
+                self.next.set_predecessor_outputs.remote(self.propagate())
             self.next.predecessor_finished.remote()
         return self.stats(time.time() - start)
+
+    # ---- convergence -------------------------------------------------------------------
+    def _check_due(self) -> bool:
+        return self.s.converge and self.step >= self.s.min_steps and self.step % self.s.check_every == 0
+
+    def _converged(self) -> bool:
+        """One held-out check: a plateau first lowers the learning rates, the next one stops the module, but in
+        MREM-P only once it trains on its predecessor's final outputs (which restart the judgement)."""
+        if self.pred is not None and self.final_from is None:
+            self.final_from = self.step
+            self.plateau.restart()
+        loss = self.heldout_loss()
+        self.curve.append([self.step, loss])
+        event = self.plateau.update(loss)
+        if event == "decay":
+            self.lr_factor *= self.s.lr_decay
+        if self.logger is not None:
+            self.logger.log({"heldout_loss": loss, "lr_factor": self.lr_factor}, self.step)
+        return event == "plateau" and (not self.fed or self.pred is not None)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        """The reconstruction loss on the held-out rows, the student fed what it now trains on: its predecessor's
+        final outputs once they arrived, else the teacher's inputs."""
+        rows = np.arange(self.n_train, self.num_samples)
+        if len(rows) == 0:
+            raise ValueError("converge needs held-out rows: set holdout >= 1")
+        was_training, total = self.student.training, 0.0
+        self.student.eval()
+        for chunk in np.array_split(rows, math.ceil(len(rows) / 32)):
+            batch = self._batch(chunk)
+            student_in = None
+            if self.pred is not None and not self.spec.first:
+                rows_in = self.pred.rows(chunk, "hidden")[:, :batch[0].shape[1]]
+                student_in = torch.tensor(rows_in, device=self.device)
+            loss, _ = rc.reconstruction_loss(self.student, self.teacher, self.spec, batch, student_in)
+            total += float(loss) * len(chunk)
+        self.student.train(was_training)
+        return total / len(rows)
 
     def _log(self, start: float) -> None:
         recent, lam = float(np.mean(self.losses[-self.s.log_every:])), self.lam(self.step)
@@ -205,8 +267,10 @@ class ModuleTrainer:
         return rc.module_error(self.student, self.teacher, self.spec, self._first_batches(n))
 
     def stats(self, wall_s: float) -> dict:
-        steps_done = self.s.steps - self.resumed_from
+        steps_done = self.step - self.resumed_from
         return {"module": self.spec.index, "layers": [self.spec.start, self.spec.end], "steps": self.step,
+                "max_steps": self.s.steps, "stop_reason": self.stop_reason, "heldout_curve": self.curve,
+                "final_outputs_from_step": self.final_from, "lr_factor": self.lr_factor,
                 "initial_error": self.initial_error, "final_error": self.reconstruction_error(),
                 "wall_s": wall_s, "s_per_step": wall_s / max(steps_done, 1),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

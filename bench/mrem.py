@@ -21,14 +21,17 @@ from pathlib import Path
 
 from bench import common
 from pipelines.config import load_config
+from pipelines.config_dict import to_dict
 
 ROOT = common.ROOT
 
 PLAN_FILE = common.PLANS / "mrem.yaml"
 RESULTS = ROOT / "bench" / "results" / "mrem.json"
-KINDS = {"rtn": ("rtn",), "mrem": ("calibrate", "mrem")}  # stage kinds of a figure, from the FP reference
-MODULE_STATS = ("module", "layers", "s_per_step", "peak_rss_mb", "pushed_bytes", "initial_error", "final_error",
-                "repeated_batches", "waited_for_predecessor_s")
+KINDS = {"rtn": ("rtn",), "mrem": ("calibrate", "mrem"),  # stage kinds of a figure, from the FP reference
+         "mrem_e2e": ("calibrate", "mrem", "mrem-e2e")}
+MODULE_STATS = ("module", "layers", "steps", "stop_reason", "s_per_step", "peak_rss_mb", "pushed_bytes",
+                "initial_error", "final_error", "repeated_batches", "waited_for_predecessor_s",
+                "final_outputs_from_step", "heldout_curve")
 
 
 def fp_points(task: str) -> float:
@@ -44,14 +47,24 @@ def run_figure(cfg, fig: common.Figure, task: str) -> tuple[float, dict]:
 
     checkpoint = str(ROOT / common.fp_reference(task)["checkpoint"])
     stages = plan_kinds(cfg, KINDS[fig.method], checkpoint, with_report=False)
-    outcome = common.figure_of(runner.run(cfg, stages, name=f"bench-{fig.key}"), stages)
+    summary = runner.run(cfg, stages, name=f"bench-{fig.key}")
+    outcome = common.figure_of(summary, stages)
     row, info = outcome["row"], outcome.get("info", {})
     detail = {"wall_s": row.get("wall_s"), "bytes": info.get("packed_bytes", info.get("bytes"))}
-    if fig.method == "mrem":
+    if fig.method == "mrem_e2e":  # the MREM stage it tuned, then what the tuning added
+        source = common.figure_of(summary, stages[:-1])
+        e2e, info = info, source["info"]
+    if fig.method in ("mrem", "mrem_e2e"):
         detail.update({k: info.get(k) for k in ("train_s", "calib_s", "calib_bytes")},
                       module_errors=info.get("chain_errors"), rtn_module_errors=info.get("rtn_chain_errors"),
                       modules=[{k: s.get(k) for k in MODULE_STATS} for s in info.get("modules_stats", [])],
-                      student_dropout=cfg.mrem.student_dropout, steps=cfg.mrem.steps)
+                      student_dropout=cfg.mrem.student_dropout,
+                      steps=cfg.mrem.steps if not cfg.mrem.converge else info.get("steps"),
+                      stop_reasons=info.get("stop_reasons"))
+    if fig.method == "mrem_e2e":
+        detail.update(mrem_value=source["row"]["value"], mrem_train_s=info.get("train_s"), e2e_train_s=e2e["train_s"],
+                      e2e_steps=e2e["steps"], e2e_workers=e2e["workers"], e2e=to_dict(cfg.mrem.e2e),
+                      train_s=round(info.get("train_s", 0) + e2e["train_s"], 1), wall_s=row.get("wall_s"))
     return row["value"], detail
 
 

@@ -156,7 +156,7 @@ def mrem(checkpoint: Path = typer.Argument(..., help="fine-tuned model folder (t
     cfg = load(config, list(overrides) + extra, task, None, output_dir)
     if not cfg.mrem.quant:
         fail("config error: no QuantConfig: pass --quant w4a8 or set mrem.quant")
-    single(cfg, ("calibrate", "mrem"), "mrem", checkpoint, dry_run)
+    single(cfg, ("calibrate", "mrem", "mrem-e2e"), "mrem", checkpoint, dry_run)
 
 
 @app.command()

@@ -190,6 +190,9 @@ def resolve_resources(cfg: RunConfig, model: str | None = None) -> RunConfig:
         if mrem.modules > room and not cfg.cluster.autoscaler_config:  # every module's actor runs at once
             hint = ", or share GPUs (mrem.gpus_per_actor=0.5)" if "GPU" in actor else ""
             raise_short("mrem.modules", mrem.modules, actor, hint)
+        e2e = mrem.e2e.workers or mrem.modules
+        if mrem.e2e.enabled and e2e > room and not cfg.cluster.autoscaler_config:
+            raise_short("mrem.e2e.workers", e2e, actor)
     return dataclasses.replace(cfg, finetune=ft, mrem=mrem)
 
 

@@ -178,15 +178,55 @@ class GptqConfig:
 
 
 @dataclass
+class E2eConfig:
+    """Stage `mrem-e2e`, after each MREM stage: the assembled model's quantizer steps (weights and inputs) trained
+    end to end, the weights held as their integer codes (quant.step_tuning); Ray Train, data-parallel."""
+    enabled: bool = False
+    loss: str = "kl"                 # kl: the FP model's outputs (no labels) | task: labels (GLUE), next token (LM)
+    samples: int = 2048              # training examples (GLUE) or text windows (LM) per epoch
+    epochs: float = 1.0
+    batch_size: int = 16             # examples per step over all workers
+    lr: float = 5e-5                 # Adam on the steps, linear warm-up and decay
+    warmup_ratio: float = 0.1
+    workers: int | None = None       # data-parallel workers (mrem's per-actor resources); null: mrem.modules
+    log_every: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.loss not in ("kl", "task"):
+            raise ConfigError(f"mrem.e2e.loss={self.loss!r}: use kl (the FP model's outputs) or task (labels)")
+        for name in ("samples", "batch_size", "log_every"):
+            at_least_one("mrem.e2e", name, getattr(self, name))
+        if self.workers is not None:
+            at_least_one("mrem.e2e", "workers", self.workers)
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"mrem.e2e.epochs={self.epochs}: must be a finite number > 0, e.g. 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"mrem.e2e.lr={self.lr}: expected a small positive number such as 5e-5")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"mrem.e2e.warmup_ratio={self.warmup_ratio}: the share of steps that warm up, in [0, 1)")
+
+
+@dataclass
 class MremConfig:
     quant: list[str] = field(default_factory=list)  # QuantConfig strings; empty = skip the stage
     mode: str = "parallel"           # parallel (MREM-P) | sequential (MREM-S) | rem (one module)
     modules: int | None = None       # K; default min(available workers, layers)
-    steps: int = 500                 # per module
+    steps: int | None = None         # per module, at most; null: max_passes over the calibration set
+    converge: bool = True            # stop each module once its held-out reconstruction loss stops improving
+    max_passes: float = 8.0          # the budget when steps is null: passes over the calibration rows it trains on
+    min_passes: float = 1.5          # converge: no module stops before (teacher forcing fades out over them)
+    check_every: int = 50            # converge: steps between held-out checks
+    patience: int = 2                # converge: checks without a `tolerance` improvement that make a plateau
+    tolerance: float = 0.01          # converge: relative improvement of the held-out loss that counts
+    lr_decay: float = 0.1            # converge: learning rates' factor (on their cosine decay over the budget) after
+                                     # the first plateau; the second plateau stops the module
+    holdout_samples: int = 128       # converge: calibration samples held out of training for the stop test (at most
+                                     # a quarter of them)
     batch_size: int = 16
     lr: float = 1e-5                 # weights
     lr_quant: float = 1e-3           # LSQ step sizes
-    teacher_forcing_steps: int | None = None  # T0; default steps // 2
+    teacher_forcing_steps: int | None = None  # T0; default: min_passes' steps (converge), else steps // 2
     # Dropout in the student makes it chase a noisy copy of the deterministic teacher and, in
     # MREM-P, pushes noised outputs to the successor; off unless asked for (regularisation).
     student_dropout: bool = False
@@ -204,6 +244,7 @@ class MremConfig:
     placement_timeout_s: float = 900.0  # waiting for actor resources (an autoscaler adding nodes)
     max_restarts: int = 2
     seed: int = 0
+    e2e: E2eConfig = field(default_factory=E2eConfig)
 
     def __post_init__(self) -> None:
         self.use_gpu = gpu_flag(self.use_gpu)
@@ -211,9 +252,19 @@ class MremConfig:
     def validate(self) -> None:
         if self.mode not in ("parallel", "sequential", "rem"):
             raise ConfigError(f"mrem.mode={self.mode!r}: use parallel, sequential or rem")
-        for name in ("steps", "batch_size", "calib_samples", "calib_batch_size", "shard_size",
+        for name in ("batch_size", "calib_samples", "calib_batch_size", "shard_size", "check_every", "patience",
                      "checkpoint_every", "queue_size", "cpus_per_actor", "log_every", "eval_samples"):
             at_least_one("mrem", name, getattr(self, name))
+        if self.steps is not None:
+            at_least_one("mrem", "steps", self.steps)
+        if not (math.isfinite(self.max_passes) and self.max_passes > 0 and 0 <= self.min_passes <= self.max_passes):
+            raise ConfigError(f"mrem.max_passes={self.max_passes}, mrem.min_passes={self.min_passes}: need "
+                              "0 <= min_passes <= max_passes, e.g. 1.5 and 8")
+        if not (0 <= self.tolerance < 1 and 0 < self.lr_decay <= 1):
+            raise ConfigError(f"mrem.tolerance={self.tolerance}, mrem.lr_decay={self.lr_decay}: need a tolerance in "
+                              "[0, 1) such as 0.01 and a decay in (0, 1] such as 0.1")
+        at_least_one("mrem", "holdout_samples", self.holdout_samples)
+        self.e2e.validate()
         for name in ("lr", "lr_quant"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"mrem.{name}={getattr(self, name)}: expected a small positive number such as 1e-4")

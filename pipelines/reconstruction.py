@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +72,36 @@ def optimizer(student: nn.Module, lr: float, lr_quant: float) -> torch.optim.Opt
 def cosine(step: int, steps: int) -> float:
     """The learning-rate factor at `step` of a cosine decay over `steps`."""
     return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+@dataclass
+class Plateau:
+    """When a module is done: its held-out loss has not improved by `tolerance` (relative to the best so far)
+    for `patience` checks in a row. The first `decays` plateaus lower the learning rate instead of stopping."""
+    tolerance: float
+    patience: int
+    decays: int = 1
+    best: float = math.inf
+    stale: int = 0
+    plateaus: int = 0
+
+    def update(self, loss: float) -> str | None:
+        """One check: None, "decay" (lower the learning rate and go on) or "plateau" (done, if allowed)."""
+        if loss < self.best * (1 - self.tolerance):
+            self.best, self.stale = loss, 0
+            return None
+        self.best, self.stale = min(self.best, loss), self.stale + 1
+        if self.stale < self.patience:
+            return None
+        self.stale = 0
+        if self.plateaus < self.decays:
+            self.plateaus += 1
+            return "decay"
+        return "plateau"
+
+    def restart(self) -> None:
+        """The measured loss changed meaning (new inputs): judge improvement from the next check on."""
+        self.best, self.stale = math.inf, 0
 
 
 def teacher_forcing(step: int, t0: int) -> float:

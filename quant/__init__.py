@@ -42,6 +42,7 @@ from .prequant import (
 )
 from .qoptim import QAdamW, StateQuant
 from .qtrain import QTrainLinear, Recipe, convert_qtrain, make_optimizer
+from .step_tuning import release_codes, tune_steps
 from .ternary import binary_params, binary_quant, ternary_params, ternary_quant
 from .uniform import (
     compute_qparams,
@@ -97,11 +98,13 @@ __all__ = [
     "quantize_int",
     "quantize_model",
     "quantizers",
+    "release_codes",
     "read_quant_config",
     "save_prequantized",
     "save_quantized",
     "ternary_params",
     "ternary_quant",
+    "tune_steps",
     "to_skeleton",
     "unpack",
     "weight_spec",

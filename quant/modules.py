@@ -161,6 +161,37 @@ class Quantizer(nn.Module):
             self._store(k, v)
         self._mark_ready()
 
+    def learn_step(self) -> nn.Parameter:
+        """Make the static step a trainable Parameter (a uniform one with LSQ's gradient scale), and return it.
+        A ternary or binary scale can be learned once the codes are held (fix_codes)."""
+        fixed = self._buffers.get("fixed_codes") is not None
+        if self.dynamic or self.step is None or not (fixed or self.spec.scheme == "uniform"):
+            raise ValueError(f"{self.name}: only a static uniform step, or the scale of held codes, can be learned")
+        if not isinstance(self.step, nn.Parameter):
+            self.step = nn.Parameter(self.step.detach().clone())  # replaces the buffer of that name
+        self.step.requires_grad_(True)
+        if self.spec.scheme == "uniform":
+            self.spec = dataclasses.replace(self.spec, learnable=True)
+        self._mode += 1
+        return self.step
+
+    def fix_codes(self, x: Tensor) -> None:
+        """Hold x as its integer codes at the current grid: the forward then returns codes x step, whatever
+        tensor it is given, so training the step leaves the codes alone."""
+        self.register_buffer("fixed_codes", self.codes(x)[0], persistent=False)
+        self._mode += 1
+
+    def release_codes(self) -> Tensor:
+        """Drop the held codes; returns their dequantized value at the current step (the weight to keep)."""
+        codes = self._buffers.pop("fixed_codes")
+        self._mode += 1
+        with torch.no_grad():
+            p = self._static(None)
+            w = self.decode(codes, {**p, "step": p["step"].clamp_min(STEP_EPS)})
+            if self.spec.scheme == "ternary":  # the values are 0 or +-scale: half the scale re-encodes them
+                self._store("threshold", (p["step"].clamp_min(STEP_EPS) / 2).expand_as(self.threshold))
+            return w
+
     def state_key(self) -> tuple:
         """Changes whenever the quantizer's output for a fixed input may change."""
         key = [self._mode, self.dynamic, self.enabled, self.observing, self.training]
@@ -177,6 +208,10 @@ class Quantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        codes = self._buffers.get("fixed_codes")
+        if codes is not None:  # weights held as integer codes: only the step (and zero point) move
+            p = self._static(None)
+            return self.decode(codes, {**p, "step": p["step"].clamp_min(STEP_EPS)})
         if not self.dynamic and not self._ready:
             self.init_from(x)
         xg = self._view(x)

@@ -18,6 +18,7 @@ from pipelines.stages import (
     finetune,
     gptq,
     mrem,
+    mrem_e2e,
     prequant_finetune,
     prequant_quantize,
     pretrain,
@@ -28,7 +29,7 @@ from pipelines.stages import (
 from pipelines.stages.base import Context, Stage, StageResult
 from pipelines.tasks import check_task
 
-PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, gptq, calibrate, mrem, prequant_quantize,
+PIPELINE: tuple[ModuleType, ...] = (finetune, evaluate, rtn, gptq, calibrate, mrem, mrem_e2e, prequant_quantize,
                                     prequant_finetune)
 REGISTRY: dict[str, ModuleType] = {m.KIND: m for m in (*PIPELINE, export, report, pretrain, pretrain_report)}
 

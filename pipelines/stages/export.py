@@ -27,7 +27,7 @@ from quant.deploy import problem, working_formats
 
 KIND = "export"
 TASK_CPUS = 1
-SOURCES = ("rtn", "gptq", "mrem", "prequant-finetune")
+SOURCES = ("rtn", "gptq", "mrem", "mrem-e2e", "prequant-finetune")
 RESOURCES = {"cpus": 1, "gpus": 0}
 
 

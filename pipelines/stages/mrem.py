@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from actors.module_trainer import TrainerSettings
 from pipelines import calibration, checkpoints
 from pipelines.calibration import ActivationCache
 from pipelines.cluster import WorkerResources, actor_resources, ensure_ray, spread_placement, workers_need
-from pipelines.config import MremConfig, RunConfig
+from pipelines.config import ConfigError, MremConfig, RunConfig
 from pipelines.config_dict import to_dict
 from pipelines.evaluation import (
     EvalResult,
@@ -47,8 +48,10 @@ from quant import QuantConfig
 
 KIND = "mrem"
 TASK_CPUS = 0  # its module actors ask for their own resources
-QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir", "gpus_per_actor"}  # not the result
-MODULE_METRICS = ("initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "model_mb", "pushed_bytes",
+QUIET = {"log_every", "placement_timeout_s", "max_restarts", "cache_dir", "gpus_per_actor",  # not the result
+         "e2e"}  # the next stage's
+MODULE_METRICS = ("steps", "initial_error", "final_error", "wall_s", "s_per_step", "peak_rss_mb", "model_mb",
+                  "pushed_bytes",
                   "pulled_bytes", "resumed_from_step", "repeated_batches", "waited_for_predecessor_s")
 
 
@@ -80,12 +83,25 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
             "data": to_dict(cfg.data), "evaluate": to_dict(cfg.evaluate), "mrem": mrem}
 
 
-def settings(cfg: MremConfig, cpus: int) -> TrainerSettings:
-    t0 = cfg.teacher_forcing_steps if cfg.teacher_forcing_steps is not None else cfg.steps // 2
-    return TrainerSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_quant=cfg.lr_quant,
+def settings(cfg: MremConfig, cpus: int, num_samples: int) -> TrainerSettings:
+    """The module trainers' settings for `num_samples` calibration samples: the step budget (mrem.steps, else
+    max_passes over the rows trained on), the held-out rows, the earliest stop and teacher forcing's length."""
+    holdout = min(cfg.holdout_samples, num_samples // 4) if cfg.converge else 0
+    if num_samples - holdout < cfg.batch_size:
+        raise ConfigError(f"mrem: {num_samples} calibration samples ({holdout} held out) are fewer than "
+                          f"mrem.batch_size={cfg.batch_size}; raise mrem.calib_samples or lower the batch size")
+    per_pass = math.ceil((num_samples - holdout) / cfg.batch_size)
+    steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.max_passes * per_pass)
+    min_steps = min(math.ceil(cfg.min_passes * per_pass), steps)
+    t0 = cfg.teacher_forcing_steps
+    if t0 is None:
+        t0 = min_steps if cfg.converge else steps // 2
+    return TrainerSettings(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_quant=cfg.lr_quant,
                            teacher_forcing_steps=t0, checkpoint_every=cfg.checkpoint_every,
                            queue_size=cfg.queue_size, log_every=cfg.log_every, eval_samples=cfg.eval_samples,
-                           seed=cfg.seed, num_threads=cpus, student_dropout=cfg.student_dropout)
+                           seed=cfg.seed, num_threads=cpus, student_dropout=cfg.student_dropout,
+                           converge=cfg.converge, min_steps=min_steps, check_every=cfg.check_every,
+                           patience=cfg.patience, tolerance=cfg.tolerance, lr_decay=cfg.lr_decay, holdout=holdout)
 
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -> StageResult:
@@ -112,14 +128,17 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -
     resources = {"cpus": len(stats) * res.num_cpus, "gpus": len(stats) * res.num_gpus}
     restarts = sum(bool(s["restarted"]) for s in stats)
     info = {"quant_config": quant, "mode": m.mode, "modules": len(stats), "checkpoint": str(out / "model"),
+            "teacher": checkpoint,
             "packed_bytes": packed, "calib_samples": cache.num_samples, "calib_bytes": cache.nbytes,
             "calib_s": cal["info"].get("calib_s", 0.0), "load_s": round(load_s, 2), "train_s": round(train_s, 2),
             "wall_s": round(wall_s, 2), "restarts": restarts, "chain_errors": errors[0], "rtn_chain_errors": errors[1],
+            "steps": [s["steps"] for s in stats], "stop_reasons": [s["stop_reason"] for s in stats],
             "modules_stats": stats, "eval": dataclasses.asdict(result)}
     metrics = {"packed_bytes": packed, "calib_bytes": cache.nbytes, "calib_s": info["calib_s"], "load_s": load_s,
                "train_s": train_s, "wall_s": wall_s, "restarts": restarts, **eval_metrics(result)}
     for k, (mrem_err, rtn_err) in enumerate(zip(*errors)):
-        metrics.update({f"module{k}_error": mrem_err, f"module{k}_rtn_error": rtn_err})
+        metrics.update({f"module{k}_error": mrem_err, f"module{k}_rtn_error": rtn_err,
+                        f"module{k}_steps": stats[k]["steps"]})
     row = report_row(stage.task, f"mrem-{m.mode}-{quant}", result, wall_s, quant, 0.0, resources)
     return StageResult(outputs=relative(out / "model", Path(ctx.root)), checkpoint=str(out / "model"), row=row,
                        metrics=metrics, info=info, resources=resources)
@@ -136,8 +155,8 @@ def train(m: MremConfig, checkpoint: str, quant: str, cache: ActivationCache, wo
     pg = spread_placement(res, len(cache.specs), m.placement_timeout_s)
     trainers: list = []
     try:
-        trainers = fleet.launch(cache.specs, checkpoint, quant, settings(m, res.num_cpus), cache, str(work_dir),
-                                ctx.key, m.mode, options, pg, loggers, res.torch_device)
+        trainers = fleet.launch(cache.specs, checkpoint, quant, settings(m, res.num_cpus, cache.num_samples), cache,
+                                str(work_dir), ctx.key, m.mode, options, pg, loggers, res.torch_device)
         t0 = time.time()
         stats = fleet.train(trainers, m.mode)
         train_s = time.time() - t0
@@ -193,5 +212,6 @@ def finish_module_runs(ctx: Context, run_ids: list[str | None], stats: list[dict
         if s.get("peak_cuda_mb") is not None:  # on a GPU only
             client.log_metric(run_id, "peak_cuda_mb", float(s["peak_cuda_mb"]))
         client.set_tag(run_id, "restarted", str(s["restarted"]))
+        client.set_tag(run_id, "stop_reason", str(s["stop_reason"]))
         client.set_terminated(run_id)
 

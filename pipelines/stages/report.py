@@ -12,7 +12,7 @@ from pipelines.stages.base import Context, Stage, StageResult
 
 KIND = "report"
 FINAL = True
-ROW_KINDS = ("evaluate", "rtn", "gptq", "mrem", "prequant-finetune", "export")
+ROW_KINDS = ("evaluate", "rtn", "gptq", "mrem", "mrem-e2e", "prequant-finetune", "export")
 
 
 def plan(cfg: RunConfig, stages: list[Stage]) -> list[Stage]:

@@ -171,3 +171,30 @@ def test_run_logger_travels_to_actors_and_logs_there(mlflow_uri):
     copy.log({"loss": 0.5}, 2)
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_converging_module_stops_on_its_held_out_loss(ray_session, tiny_teacher, tiny_data, tmp_path):
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 128)
+    logger = _Recorder()
+    trainer = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=2000, logger=logger, converge=True,
+                       min_steps=10, check_every=5, patience=2, tolerance=0.05, holdout=32)
+    drawn = []
+    real_batch = trainer._batch
+    trainer._batch = lambda idx: drawn.append(np.asarray(idx)) or real_batch(idx)
+    stats = trainer.train()
+    assert stats["stop_reason"] == "converged" and stats["steps"] < 2000 and stats["lr_factor"] == pytest.approx(0.1)
+    curve = stats["heldout_curve"]
+    assert [s for s, _ in curve] == list(range(10, stats["steps"] + 1, 5))  # a check every 5 steps from step 10
+    assert [step for step, m in logger.logged if "heldout_loss" in m] == [s for s, _ in curve]
+    held = [i for idx in drawn for i in idx if i >= 96]
+    trained = {len(idx) for idx in drawn} == {16, 32}  # training batches of 16, held-out chunks of 32
+    assert trained and all(len(idx) == 32 for idx in drawn if idx.max() >= 96) and held  # held-out rows only checked
+    again = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=2000, converge=True, min_steps=10,
+                     check_every=5, patience=2, tolerance=0.05, holdout=32)
+    assert again.train()["steps"] == stats["steps"] and again.stop_reason == "converged"  # a restart stays stopped
+
+
+def test_without_convergence_a_module_trains_its_steps(ray_session, tiny_teacher, tiny_data, tmp_path):
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
+    stats = _trainer(tiny_teacher, cache, cache.specs[0], tmp_path / "w", steps=12).train()
+    assert stats["steps"] == 12 and stats["stop_reason"] == "steps" and stats["heldout_curve"] == []

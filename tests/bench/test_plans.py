@@ -69,6 +69,11 @@ def test_the_mrem_figures_set_their_mode_and_quant():
     assert (cfg.mrem.mode, cfg.mrem.quant, cfg.mrem.seed, cfg.tasks) == ("sequential", ["w2a8"], 2, ["rte"])
     cfg = mrem.figure_config(plan, plan.figures["rtn_w4a8"], "rte", _args())
     assert (cfg.rtn.quant, cfg.mrem.quant) == (["w4a8"], [])
+    fixed = mrem.figure_config(plan, plan.figures["mrem_p_w2a8"], "rte", _args())
+    assert (fixed.mrem.converge, fixed.mrem.steps) == (False, 400)  # as recorded, before convergence existed
+    conv = mrem.figure_config(plan, plan.figures["mrem_p_conv_e2e_w2a8"], "rte", _args())
+    assert (conv.mrem.converge, conv.mrem.steps, conv.mrem.e2e.enabled) == (True, None, True)
+    assert mrem.KINDS[plan.figures["mrem_p_conv_e2e_w2a8"].method][-1] == "mrem-e2e"
 
 
 def test_figures_of_removed_settings_are_recorded_only():

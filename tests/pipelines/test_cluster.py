@@ -119,6 +119,10 @@ def test_k_counts_actors_sharing_one_gpu(ray_one_fake_gpu):
     with pytest.raises(ConfigError, match=r"mrem.modules=2: the cluster cannot hold 2 .* share GPUs"):
         resolve_resources(cfg("mrem.modules=2"))  # a whole GPU each: the second actor would wait for the first
     assert resolve_resources(cfg("mrem.modules=2", "mrem.gpus_per_actor=0.5")).mrem.modules == 2
+    # mrem-e2e's data-parallel workers take the module actors' resources once MREM is done: as many fit
+    assert resolve_resources(cfg("mrem.gpus_per_actor=0.5", "mrem.e2e.enabled=true")).mrem.e2e.workers is None
+    with pytest.raises(ConfigError, match=r"mrem.e2e.workers=3: the cluster cannot hold 3"):
+        resolve_resources(cfg("mrem.gpus_per_actor=0.5", "mrem.e2e.enabled=true", "mrem.e2e.workers=3"))
 
 
 def test_the_head_keeps_its_dashboard_on_loopback():

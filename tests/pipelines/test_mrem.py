@@ -231,3 +231,18 @@ def test_module_checkpoints_are_keyed_by_the_stage_key(ray_session, tiny_teacher
     tok = models.load_tokenizer("tiny-bert")
     checkpoints.save(models.load_classifier("tiny-bert", 2, seed=4), tok, tiny_teacher, {"task": "sst2"}, fmt="fp")
     assert mrem_key() != before
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_parallel_modules_converge_on_their_predecessors_final_outputs(ray_session, tiny_teacher, tiny_data, tmp_path):
+    """Module 1 stops only after module 0 handed over its final outputs and it trained on them for a while."""
+    cfg = small(tiny_data, steps=None, max_passes=100, min_passes=1, check_every=5, patience=2, tolerance=0.05,
+                holdout_samples=32)
+    info = run_mrem(cfg, tiny_teacher, tmp_path, calibrated(cfg, tiny_teacher, tmp_path)).info
+    first, second = info["modules_stats"]
+    assert info["stop_reasons"] == ["converged", "converged"] and info["steps"] == [first["steps"], second["steps"]]
+    assert first["steps"] < 600 == first["max_steps"]  # 100 passes over 96 rows in batches of 16
+    assert first["final_outputs_from_step"] is None and second["final_outputs_from_step"] is not None
+    assert second["steps"] >= second["final_outputs_from_step"] + 2 * 5
+    assert all(m < r for m, r in zip(info["chain_errors"], info["rtn_chain_errors"])), info

@@ -63,3 +63,14 @@ def test_module_state_round_trips(tmp_path):
     back = load_state(tmp_path / "module0", "cpu")
     assert back["step"] == 7 and back["losses"] == [0.5, 0.25] and torch.equal(back["student"]["w"], torch.ones(2))
     assert load_state(tmp_path / "module1", "cpu") is None
+
+
+def test_a_plateau_first_lowers_the_learning_rate_then_stops():
+    from pipelines.reconstruction import Plateau
+
+    p = Plateau(tolerance=0.1, patience=2)
+    # improving by more than 10% resets the count; two checks without it make a plateau
+    events = [p.update(x) for x in (1.0, 0.8, 0.75, 0.74, 0.5, 0.49, 0.48, 0.47, 0.46)]
+    assert events == [None, None, None, "decay", None, None, "plateau", None, "plateau"]
+    p.restart()  # new inputs: the next loss is the new best, however high
+    assert p.update(5.0) is None and p.best == 5.0

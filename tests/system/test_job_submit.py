@@ -102,6 +102,7 @@ def test_plmq_run_as_a_ray_job(tmp_path):
     assert unauthenticated.returncode != 0  # token auth is on: a wrong token is refused
     assert "succeeded" in status, logs[-4000:]
     assert "| sst2 | fp |" in logs and (run_dir / "report.md").exists()
+    assert "mrem-parallel+e2e-w4a8" in (run_dir / "report.md").read_text()  # the DAG ran mrem-e2e after mrem
     runs = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("job-test").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
