@@ -366,12 +366,17 @@ def test_mrem_parallel_on_a_causal_lm_reports_ppl(ray_session, mlflow_uri, tmp_p
                              f"data.cache_dir={cache_dir}", "evaluate.batch_size=4", "mrem.quant=[w4g16]",
                              "mrem.modules=2", "mrem.steps=6", "mrem.batch_size=4", "mrem.calib_samples=16",
                              "mrem.calib_batch_size=8", "mrem.shard_size=8", "mrem.eval_samples=8",
-                             "mrem.checkpoint_every=3", "mrem.log_every=3"])
+                             "mrem.checkpoint_every=3", "mrem.log_every=3", "mrem.e2e.enabled=true",
+                             "mrem.e2e.samples=8", "mrem.e2e.batch_size=4"])
     from pipelines.runner import run
 
     summary = run(cfg)
     rows = {r["method"]: r for r in summary.rows}
     assert rows["mrem-parallel-w4g16a16"]["metric"] == "ppl" and rows["mrem-parallel-w4g16a16"]["value"] > 1
+    # mrem-e2e tunes the steps on text windows against the FP model's next-token distributions
+    e2e = summary.outcomes["mrem-e2e/wikitext2/w4g16a16-parallel"]["info"]
+    assert rows["mrem-parallel+e2e-w4g16a16"]["metric"] == "ppl" and e2e["steps"] == 8 // 4 and e2e["workers"] == 2
+    assert e2e["before"]["value"] == rows["mrem-parallel-w4g16a16"]["value"]
     cal = summary.outcomes["calibrate/wikitext2"]["info"]
     assert cal["calib_samples"] == 16 and cal["modules"] == 2
     info = summary.outcomes["mrem/wikitext2/w4g16a16-parallel"]["info"]

@@ -8,12 +8,9 @@ from quant.step_tuning import tune_steps
 from tests.quant.conftest import make_bert
 
 
-def _quantized(config: str = "w2a8"):
-    model = quantize_model_and_calibrate(make_bert(), config)
-    return model
-
-
-def quantize_model_and_calibrate(model, config: str):
+def _quantized(config: str):
+    """A calibrated fake-quantized tiny BERT (the weight grids still follow the weights)."""
+    model = make_bert()
     quantize_model(model, QuantConfig.parse(config))
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     with calibrate(model):
