@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -175,6 +175,26 @@ def share_input_quantizers(groups: list[list[QuantLinear]]) -> int:
             if m.act_q is not first:
                 m.act_q, replaced = first, replaced + 1
     return replaced
+
+
+def tie_input_quantizers(model: nn.Module, forward: Callable[[], object]) -> int:
+    """Run `forward` (the model on one batch) to find the Linears that read one tensor, and give each group one
+    input quantizer (`share_input_quantizers`); returns how many of the group members' steps that changed."""
+    groups, hooks = _watch_inputs(model)
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    changed = 0
+    for group in (g for g in groups if len(g) > 1):
+        steps = [m.act_q.step.detach() for m in group if m.act_q.step is not None]
+        if steps and all(s.shape == steps[0].shape for s in steps):
+            top = torch.stack(steps).amax(0)
+            changed += sum(not torch.equal(s, top) for s in steps)
+    share_input_quantizers(groups)
+    return changed
 
 
 def freeze(model: nn.Module) -> None:

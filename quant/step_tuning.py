@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .convert import _watch_inputs, quant_modules, quantizers, share_input_quantizers
+from .convert import quant_modules, quantizers, tie_input_quantizers
 from .layers import QuantLinear
 from .modules import STEP_EPS, Quantizer
 
@@ -32,14 +32,7 @@ def tune_steps(model: nn.Module, forward: Callable[[], object]) -> list[nn.Param
     the model on one batch, so that Linears reading one tensor (q, k, v) share one input quantizer and so one
     step. A weight grid still recomputed from the weights is fixed first; ternary and binary weights train their
     scale. Embedding tables and dynamic activation quantizers (per token) stay as they are."""
-    groups, hooks = _watch_inputs(model)
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    share_input_quantizers(groups)
+    tie_input_quantizers(model, forward)
     for p in model.parameters():
         p.requires_grad_(False)
     steps: dict[int, nn.Parameter] = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..convert import quant_modules
+from ..convert import quant_modules, tie_input_quantizers
 from ..layers import QuantEmbedding, QuantLinear
 from ..prequant.layer import OutlierLinear
 
@@ -232,33 +232,6 @@ def _export_modules(model: nn.Module, act_type: str) -> Iterator[_SharedInputs]:
             setattr(parent, attr, m)
 
 
-def _share_steps(model: nn.Module, example: dict[str, Tensor]) -> int:
-    """Linears that read one tensor get the largest of their input steps; returns how many steps changed."""
-    readers: dict[int, tuple[Tensor, list[QuantLinear]]] = {}  # holding the tensor keeps its id unique
-
-    def record(mod: QuantLinear, args: tuple) -> None:
-        readers.setdefault(id(args[0]), (args[0], []))[1].append(mod)
-
-    hooks = [m.register_forward_pre_hook(record)
-             for _, m in quant_modules(model) if isinstance(m, QuantLinear) and m.act_q is not None]
-    try:
-        with torch.no_grad():
-            model(**example)
-    finally:
-        for h in hooks:
-            h.remove()
-    changed = 0
-    for _, group in readers.values():
-        steps = [m.act_q.step for m in group]
-        top = torch.stack([s.detach().reshape(()) for s in steps]).max()
-        for m in group[1:]:
-            changed += int(not torch.equal(m.act_q.step.detach().reshape(()), top))
-            m.act_q.step = group[0].act_q.step  # one tensor: the export module sees one scale
-        with torch.no_grad():
-            group[0].act_q.step.copy_(top.reshape(group[0].act_q.step.shape))
-    return changed
-
-
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
@@ -278,7 +251,7 @@ def save_onnx(model: nn.Module, example: dict[str, Tensor], path: str | os.PathL
         raise ValueError(f"act_type={act_type!r}: use one of {ACT_TYPES}")
     check_onnx(model)
     model = copy.deepcopy(model).eval()
-    changed = _share_steps(model, example)
+    changed = tie_input_quantizers(model, lambda: model(**example))  # one scale per tensor q, k, v read
     kinds = [kind_of(m) for _, m in _layers(model)]
     with _export_modules(model, act_type):
         trace(model, example, path)
