@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -85,21 +84,6 @@ def accuracy(model, tokenizer) -> float:
                  2)
 
 
-def latencies(models: dict, tokenizer) -> dict[str, float]:
-    """Median ms of one forward per model, rounds interleaved (every model once per round, after a warm-up)."""
-    ids = torch.full((32, 64), tokenizer.unk_token_id or 0, dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for r in range(ROUNDS + 1):
-            for key, model in models.items():
-                t0 = time.perf_counter()
-                model(**batch)
-                if r:
-                    times[key].append((time.perf_counter() - t0) * 1000)
-    return {k: round(statistics.median(v), 2) for k, v in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", help="a finished plmq run folder with sst2 exports (repeatable; "
@@ -126,7 +110,7 @@ def main() -> None:
             if label == "rtn-w8a8":
                 int_matmuls = runtimes.integer_matmuls(tmp / f"{label}-onnx" / "model.onnx")
                 linears = sum(1 for _ in quant_modules(checkpoints.load(folder).model))
-        lat = latencies(models, tokenizer)
+        lat = {k: round(v, 2) for k, v in runtimes.latencies(models, tokenizer, 32, 64, ROUNDS).items()}
     for r in rows:
         r["latency_ms"] = lat[(r["model"], r["runtime"])]
     results = summarize(rows, int_matmuls, linears, load_before, time.time() - start, args)

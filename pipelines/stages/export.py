@@ -9,14 +9,10 @@ hold is refused when the run is planned, naming the formats that can.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import shutil
-import statistics
 import time
 
-import torch
-
-from pipelines import checkpoints, models
+from pipelines import checkpoints, models, runtimes
 from pipelines.config import RunConfig
 from pipelines.config_dict import to_dict
 from pipelines.errors import ConfigError
@@ -109,8 +105,8 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
     deployed = checkpoints.load(out)
     result = evaluate_model(deployed.model, deployed.tokenizer, stage.task, cfg.data, cfg.evaluate,
                             model_bytes=nbytes, device="cpu")
-    latency_ms = latency(deployed.model, deployed.tokenizer, cfg.export.latency_batch, cfg.export.latency_tokens,
-                         cfg.export.latency_runs)
+    latency_ms = runtimes.latencies({"model": deployed.model}, deployed.tokenizer, cfg.export.latency_batch,
+                                    cfg.export.latency_tokens, cfg.export.latency_runs)["model"]
     wall_s = time.time() - start
     runtime = cfg.export.runtime if fmt == "onnx" else "transformers"
     row = report_row(stage.task, f"{loaded.meta.get('method', 'checkpoint')}-{quant}@{runtime}", result, wall_s,
@@ -122,19 +118,3 @@ def run(cfg: RunConfig, stage: Stage, upstream: dict, ctx: Context) -> StageResu
                "wall_s": wall_s}
     return StageResult(outputs=relative(out, ctx.root), checkpoint=str(out), row=row, metrics=metrics, info=info,
                        resources=RESOURCES)
-
-
-def latency(model, tokenizer, batch: int, tokens: int, runs: int) -> float:
-    """Median milliseconds of one forward on `batch` examples of `tokens` tokens (after one warm-up)."""
-    ids = torch.full((batch, tokens), tokenizer.unk_token_id or 0, dtype=torch.long)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    takes = getattr(model, "input_names", None) or inspect.signature(model.forward).parameters
-    inputs = {k: v for k, v in inputs.items() if k in takes}
-    times = []
-    with torch.no_grad():
-        for i in range(runs + 1):
-            t0 = time.perf_counter()
-            model(**inputs)
-            if i:
-                times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
