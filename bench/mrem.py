@@ -194,10 +194,22 @@ def summarize(results: dict) -> None:
                    peak_rss_mb={t: r.get("peak_rss_mb") for t, r in tasks.items()})
 
 
+def training(detail: dict) -> dict:
+    """A figure's steps per module (recorded fixed-step runs without "steps" ran 400; "+N": mrem-e2e's steps) and
+    its training time (MREM's, plus mrem-e2e's)."""
+    if "modules" not in detail:
+        return {"steps": None, "train_s": None}
+    steps = detail.get("steps", 400)
+    text = "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
+    if "e2e_steps" in detail:
+        text += f" +{detail['e2e_steps']}"
+    return {"steps": text, "train_s": detail.get("train_s")}
+
+
 def tables(results: dict, plan: common.Plan) -> tuple[list[dict], list[dict]]:
     main, speed = [], []
     for task, res in results.get("tasks", {}).items():
-        main += common.main_rows(plan, task, by_seed(res))
+        main += common.main_rows(plan, task, by_seed(res), info=lambda key, d=res["details"]: training(d.get(key, {})))
         sp, single = res.get("speed", {}), res.get("single_process", {})
         rss = [max(v) for k, v in res.get("peak_rss_mb", {}).items() if k.startswith("mrem_p")]
         speed.append({"task": task, "speedup_p2_vs_s": sp.get("speedup_p2_vs_s"),
@@ -213,11 +225,14 @@ SPEED_COLUMNS = ["task", "speedup_p2_vs_s", "target >= 1.7x", "speed_run", "acto
                  "single_process_peak_rss_MB", "bytes_pushed_p_w4a8"]
 
 
+MAIN_COLUMNS = [*common.MAIN_COLUMNS, "steps", "train_s"]
+
+
 def write(results: dict, path: Path, plan: common.Plan) -> None:
     summarize(results)
     main, speed = tables(results, plan)
     md = common.markdown(
-        plan.title, plan.intro, (main, common.MAIN_COLUMNS),
+        plan.title, plan.intro, (main, MAIN_COLUMNS),
         ("Speed and memory", ("speedup_p2_vs_s: MREM-S training time over MREM-P's (2 actors) in a timing run "
                               "alone on the machine (`--speed`); actor_peak_rss_MB: the largest peak of an MREM-P "
                               "module actor; single_process_peak_rss_MB: one process holding the whole teacher, "
