@@ -163,18 +163,19 @@ def _watch_inputs(model: nn.Module) -> tuple[list[list[QuantLinear]], list]:
 def share_input_quantizers(groups: list[list[QuantLinear]]) -> int:
     """Each group of Linears that read one tensor gets one input quantizer (the first's, with the largest
     step of the group), so the tensor is quantized once: what integer runtimes (ONNX Runtime's fused
-    matmuls, vLLM's fused qkv) need. Returns the number of quantizers replaced."""
-    replaced = 0
+    matmuls, vLLM's fused qkv) need. Returns how many of the group members' steps that changed."""
+    changed = 0
     for group in (g for g in groups if len(g) > 1):
         first = group[0].act_q
-        steps = [m.act_q.step for m in group if m.act_q.step is not None]
+        steps = [m.act_q.step.detach() for m in group if m.act_q.step is not None]
         if steps and all(s.shape == steps[0].shape for s in steps):
+            top = torch.stack(steps).amax(0)
+            changed += sum(not torch.equal(s, top) for s in steps)
             with torch.no_grad():
-                first.step.copy_(torch.stack([s.detach() for s in steps]).amax(0))
+                first.step.copy_(top)
         for m in group[1:]:
-            if m.act_q is not first:
-                m.act_q, replaced = first, replaced + 1
-    return replaced
+            m.act_q = first
+    return changed
 
 
 def tie_input_quantizers(model: nn.Module, forward: Callable[[], object]) -> int:
@@ -187,14 +188,7 @@ def tie_input_quantizers(model: nn.Module, forward: Callable[[], object]) -> int
     finally:
         for h in hooks:
             h.remove()
-    changed = 0
-    for group in (g for g in groups if len(g) > 1):
-        steps = [m.act_q.step.detach() for m in group if m.act_q.step is not None]
-        if steps and all(s.shape == steps[0].shape for s in steps):
-            top = torch.stack(steps).amax(0)
-            changed += sum(not torch.equal(s, top) for s in steps)
-    share_input_quantizers(groups)
-    return changed
+    return share_input_quantizers(groups)
 
 
 def freeze(model: nn.Module) -> None:

@@ -186,11 +186,15 @@ class Quantizer(nn.Module):
         codes = self._buffers.pop("fixed_codes")
         self._mode += 1
         with torch.no_grad():
-            p = self._static(None)
-            w = self.decode(codes, {**p, "step": p["step"].clamp_min(STEP_EPS)})
+            p = self._held_params()
             if self.spec.scheme == "ternary":  # the values are 0 or +-scale: half the scale re-encodes them
-                self._store("threshold", (p["step"].clamp_min(STEP_EPS) / 2).expand_as(self.threshold))
-            return w
+                self._store("threshold", (p["step"] / 2).expand_as(self.threshold))
+            return self.decode(codes, p)
+
+    def _held_params(self) -> dict[str, Tensor | None]:
+        """The parameters that decode held codes: a learned scale of any scheme is kept above 0."""
+        p = self._static(None)
+        return {**p, "step": p["step"].clamp_min(STEP_EPS)}
 
     def state_key(self) -> tuple:
         """Changes whenever the quantizer's output for a fixed input may change."""
@@ -210,8 +214,7 @@ class Quantizer(nn.Module):
             return x
         codes = self._buffers.get("fixed_codes")
         if codes is not None:  # weights held as integer codes: only the step (and zero point) move
-            p = self._static(None)
-            return self.decode(codes, {**p, "step": p["step"].clamp_min(STEP_EPS)})
+            return self.decode(codes, self._held_params())
         if not self.dynamic and not self._ready:
             self.init_from(x)
         xg = self._view(x)
