@@ -52,6 +52,8 @@ class TrainerSettings:
     patience: int = 2              # converge: checks without improvement that make a plateau
     tolerance: float = 0.01        # converge: the relative improvement that counts
     lr_decay: float = 0.1          # converge: both learning rates' factor after the first plateau
+    settle_steps: int = 0          # converge, MREM-P: the budget stretches until a fed module has trained this
+                                   # many steps on its predecessor's final outputs (at most to twice `steps`)
     holdout: int = 0               # the last `holdout` calibration rows: never trained on, the stop test's data
 
 
@@ -155,6 +157,9 @@ class ModuleTrainer:
         """(rows, predecessor output or None): sequential shards, else the predecessor's pushes
         in order, else (first module, or nothing pushed) a random batch of teacher inputs."""
         if self.pred is not None:
+            if self.final_from is None:  # handed over: the held-out loss changes meaning from here on
+                self.final_from = self.step
+                self.plateau.restart()
             idx = rng.choice(self.n_train, self.s.batch_size, replace=False)
             return idx, self.pred.rows(idx, "hidden")
         item = self.queue.take() if self.fed else None
@@ -174,7 +179,8 @@ class ModuleTrainer:
         return rc.reconstruction_loss(self.student, self.teacher, self.spec, batch, rc.mix(hidden, p, lam))
 
     def _step(self, rng: np.random.Generator) -> None:
-        factor = self.lr_factor * rc.cosine(self.step, self.s.steps)  # a plateau lowers lr_factor (converge)
+        # converging: the rates hold until a plateau lowers lr_factor; else a cosine decay over the steps
+        factor = self.lr_factor if self.s.converge else rc.cosine(self.step, self.s.steps)
         for group, base in zip(self.optimizer.param_groups, (self.s.lr, self.s.lr_quant)):
             group["lr"] = base * factor
         idx, pred = self._next_input(rng)
@@ -198,7 +204,7 @@ class ModuleTrainer:
             self.initial_error = self.reconstruction_error()
         if self.fed and self.pred is None:  # MREM-P warm-up: the predecessor's first outputs, not its end
             self.queue.first(self.s.first_push_s)
-        while self.step < self.s.steps and self.stop_reason is None:
+        while self._budget_left() and self.stop_reason is None:
             self._step(np.random.default_rng((self.s.seed, self.spec.index, self.step)))  # a resume draws the same
             if self._check_due() and self._converged():
                 self.stop_reason = "converged"
@@ -215,15 +221,21 @@ class ModuleTrainer:
         return self.stats(time.time() - start)
 
     # ---- convergence -------------------------------------------------------------------
+    def _budget_left(self) -> bool:
+        """Within `steps`; past them, a fed MREM-P module goes on until it has trained `settle_steps` on its
+        predecessor's final outputs (never beyond twice `steps`, should they not come)."""
+        if self.step < self.s.steps:
+            return True
+        if not (self.fed and self.s.settle_steps) or self.step >= 2 * self.s.steps:
+            return False
+        return self.final_from is None or self.step < self.final_from + self.s.settle_steps
+
     def _check_due(self) -> bool:
         return self.s.converge and self.step >= self.s.min_steps and self.step % self.s.check_every == 0
 
     def _converged(self) -> bool:
         """One held-out check: a plateau first lowers the learning rates, the next one stops the module, but in
         MREM-P only once it trains on its predecessor's final outputs (which restart the judgement)."""
-        if self.pred is not None and self.final_from is None:
-            self.final_from = self.step
-            self.plateau.restart()
         loss = self.heldout_loss()
         self.curve.append([self.step, loss])
         event = self.plateau.update(loss)
@@ -231,12 +243,12 @@ class ModuleTrainer:
             self.lr_factor *= self.s.lr_decay
         if self.logger is not None:
             self.logger.log({"heldout_loss": loss, "lr_factor": self.lr_factor}, self.step)
-        return event == "plateau" and (not self.fed or self.pred is not None)
+        return event == "plateau" and (not self.fed or self.final_from is not None)
 
     @torch.no_grad()
     def heldout_loss(self) -> float:
         """The reconstruction loss on the held-out rows, the student fed what it now trains on: its predecessor's
-        final outputs once they arrived, else the teacher's inputs."""
+        final outputs once it trains on them, else the teacher's inputs."""
         rows = np.arange(self.n_train, self.num_samples)
         if len(rows) == 0:
             raise ValueError("converge needs held-out rows: set holdout >= 1")
@@ -245,7 +257,7 @@ class ModuleTrainer:
         for chunk in np.array_split(rows, math.ceil(len(rows) / 32)):
             batch = self._batch(chunk)
             student_in = None
-            if self.pred is not None and not self.spec.first:
+            if self.final_from is not None and not self.spec.first:
                 rows_in = self.pred.rows(chunk, "hidden")[:, :batch[0].shape[1]]
                 student_in = torch.tensor(rows_in, device=self.device)
             loss, _ = rc.reconstruction_loss(self.student, self.teacher, self.spec, batch, student_in)

@@ -212,15 +212,17 @@ class MremConfig:
     quant: list[str] = field(default_factory=list)  # QuantConfig strings; empty = skip the stage
     mode: str = "parallel"           # parallel (MREM-P) | sequential (MREM-S) | rem (one module)
     modules: int | None = None       # K; default min(available workers, layers)
-    steps: int | None = None         # per module, at most; null: max_passes over the calibration set
+    steps: int | None = None         # per module, at most; null: max_passes over the calibration set (in MREM-P
+                                     # stretched until a module trained patience x check_every steps on its
+                                     # predecessor's final outputs)
     converge: bool = True            # stop each module once its held-out reconstruction loss stops improving
     max_passes: float = 8.0          # the budget when steps is null: passes over the calibration rows it trains on
     min_passes: float = 1.5          # converge: no module stops before (teacher forcing fades out over them)
     check_every: int = 50            # converge: steps between held-out checks
     patience: int = 2                # converge: checks without a `tolerance` improvement that make a plateau
     tolerance: float = 0.01          # converge: relative improvement of the held-out loss that counts
-    lr_decay: float = 0.1            # converge: learning rates' factor (on their cosine decay over the budget) after
-                                     # the first plateau; the second plateau stops the module
+    lr_decay: float = 0.1            # converge: learning rates' factor after the first plateau (they hold until
+                                     # then); the second plateau stops the module
     holdout_samples: int = 128       # converge: calibration samples held out of training for the stop test (at most
                                      # a quarter of them)
     batch_size: int = 16

@@ -85,7 +85,8 @@ def fragment(cfg: RunConfig, stage: Stage) -> dict:
 
 def settings(cfg: MremConfig, cpus: int, num_samples: int) -> TrainerSettings:
     """The module trainers' settings for `num_samples` calibration samples: the step budget (mrem.steps, else
-    max_passes over the rows trained on), the held-out rows, the earliest stop and teacher forcing's length."""
+    max_passes over the rows trained on), the held-out rows, the earliest stop, teacher forcing's length and how
+    long a fed MREM-P module may train past the budget on its predecessor's final outputs."""
     holdout = min(cfg.holdout_samples, num_samples // 4) if cfg.converge else 0
     if num_samples - holdout < cfg.batch_size:
         raise ConfigError(f"mrem: {num_samples} calibration samples ({holdout} held out) are fewer than "
@@ -93,6 +94,7 @@ def settings(cfg: MremConfig, cpus: int, num_samples: int) -> TrainerSettings:
     per_pass = math.ceil((num_samples - holdout) / cfg.batch_size)
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.max_passes * per_pass)
     min_steps = min(math.ceil(cfg.min_passes * per_pass), steps)
+    settle = cfg.patience * cfg.check_every if cfg.converge and cfg.steps is None else 0
     t0 = cfg.teacher_forcing_steps
     if t0 is None:
         t0 = min_steps if cfg.converge else steps // 2
@@ -101,7 +103,8 @@ def settings(cfg: MremConfig, cpus: int, num_samples: int) -> TrainerSettings:
                            queue_size=cfg.queue_size, log_every=cfg.log_every, eval_samples=cfg.eval_samples,
                            seed=cfg.seed, num_threads=cpus, student_dropout=cfg.student_dropout,
                            converge=cfg.converge, min_steps=min_steps, check_every=cfg.check_every,
-                           patience=cfg.patience, tolerance=cfg.tolerance, lr_decay=cfg.lr_decay, holdout=holdout)
+                           patience=cfg.patience, tolerance=cfg.tolerance, lr_decay=cfg.lr_decay, holdout=holdout,
+                           settle_steps=settle)
 
 
 def run(cfg: RunConfig, stage: Stage, upstream: dict[str, dict], ctx: Context) -> StageResult:

@@ -23,12 +23,12 @@ def _cache(teacher, data, folder, k: int, n: int):
     return calibration.load_into_store(folder)
 
 
-def _trainer(teacher, cache, spec, work_dir, steps, logger=None, **extra):
+def _trainer(teacher, cache, spec, work_dir, steps, logger=None, fed=False, **extra):
     settings = TrainerSettings(steps=steps, batch_size=16, lr=1e-4, lr_quant=1e-3, teacher_forcing_steps=0,
                                checkpoint_every=10, eval_samples=64, log_every=5, **extra)
     return ModuleTrainer(spec, cache.layout, teacher, "w2a8", settings, cache.boundaries[spec.index],
                          cache.boundaries[0],
-                         cache.num_samples, cache.shard_size, str(work_dir), logger=logger)
+                         cache.num_samples, cache.shard_size, str(work_dir), logger=logger, fed_by_predecessor=fed)
 
 
 class _Recorder:
@@ -183,6 +183,8 @@ def test_a_converging_module_stops_on_its_held_out_loss(ray_session, tiny_teache
     trainer._batch = lambda idx: drawn.append(np.asarray(idx)) or real_batch(idx)
     stats = trainer.train()
     assert stats["stop_reason"] == "converged" and stats["steps"] < 2000 and stats["lr_factor"] == pytest.approx(0.1)
+    # the rates held until the plateau lowered them: no decay over the 2000-step budget
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-5, 1e-4])
     curve = stats["heldout_curve"]
     assert [s for s, _ in curve] == list(range(10, stats["steps"] + 1, 5))  # a check every 5 steps from step 10
     assert [step for step, m in logger.logged if "heldout_loss" in m] == [s for s, _ in curve]
@@ -192,6 +194,29 @@ def test_a_converging_module_stops_on_its_held_out_loss(ray_session, tiny_teache
     again = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=2000, converge=True, min_steps=10,
                      check_every=5, patience=2, tolerance=0.05, holdout=32)
     assert again.train()["steps"] == stats["steps"] and again.stop_reason == "converged"  # a restart stays stopped
+
+
+@pytest.mark.parametrize("arrives_at, settle, steps, final_from", [
+    (15, 15, 30, 15),    # handed over late: the budget stretches until 15 steps trained on the final outputs
+    (5, 15, 20, 5),      # handed over early enough: the budget holds
+    (15, 0, 20, 15),     # no settling asked for (an explicit mrem.steps)
+    (None, 15, 40, None),  # never handed over: twice the budget at most
+])
+def test_a_fed_module_trains_on_its_predecessors_final_outputs_before_the_budget_stops_it(
+        ray_session, tiny_teacher, tiny_data, tmp_path, arrives_at, settle, steps, final_from):
+    cache = _cache(tiny_teacher, tiny_data, tmp_path / "acts", 2, 64)
+    trainer = _trainer(tiny_teacher, cache, cache.specs[1], tmp_path / "w", steps=20, fed=True, converge=True,
+                       min_steps=1000, holdout=16, settle_steps=settle, first_push_s=0.01, wait_s=0.01)
+    real_step = trainer._step
+
+    def step(rng):
+        if trainer.step == arrives_at:  # the predecessor's final outputs (its inputs stand in for them)
+            trainer.set_predecessor_outputs(cache.boundaries[1])
+        real_step(rng)
+
+    trainer._step = step
+    stats = trainer.train()
+    assert (stats["steps"], stats["stop_reason"], stats["final_outputs_from_step"]) == (steps, "budget", final_from)
 
 
 def test_without_convergence_a_module_trains_its_steps(ray_session, tiny_teacher, tiny_data, tmp_path):
